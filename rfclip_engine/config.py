@@ -1,0 +1,94 @@
+"""Configuration dataclasses: every knob of the RF-CLIP encoder and of the segmenter.
+
+`RFCLIPConfig` is what `RFCLIPModel.encode_dense` takes; `SegmenterConfig` wraps it with the
+pre/post-processing settings that `Segmenter` owns. Defaults are the algorithm page's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+MODES = ("clip", "maskclip", "kk-proxy", "rfclip")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class RFCLIPConfig:
+    """How the vision encoder turns pixels into dense patch embeddings.
+
+    mode: "clip" (plain CLIP tokens), "maskclip" (last block's values), "kk-proxy" (last block
+        replaced by layer-averaged key-key attention), "rfclip" (kk-proxy plus refocusing in every
+        earlier block). The step switches below only matter in "rfclip".
+    sigma: a patch token is a distraction token when its largest normalized weight in the
+        distraction dimensions exceeds sigma / width.
+    beta: fraction of the attention on distraction tokens moved to the defocused tokens.
+    distraction_dims: channel indices; None takes the model's preset (or calibrated file).
+    attention_test: also require a large received-attention share (the ViT-L/14 rule);
+        None takes the preset's rule.
+    attention_threshold: the received-attention share above which that test passes.
+    """
+
+    mode: str = "rfclip"
+    sigma: float = 5.0
+    beta: float = 0.4
+    distraction_dims: Optional[Tuple[int, ...]] = None
+    attention_test: Optional[bool] = None
+    attention_threshold: float = 0.1
+    embedding_redistribution: bool = True
+    attention_redistribution: bool = True
+    defocus_localization: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.sigma <= 0:
+            raise ValueError(f"sigma must be positive, got {self.sigma}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {self.beta}")
+        if self.distraction_dims is not None:
+            object.__setattr__(self, "distraction_dims", tuple(int(d) for d in self.distraction_dims))
+
+    @property
+    def refocuses(self) -> bool:
+        """Whether any per-block RF-CLIP step runs."""
+        return self.mode == "rfclip" and (self.embedding_redistribution or self.attention_redistribution)
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Pre/post-processing around the encoder.
+
+    short_side: resize so the shorter image side has this many pixels (None: keep the size).
+    window / stride: sliding-window crop size and step in pixels; window=None encodes the whole
+        (resized) image at once with interpolated positional embeddings.
+    logit_scale: probabilities are softmax(logit_scale * cosine) over classes.
+    pamr: refine the logits with PAMR at the output size before the softmax.
+    prob_threshold: pixels whose top probability is below this stay unlabeled.
+    batch_size: crops per encoder forward.
+    precision: "fp32", or "fp16" / "bf16" autocast (meant for CUDA; bf16 also works on CPU).
+    """
+
+    encoder: RFCLIPConfig = field(default_factory=RFCLIPConfig)
+    short_side: Optional[int] = 336
+    window: Optional[int] = 224
+    stride: int = 112
+    logit_scale: float = 40.0
+    pamr: bool = False
+    pamr_iterations: int = 10
+    pamr_dilations: Tuple[int, ...] = (8, 16)
+    prob_threshold: float = 0.0
+    batch_size: int = 8
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.short_side is not None and self.short_side <= 0:
+            raise ValueError(f"short_side must be positive or None, got {self.short_side}")
+        if self.window is not None and (self.window <= 0 or not 0 < self.stride <= self.window):
+            raise ValueError(f"need 0 < stride <= window, got window={self.window}, stride={self.stride}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not 0.0 <= self.prob_threshold <= 1.0:
+            raise ValueError(f"prob_threshold must be in [0, 1], got {self.prob_threshold}")
+        object.__setattr__(self, "pamr_dilations", tuple(int(d) for d in self.pamr_dilations))

@@ -1,0 +1,138 @@
+"""`load_model`: the one factory that builds an `RFCLIPModel` from open_clip.
+
+Weights come from an open_clip pretrained tag (downloaded once into the Hugging Face cache), or
+from a local file: an OpenAI checkpoint (TorchScript archive or state dict) or an open_clip state
+dict (.pt / .bin / .safetensors). OpenAI weights were trained with QuickGELU; they always get it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import open_clip
+import torch
+
+from .model import RFCLIPModel
+from .presets import DistractionPreset, find_preset, load_preset_file
+
+_OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
+OPENAI_TAG = "openai"
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The pretrained weights could not be downloaded (typically: no network)."""
+
+
+def _register_model_config(name: str) -> str:
+    """A name may be a path to an open_clip model config JSON; register it and return its name."""
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"model config file not found: {path}")
+        open_clip.add_model_config(path)
+        return path.stem
+    if open_clip.get_model_config(name.replace("/", "-")) is None:
+        raise ValueError(f"unknown model {name!r}; open_clip knows e.g. ViT-B-16, ViT-L-14 "
+                         "(all: open_clip.list_models()), or pass a model config .json")
+    return name.replace("/", "-")
+
+
+def _read_openai_state_dict(path: Path) -> Optional[dict]:
+    """The state dict of an OpenAI-format checkpoint, or None for any other format."""
+    if path.suffix == ".safetensors":
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a TorchScript archive (OpenAI's release format) is not a pickle
+        try:
+            checkpoint = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except Exception as err:
+            raise ValueError(f"{path} is neither a PyTorch checkpoint nor a TorchScript archive: {err}") from err
+        return {k: v for k, v in checkpoint.items() if k not in _OPENAI_ONLY_KEYS}
+    if isinstance(checkpoint, dict) and "input_resolution" in checkpoint:
+        return {k: v for k, v in checkpoint.items() if k not in _OPENAI_ONLY_KEYS}
+    return None
+
+
+def _hub_cache_dir(cache_dir: Optional[str]) -> str:
+    if cache_dir:
+        return cache_dir
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _create_from_tag(name: str, tag: str, cache_dir: Optional[str]) -> torch.nn.Module:
+    tag_cfg = open_clip.get_pretrained_cfg(name, tag)
+    try:
+        return open_clip.create_model(
+            name, pretrained=tag, force_quick_gelu=bool(tag_cfg.get("quick_gelu")), cache_dir=cache_dir
+        )
+    except RuntimeError as err:
+        if "download" not in str(err).lower():
+            raise
+        raise WeightsUnavailableError(
+            f"could not download the {name} '{tag}' weights into the cache {_hub_cache_dir(cache_dir)} "
+            f"({err}). On a machine without internet, copy a checkpoint file there beforehand, or pass "
+            f"a local checkpoint instead: load_model({name!r}, pretrained='/path/to/{name}.pt') "
+            "(OpenAI .pt, or an open_clip .pt/.bin/.safetensors state dict)."
+        ) from err
+
+
+def load_model(
+    name: str = "ViT-B-16",
+    pretrained: Optional[str] = OPENAI_TAG,
+    device: Union[str, torch.device] = "cpu",
+    dtype: torch.dtype = torch.float32,
+    distraction_dims: Union[None, str, os.PathLike, Sequence[int]] = None,
+    weights_tag: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+) -> RFCLIPModel:
+    """Build an RF-CLIP model on open_clip.
+
+    name: an open_clip model name (ViT-B-16, ViT-L-14, ...) or the path of a model config JSON.
+    pretrained: an open_clip pretrained tag ("openai"), a local checkpoint path, or None for
+        random weights (tests).
+    distraction_dims: overrides the preset: a list of channel indices or a file written by
+        `rfclip calibrate`.
+    weights_tag: which released weights a local open_clip-format file holds (e.g. "openai"),
+        to pick their preset and activation; OpenAI-format files are recognised by themselves.
+    """
+    name = _register_model_config(name)
+    if pretrained is None:
+        clip = open_clip.create_model(name, pretrained=None)
+    elif Path(pretrained).is_file():
+        path = Path(pretrained)
+        openai_state = _read_openai_state_dict(path)
+        if openai_state is not None:
+            weights_tag = weights_tag or OPENAI_TAG
+            clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=True)
+            try:
+                clip.load_state_dict(openai_state, strict=True)
+            except RuntimeError as err:
+                raise ValueError(f"checkpoint {path} does not fit model {name}: {err}") from err
+        else:
+            quick_gelu = weights_tag is not None and bool(
+                (open_clip.get_pretrained_cfg(name, weights_tag) or {}).get("quick_gelu"))
+            clip = open_clip.create_model(name, pretrained=str(path), force_quick_gelu=quick_gelu)
+    elif open_clip.get_pretrained_cfg(name, pretrained):
+        weights_tag = pretrained
+        clip = _create_from_tag(name, pretrained, cache_dir)
+    else:
+        raise FileNotFoundError(
+            f"pretrained={pretrained!r} is neither an existing checkpoint file nor a known tag for {name} "
+            f"(known tags: {open_clip.list_pretrained_tags_by_model(name)})"
+        )
+
+    if distraction_dims is None:
+        preset = find_preset(name, weights_tag)
+    elif isinstance(distraction_dims, (str, os.PathLike)):
+        preset = load_preset_file(distraction_dims)
+    else:
+        base = find_preset(name, weights_tag)
+        preset = DistractionPreset(tuple(distraction_dims), base.attention_test if base else False)
+
+    tokenizer = open_clip.get_tokenizer(name)
+    model = RFCLIPModel(clip, tokenizer, name, weights_tag, preset)
+    return model.to(device=device, dtype=dtype)

@@ -1,0 +1,227 @@
+"""`RFCLIPModel`: an open_clip CLIP model whose vision tower is run by the RF-CLIP encoder.
+
+The encoder reads the weights of open_clip's `VisionTransformer` (conv1, class and positional
+embeddings, ln_pre, each block's ln_1 / attn.in_proj_* / attn.out_proj / ls_* / ln_2 / mlp,
+ln_post, proj) and runs its own forward, so attention probabilities are explicit tensors that
+the RF-CLIP steps can modify; open_clip's modules are never patched or hooked.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from .config import RFCLIPConfig
+from .presets import DistractionPreset
+from .steps import (
+    attention_probs,
+    find_defocused_tokens,
+    find_distraction_tokens,
+    received_attention,
+    redistribute_attention,
+    redistribute_embeddings,
+)
+
+BlockObserver = Callable[[int, torch.Tensor], None]
+
+
+def _check_vision_tower(visual: nn.Module) -> None:
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(f"RF-CLIP needs an open_clip VisionTransformer image tower, got {type(visual).__name__}")
+    if visual.attn_pool is not None:
+        raise ValueError("vision towers with attentional pooling are not supported")
+    for block in visual.transformer.resblocks:
+        if not isinstance(block.attn, nn.MultiheadAttention) or hasattr(block, "ln_1_kv"):
+            raise ValueError(f"unsupported transformer block {type(block).__name__}: RF-CLIP reads "
+                             "nn.MultiheadAttention self-attention blocks")
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, t, c = x.shape
+    return x.reshape(b, t, heads, c // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+def _qkv(block: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The block's queries, keys and values, each (B, H, T, d), from ln_1 of its input."""
+    attn = block.attn
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    return tuple(_split_heads(part, attn.num_heads) for part in qkv.chunk(3, dim=-1))  # type: ignore[return-value]
+
+
+def _attend(block: nn.Module, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """out_proj of the heads' attention-weighted values."""
+    return block.attn.out_proj(_merge_heads(attn @ v))
+
+
+class RFCLIPModel(nn.Module):
+    """An open_clip CLIP model plus what RF-CLIP needs to know about its weights.
+
+    Build it with `rfclip_engine.load_model`. `encode_dense` is the dense image encoder;
+    `encode_text` embeds already-formatted prompts.
+    """
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer: Callable,
+        model_name: str,
+        weights_tag: Optional[str],
+        preset: Optional[DistractionPreset] = None,
+    ) -> None:
+        super().__init__()
+        _check_vision_tower(clip.visual)
+        self.clip = clip.eval()
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.weights_tag = weights_tag
+        self.preset = preset
+        cfg = getattr(clip.visual, "preprocess_cfg", {}) or {}
+        self.image_mean: Tuple[float, ...] = tuple(cfg.get("mean", OPENAI_DATASET_MEAN))
+        self.image_std: Tuple[float, ...] = tuple(cfg.get("std", OPENAI_DATASET_STD))
+
+    @property
+    def visual(self) -> VisionTransformer:
+        return self.clip.visual
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.visual.patch_size[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.visual.conv1.out_channels)
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual.conv1.weight.device
+
+    def resolve_preset(self, config: RFCLIPConfig) -> DistractionPreset:
+        """The distraction dimensions and attention rule this config runs with."""
+        if config.distraction_dims is not None:
+            base_test = self.preset.attention_test if self.preset else False
+            preset = DistractionPreset(config.distraction_dims, base_test)
+        elif self.preset is not None:
+            preset = self.preset
+        else:
+            raise ValueError(
+                f"no distraction dimensions are known for {self.model_name} with weights "
+                f"{self.weights_tag or 'unknown'}: run `rfclip calibrate` on a few hundred images and pass "
+                "the file it writes (load_model(..., distraction_dims=FILE) / --distraction-dims FILE), "
+                "or pass the indices yourself"
+            )
+        if config.attention_test is not None:
+            preset = DistractionPreset(preset.dims, config.attention_test)
+        bad = [d for d in preset.dims if not 0 <= d < self.width]
+        if bad:
+            raise ValueError(f"distraction dimensions {bad} are outside the model width {self.width}")
+        return preset
+
+    def _embed(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        visual = self.visual
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be (B, 3, H, W), got {tuple(pixels.shape)}")
+        p = self.patch_size
+        if pixels.shape[-2] % p or pixels.shape[-1] % p:
+            raise ValueError(f"H and W must be multiples of the patch size {p}, got {tuple(pixels.shape[-2:])}")
+        x = visual.conv1(pixels.to(visual.conv1.weight.dtype))
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self._positional_embedding(grid).to(x.dtype)
+        return visual.ln_pre(x), grid
+
+    def _positional_embedding(self, grid: Tuple[int, int]) -> torch.Tensor:
+        pos = self.visual.positional_embedding
+        model_grid = tuple(self.visual.grid_size)
+        if tuple(grid) == model_grid:
+            return pos
+        patch = pos[1:].reshape(1, *model_grid, -1).permute(0, 3, 1, 2)
+        patch = F.interpolate(patch.float(), size=grid, mode="bicubic", align_corners=False, antialias=False)
+        patch = patch.to(pos.dtype).permute(0, 2, 3, 1).reshape(-1, pos.shape[-1])
+        return torch.cat([pos[:1], patch], dim=0)
+
+    @torch.no_grad()
+    def encode_dense(
+        self,
+        pixels: torch.Tensor,
+        config: RFCLIPConfig = RFCLIPConfig(),
+        on_block_input: Optional[BlockObserver] = None,
+    ) -> torch.Tensor:
+        """Dense patch embeddings `ln_post(z) @ proj`, before L2 normalization.
+
+        pixels: (B, 3, H, W), CLIP-normalized, H and W multiples of the patch size.
+        on_block_input: called with (block index, residual stream entering the block) before
+            any repair; calibration uses it.
+        Returns (B, h, w, D) on the patch grid.
+        """
+        preset = self.resolve_preset(config) if config.refocuses else None
+        dims = torch.tensor(preset.dims, device=pixels.device) if preset else None
+        x, grid = self._embed(pixels)
+        blocks = self.visual.transformer.resblocks
+        n_blocks = len(blocks)
+        key_key_sum: Optional[torch.Tensor] = None  # running sum of K_j[:, :, 1:, 1:] over blocks
+
+        for index, block in enumerate(blocks):
+            if on_block_input is not None:
+                on_block_input(index, x)
+            distraction = None
+            if preset is not None:
+                x, distraction = self._repair(block, x, grid, dims, preset, config)
+            q, k, v = _qkv(block, x)
+            if config.mode in ("kk-proxy", "rfclip"):
+                key_key = attention_probs(k, k)[:, :, 1:, 1:].float()
+                key_key_sum = key_key if key_key_sum is None else key_key_sum + key_key
+            if index == n_blocks - 1 and config.mode != "clip":
+                return self._dense_head(block, v, key_key_sum, n_blocks, config.mode, grid)
+            attn = attention_probs(q, k)
+            if distraction is not None and config.attention_redistribution:
+                if config.defocus_localization:
+                    similarity = key_key_sum.mean(dim=1) / (index + 1)
+                    defocused = find_defocused_tokens(similarity, distraction)
+                else:
+                    defocused = ~distraction
+                attn = redistribute_attention(attn, distraction, defocused, config.beta)
+            x = x + block.ls_1(_attend(block, attn.to(v.dtype), v))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return self._project(x[:, 1:], grid)
+
+    def _repair(self, block, x, grid, dims, preset: DistractionPreset, config: RFCLIPConfig):
+        """Steps 1-2 on the block input: find distraction tokens, repair their embeddings."""
+        share = None
+        if preset.attention_test:
+            q, k, _ = _qkv(block, x)
+            share = received_attention(attention_probs(q, k))
+        distraction = find_distraction_tokens(x[:, 1:], dims, config.sigma, share, config.attention_threshold)
+        if config.embedding_redistribution:
+            patches = redistribute_embeddings(x[:, 1:], distraction, dims, grid)
+            x = torch.cat([x[:, :1], patches], dim=1)
+        return x, distraction
+
+    def _dense_head(self, block, v, key_key_sum, n_blocks: int, mode: str, grid) -> torch.Tensor:
+        """The last block without residual or MLP: values through out_proj (maskclip), or
+        mixed by the layer-averaged key-key attention first (kk-proxy, rfclip)."""
+        values = v[:, :, 1:]
+        if mode == "maskclip":
+            z = block.attn.out_proj(_merge_heads(values))
+        else:
+            z = _attend(block, (key_key_sum / n_blocks).to(values.dtype), values)
+        return self._project(z, grid)
+
+    def _project(self, patch_tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        out = self.visual.ln_post(patch_tokens) @ self.visual.proj
+        return out.reshape(out.shape[0], grid[0], grid[1], -1)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """L2-normalized text embeddings (len(prompts), D) of the given prompt strings."""
+        tokens = self.tokenizer(list(prompts)).to(self.device)
+        return F.normalize(self.clip.encode_text(tokens).float(), dim=-1)

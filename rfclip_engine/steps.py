@@ -1,0 +1,127 @@
+"""The RF-CLIP steps as pure tensor functions, batched over images/crops.
+
+Shapes: B batch, H heads, T = 1 + N tokens (CLS first), N patch tokens on an (h, w) grid laid
+out row-major, C channels. Boolean token masks are (B, N) over patch tokens only: the CLS token
+is never a distraction or defocused token. None of these functions synchronises with the host,
+so they can run back to back on an accelerator.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) over the last axis; q, k are (B, H, T, d). Key-key attention is
+    `attention_probs(k, k)`."""
+    scale = q.shape[-1] ** -0.5
+    return torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1)
+
+
+def received_attention(attn: torch.Tensor) -> torch.Tensor:
+    """Share of attention each patch token receives from the patch queries, averaged over heads:
+    abar_i = mean_h (1/N) sum_{patch rows j} A[h][j, i]. attn (B, H, T, T) -> (B, N)."""
+    return attn[:, :, 1:, 1:].mean(dim=2).mean(dim=1)
+
+
+def find_distraction_tokens(
+    patch_tokens: torch.Tensor,
+    dims: torch.Tensor,
+    sigma: float,
+    attention_share: Optional[torch.Tensor] = None,
+    attention_threshold: float = 0.1,
+) -> torch.Tensor:
+    """Step 1: tokens whose min-shifted, sum-normalized channel distribution puts more than
+    sigma / C on some distraction dimension (and, when `attention_share` is given, that also
+    receive more than `attention_threshold` of the attention).
+
+    patch_tokens (B, N, C), dims (K,) long -> (B, N) bool.
+    """
+    x = patch_tokens.float()
+    shifted = x - x.amin(dim=-1, keepdim=True)
+    # A constant token has no over-activated channel; clamping keeps it at p = 0 instead of NaN.
+    p = shifted / shifted.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    peak = p.index_select(-1, dims).amax(dim=-1)
+    distraction = peak > sigma / x.shape[-1]
+    if attention_share is not None:
+        distraction = distraction & (attention_share > attention_threshold)
+    return distraction
+
+
+def redistribute_embeddings(
+    patch_tokens: torch.Tensor, distraction: torch.Tensor, dims: torch.Tensor, grid: Tuple[int, int]
+) -> torch.Tensor:
+    """Step 2: for distraction tokens only and in the distraction dimensions only, replace the
+    value by the mean over the 3x3 grid neighbourhood (the token included; at the border, over
+    the neighbours that exist). Every mean reads the unrepaired values.
+
+    patch_tokens (B, N, C), distraction (B, N) -> (B, N, C).
+    """
+    b, n, _ = patch_tokens.shape
+    h, w = grid
+    selected = patch_tokens.index_select(-1, dims)  # (B, N, K)
+    as_image = selected.transpose(1, 2).reshape(b, -1, h, w)
+    local_mean = F.avg_pool2d(as_image, 3, stride=1, padding=1, count_include_pad=False)
+    local_mean = local_mean.reshape(b, -1, n).transpose(1, 2)
+    repaired = torch.where(distraction.unsqueeze(-1), local_mean.to(selected.dtype), selected)
+    return patch_tokens.index_copy(-1, dims, repaired)
+
+
+def fiedler_vector(similarity: torch.Tensor) -> torch.Tensor:
+    """The generalized eigenvector y of (D - W) y = lambda D y for the second-smallest lambda,
+    scaled as D^{-1/2} u with u a unit eigenvector of D^{-1/2} W D^{-1/2}. Sign is arbitrary.
+
+    similarity (B, N, N), symmetric and non-negative -> (B, N) float32.
+    """
+    weights = similarity.float()
+    inv_sqrt_degree = weights.sum(dim=-1).clamp_min(torch.finfo(torch.float32).tiny).rsqrt()
+    normalized = inv_sqrt_degree.unsqueeze(-1) * weights * inv_sqrt_degree.unsqueeze(-2)
+    # The smallest eigenvalues of I - M are the largest of M; eigh sorts ascending.
+    _, vectors = torch.linalg.eigh(normalized)
+    return vectors[..., -2] * inv_sqrt_degree
+
+
+def bipartition(fiedler: torch.Tensor) -> torch.Tensor:
+    """Foreground side of a Fiedler vector: {i : y_i > mean(y)}, oriented so that it holds the
+    token with the largest |y_i| (the first such on ties). (B, N) -> (B, N) bool."""
+    mean = fiedler.mean(dim=-1, keepdim=True)
+    seed = fiedler.abs().argmax(dim=-1, keepdim=True)
+    flip = fiedler.gather(-1, seed) < mean
+    oriented = torch.where(flip, -fiedler, fiedler)
+    return oriented > oriented.mean(dim=-1, keepdim=True)
+
+
+def find_defocused_tokens(similarity: torch.Tensor, distraction: torch.Tensor) -> torch.Tensor:
+    """Step 3: the normalized-cut foreground of the (symmetrized) patch similarity, minus the
+    distraction tokens; where that is empty, every non-distraction token.
+
+    similarity (B, N, N), distraction (B, N) -> (B, N) bool.
+    """
+    symmetric = (similarity + similarity.transpose(-1, -2)) / 2
+    defocused = bipartition(fiedler_vector(symmetric)) & ~distraction
+    return torch.where(defocused.any(dim=-1, keepdim=True), defocused, ~distraction)
+
+
+def redistribute_attention(
+    attn: torch.Tensor, distraction: torch.Tensor, defocused: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Step 4: in every head and every patch query row, scale the attention on distraction
+    tokens by (1 - beta) and give the removed mass to the defocused tokens in proportion to
+    their attention. The CLS row and column are untouched; rows keep their sums. A batch item
+    with no defocused token is left unchanged. `defocused` must not overlap `distraction`.
+
+    attn (B, H, T, T), distraction / defocused (B, N) -> (B, H, T, T).
+    """
+    patch = attn[:, :, 1:, 1:]
+    dis = distraction[:, None, None, :].to(patch.dtype)
+    dfc = defocused[:, None, None, :].to(patch.dtype)
+    budget = beta * (patch * dis).sum(dim=-1, keepdim=True)
+    defocused_mass = (patch * dfc).sum(dim=-1, keepdim=True)
+    gain = budget / defocused_mass.clamp_min(torch.finfo(patch.dtype).tiny)
+    moved = patch * (1 - beta * dis) + patch * dfc * gain
+    moved = torch.where(defocused.any(dim=-1)[:, None, None, None], moved, patch)
+    out = attn.clone()
+    out[:, :, 1:, 1:] = moved
+    return out

@@ -1,0 +1,21 @@
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from rfclip_engine import load_model
+
+TINY_CONFIG = str(Path(__file__).parent / "data" / "rfclip-tiny-vit.json")
+TINY_DIMS = (3, 17, 40)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    torch.manual_seed(0)
+    return load_model(TINY_CONFIG, pretrained=None, distraction_dims=TINY_DIMS)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_open_clip(caplog):
+    caplog.set_level(logging.ERROR, logger="root")

@@ -1,0 +1,194 @@
+"""The encoder against open_clip's own forward and hand computations from the block weights."""
+import pytest
+import torch
+
+from rfclip_engine import RFCLIPConfig, load_model
+from rfclip_engine.presets import find_preset
+
+from .conftest import TINY_DIMS
+
+
+def open_clip_tokens(model, pixels):
+    """open_clip's own vision forward: ln_post(tokens) @ proj on the patch grid."""
+    visual = model.visual
+    visual.output_tokens = True
+    try:
+        _, tokens = visual(pixels)
+    finally:
+        visual.output_tokens = False
+    g = pixels.shape[-1] // model.patch_size
+    return (tokens @ visual.proj).reshape(pixels.shape[0], pixels.shape[-2] // model.patch_size, g, -1)
+
+
+@torch.no_grad()
+def test_clip_mode_equals_open_clip_tiny(tiny_model):
+    pixels = torch.randn(3, 3, 64, 64)
+    ours = tiny_model.encode_dense(pixels, RFCLIPConfig(mode="clip"))
+    torch.testing.assert_close(ours, open_clip_tokens(tiny_model, pixels), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ViT-B-16", "ViT-L-14"])
+@torch.no_grad()
+def test_clip_mode_equals_open_clip_full_size(name):
+    torch.manual_seed(0)
+    model = load_model(name, pretrained=None)
+    pixels = torch.randn(1, 3, 224, 224)
+    ours = model.encode_dense(pixels, RFCLIPConfig(mode="clip"))
+    assert ours.shape == (1, 224 // model.patch_size, 224 // model.patch_size, model.visual.output_dim)
+    torch.testing.assert_close(ours, open_clip_tokens(model, pixels), rtol=0, atol=1e-5)
+
+
+def reference_stream(model, pixels):
+    """Inputs of every block, run by open_clip's own embedding and blocks, in float64."""
+    visual = model.visual.double()
+    try:
+        x = visual._embeds(pixels.double())
+        inputs = []
+        for block in visual.transformer.resblocks:
+            inputs.append(x)
+            x = block(x)
+        return inputs
+    finally:
+        model.visual.float()
+
+
+def hand_qkv(block, x):
+    c = x.shape[-1]
+    heads = block.attn.num_heads
+    a = torch.nn.functional.layer_norm(x, (c,), block.ln_1.weight.double(), block.ln_1.bias.double(), block.ln_1.eps)
+    w, b = block.attn.in_proj_weight.double(), block.attn.in_proj_bias.double()
+    parts = [a @ w[i * c:(i + 1) * c].T + b[i * c:(i + 1) * c] for i in range(3)]
+    return [p.reshape(x.shape[0], x.shape[1], heads, -1).permute(0, 2, 1, 3) for p in parts]
+
+
+def hand_head(model, z, grid):
+    visual = model.visual
+    c = z.shape[-1]
+    z = torch.nn.functional.layer_norm(z, (c,), visual.ln_post.weight.double(), visual.ln_post.bias.double(),
+                                       visual.ln_post.eps)
+    return (z @ visual.proj.double()).reshape(z.shape[0], *grid, -1).float()
+
+
+@torch.no_grad()
+def test_maskclip_equals_hand_computation(tiny_model):
+    pixels = torch.randn(2, 3, 64, 64)
+    x_last = reference_stream(tiny_model, pixels)[-1]
+    block = tiny_model.visual.transformer.resblocks[-1]
+    _, _, v = hand_qkv(block, x_last)
+    v = v[:, :, 1:].permute(0, 2, 1, 3).reshape(2, -1, tiny_model.width)
+    z = v @ block.attn.out_proj.weight.double().T + block.attn.out_proj.bias.double()
+    expected = hand_head(tiny_model, z, (4, 4))
+    ours = tiny_model.encode_dense(pixels, RFCLIPConfig(mode="maskclip"))
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_kk_proxy_equals_hand_computation(tiny_model):
+    pixels = torch.randn(2, 3, 64, 64)
+    inputs = reference_stream(tiny_model, pixels)
+    blocks = tiny_model.visual.transformer.resblocks
+    kk = []
+    for block, x in zip(blocks, inputs):
+        _, k, _ = hand_qkv(block, x)
+        d = k.shape[-1]
+        kk.append(torch.softmax(k @ k.transpose(-1, -2) / d ** 0.5, dim=-1)[:, :, 1:, 1:])  # no renormalization
+    mean_kk = torch.stack(kk).mean(0)
+    _, _, v = hand_qkv(blocks[-1], inputs[-1])
+    mixed = (mean_kk @ v[:, :, 1:]).permute(0, 2, 1, 3).reshape(2, -1, tiny_model.width)
+    z = mixed @ blocks[-1].attn.out_proj.weight.double().T + blocks[-1].attn.out_proj.bias.double()
+    expected = hand_head(tiny_model, z, (4, 4))
+    ours = tiny_model.encode_dense(pixels, RFCLIPConfig(mode="kk-proxy"))
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_rfclip_without_distraction_tokens_is_kk_proxy(tiny_model):
+    pixels = torch.randn(2, 3, 64, 64)
+    kk = tiny_model.encode_dense(pixels, RFCLIPConfig(mode="kk-proxy"))
+    rf = tiny_model.encode_dense(pixels, RFCLIPConfig(mode="rfclip", sigma=1e9))
+    assert torch.equal(rf, kk)
+
+
+@torch.no_grad()
+def test_each_step_switch_changes_the_output(tiny_model):
+    pixels = torch.randn(1, 3, 64, 64)
+    base = dict(mode="rfclip", sigma=1.5)
+    outputs = {
+        name: tiny_model.encode_dense(pixels, RFCLIPConfig(**base, **switches))
+        for name, switches in {
+            "all": {},
+            "no-embed": {"embedding_redistribution": False},
+            "no-attn": {"attention_redistribution": False},
+            "no-defocus": {"defocus_localization": False},
+        }.items()
+    }
+    kk = tiny_model.encode_dense(pixels, RFCLIPConfig(mode="kk-proxy"))
+    names = list(outputs) + ["kk"]
+    values = list(outputs.values()) + [kk]
+    for i in range(len(values)):
+        for j in range(i + 1, len(values)):
+            assert not torch.allclose(values[i], values[j]), (names[i], names[j])
+    off = RFCLIPConfig(**base, embedding_redistribution=False, attention_redistribution=False)
+    assert torch.equal(tiny_model.encode_dense(pixels, off), kk)
+
+
+@torch.no_grad()
+def test_embedding_repair_persists_in_the_residual_stream(tiny_model):
+    """Reading 2: block l runs on the repaired input, and its output carries the repair on."""
+    from rfclip_engine.steps import find_distraction_tokens, redistribute_embeddings
+
+    pixels = torch.randn(1, 3, 64, 64)
+    seen = {}
+    config = RFCLIPConfig(mode="rfclip", sigma=1.5, attention_redistribution=False)
+    tiny_model.encode_dense(pixels, config, on_block_input=lambda i, x: seen.setdefault(i, x.clone()))
+    dims = torch.tensor(TINY_DIMS)
+    x0 = seen[0]
+    dis = find_distraction_tokens(x0[:, 1:], dims, 1.5)
+    assert dis.any()
+    repaired = torch.cat([x0[:, :1], redistribute_embeddings(x0[:, 1:], dis, dims, (4, 4))], dim=1)
+    expected_next = tiny_model.visual.transformer.resblocks[0](repaired)
+    torch.testing.assert_close(seen[1], expected_next, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_attention_test_wiring(tiny_model):
+    pixels = torch.randn(1, 3, 64, 64)
+    kk = tiny_model.encode_dense(pixels, RFCLIPConfig(mode="kk-proxy"))
+    # no token can receive more than all of the attention: nothing is a distraction token
+    gated = RFCLIPConfig(mode="rfclip", sigma=1.5, attention_test=True, attention_threshold=1.0)
+    assert torch.equal(tiny_model.encode_dense(pixels, gated), kk)
+    ungated = RFCLIPConfig(mode="rfclip", sigma=1.5, attention_test=False)
+    assert not torch.allclose(tiny_model.encode_dense(pixels, ungated), kk)
+
+
+def test_presets():
+    b16, l14 = find_preset("ViT-B-16", "openai"), find_preset("ViT-L-14-quickgelu", "openai")
+    assert b16.dims == (4, 162, 189, 326, 429, 474, 633, 713) and not b16.attention_test
+    assert l14.dims == (250, 261, 437, 650, 720, 779, 936, 1005) and l14.attention_test
+    assert find_preset("ViT-B-16", "laion2b_s34b_b88k") is None
+
+
+def test_missing_dims_is_a_clear_error():
+    from .conftest import TINY_CONFIG
+
+    model = load_model(TINY_CONFIG, pretrained=None)
+    with pytest.raises(ValueError, match="rfclip calibrate"):
+        model.encode_dense(torch.randn(1, 3, 64, 64), RFCLIPConfig())
+    # modes without refocusing need no dimensions
+    assert model.encode_dense(torch.randn(1, 3, 64, 64), RFCLIPConfig(mode="kk-proxy")).shape == (1, 4, 4, 32)
+
+
+@torch.no_grad()
+def test_positional_embedding_interpolation(tiny_model):
+    grid = (3, 5)
+    pos = tiny_model._positional_embedding(grid)
+    model_pos = tiny_model.visual.positional_embedding
+    assert torch.equal(pos[0], model_pos[0])
+    patch = model_pos[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(patch, size=grid, mode="bicubic", align_corners=False)
+    torch.testing.assert_close(pos[1:], expected.permute(0, 2, 3, 1).reshape(15, -1))
+
+
+def test_bad_pixels_shape(tiny_model):
+    with pytest.raises(ValueError, match="multiples of the patch size"):
+        tiny_model.encode_dense(torch.randn(1, 3, 60, 64))
