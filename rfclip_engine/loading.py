@@ -16,7 +16,8 @@ import torch
 from .model import RFCLIPModel
 from .presets import DistractionPreset, find_preset, load_preset_file
 
-_OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
+# Entries of OpenAI checkpoints that are not weights (a traced archive also lists the text mask).
+_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 OPENAI_TAG = "openai"
 
 
@@ -49,9 +50,9 @@ def _read_openai_state_dict(path: Path) -> Optional[dict]:
             checkpoint = torch.jit.load(str(path), map_location="cpu").state_dict()
         except Exception as err:
             raise ValueError(f"{path} is neither a PyTorch checkpoint nor a TorchScript archive: {err}") from err
-        return {k: v for k, v in checkpoint.items() if k not in _OPENAI_ONLY_KEYS}
+        return {k: v for k, v in checkpoint.items() if k not in _NON_WEIGHT_KEYS}
     if isinstance(checkpoint, dict) and "input_resolution" in checkpoint:
-        return {k: v for k, v in checkpoint.items() if k not in _OPENAI_ONLY_KEYS}
+        return {k: v for k, v in checkpoint.items() if k not in _NON_WEIGHT_KEYS}
     return None
 
 

@@ -1,0 +1,127 @@
+"""load_model: local checkpoints in every supported format, QuickGELU, and the offline error."""
+import open_clip
+import pytest
+import torch
+from open_clip.transformer import QuickGELU
+from safetensors.torch import save_file
+
+from rfclip_engine import RFCLIPConfig, WeightsUnavailableError, load_model
+from rfclip_engine import loading
+
+from .conftest import TINY_CONFIG, TINY_DIMS
+
+
+def activations(model):
+    return {type(block.mlp.gelu) for block in model.visual.transformer.resblocks}
+
+
+def same_output(a, b):
+    pixels = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    config = RFCLIPConfig(sigma=1.5)
+    return torch.equal(a.encode_dense(pixels, config), b.encode_dense(pixels, config))
+
+
+def test_open_clip_state_dict_roundtrip(tiny_model, tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_model.clip.state_dict(), path)
+    loaded = load_model(TINY_CONFIG, pretrained=str(path), distraction_dims=TINY_DIMS)
+    assert same_output(tiny_model, loaded)
+    assert loaded.weights_tag is None
+
+
+def test_safetensors_roundtrip(tiny_model, tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model.clip.state_dict().items()}, str(path))
+    loaded = load_model(TINY_CONFIG, pretrained=str(path), distraction_dims=TINY_DIMS)
+    assert same_output(tiny_model, loaded)
+
+
+def openai_state_dict(model):
+    state = {k: v.half() if v.is_floating_point() else v for k, v in model.clip.state_dict().items()}
+    state.update(input_resolution=torch.tensor(64), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    return state
+
+
+def test_openai_state_dict_gets_quickgelu(tmp_path):
+    torch.manual_seed(0)
+    gelu_model = load_model(TINY_CONFIG, pretrained=None, distraction_dims=TINY_DIMS)
+    assert activations(gelu_model) == {torch.nn.GELU}
+    path = tmp_path / "openai.pt"
+    torch.save(openai_state_dict(gelu_model), path)
+    loaded = load_model(TINY_CONFIG, pretrained=str(path), distraction_dims=TINY_DIMS)
+    assert activations(loaded) == {QuickGELU}
+    assert loaded.weights_tag == "openai"
+    # same weights, other activation: the outputs must differ, or the test could not catch it
+    pixels = torch.randn(1, 3, 64, 64)
+    assert not torch.allclose(loaded.encode_dense(pixels, RFCLIPConfig(mode="clip")),
+                              gelu_model.encode_dense(pixels, RFCLIPConfig(mode="clip")), atol=1e-3)
+
+
+def test_openai_torchscript_archive(tmp_path):
+    torch.manual_seed(0)
+    clip = open_clip.create_model(loading._register_model_config(TINY_CONFIG), pretrained=None,
+                                  force_quick_gelu=True).eval()
+    traced = torch.jit.trace_module(clip, {"encode_image": torch.randn(1, 3, 64, 64)}, check_trace=False)
+    path = tmp_path / "ViT-tiny.pt"
+    traced.save(str(path))
+    loaded = load_model(TINY_CONFIG, pretrained=str(path), distraction_dims=TINY_DIMS)
+    assert activations(loaded) == {QuickGELU} and loaded.weights_tag == "openai"
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        clip.visual.output_tokens = True
+        _, tokens = clip.visual(pixels)
+    torch.testing.assert_close(loaded.encode_dense(pixels, RFCLIPConfig(mode="clip")).reshape(1, 16, -1),
+                               tokens @ clip.visual.proj, rtol=0, atol=1e-5)
+
+
+def test_openai_tag_forces_quickgelu(monkeypatch):
+    seen = {}
+    real_create = open_clip.create_model
+
+    def fake_create(name, pretrained=None, **kwargs):
+        seen.update(kwargs, pretrained=pretrained)
+        return real_create(name, pretrained=None, force_quick_gelu=kwargs.get("force_quick_gelu", False))
+
+    monkeypatch.setattr(loading.open_clip, "create_model", fake_create)
+    model = load_model("ViT-B-16", pretrained="openai")
+    assert seen["pretrained"] == "openai" and seen["force_quick_gelu"] is True
+    assert activations(model) == {QuickGELU}
+    assert model.preset.dims[0] == 4
+
+
+def test_download_failure_names_cache_and_offline_route(tmp_path, monkeypatch):
+    def failing_create(name, pretrained=None, **kwargs):
+        raise RuntimeError(f"Failed to download weights for tag '{pretrained}': no network")
+
+    monkeypatch.setattr(loading.open_clip, "create_model", failing_create)
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_model("ViT-B-16", pretrained="openai", cache_dir=str(tmp_path))
+    message = str(info.value)
+    assert str(tmp_path) in message and "pretrained='/path/to/ViT-B-16.pt'" in message
+
+
+def test_unknown_pretrained_and_model():
+    with pytest.raises(FileNotFoundError, match="neither an existing checkpoint file nor a known tag"):
+        load_model(TINY_CONFIG, pretrained="/no/such/file.pt")
+    with pytest.raises(ValueError, match="unknown model"):
+        load_model("ViT-X-99", pretrained=None)
+
+
+def test_corrupt_checkpoint(tmp_path):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="neither a PyTorch checkpoint nor a TorchScript archive"):
+        load_model(TINY_CONFIG, pretrained=str(path))
+
+
+def test_dims_file_and_list(tmp_path):
+    from rfclip_engine.presets import DistractionPreset, save_preset_file
+
+    path = tmp_path / "dims.json"
+    save_preset_file(path, DistractionPreset((1, 2, 3), attention_test=True), model="tiny")
+    model = load_model(TINY_CONFIG, pretrained=None, distraction_dims=str(path))
+    assert model.preset == DistractionPreset((1, 2, 3), True)
+    model = load_model(TINY_CONFIG, pretrained=None, distraction_dims=[5, 6])
+    assert model.preset == DistractionPreset((5, 6), False)
+    with pytest.raises(ValueError, match="outside the model width"):
+        model.encode_dense(torch.randn(1, 3, 64, 64), RFCLIPConfig(distraction_dims=(64,)))
