@@ -6,7 +6,9 @@ dict (.pt / .bin / .safetensors). OpenAI weights were trained with QuickGELU; th
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import uuid
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -81,6 +83,21 @@ def _create_from_tag(name: str, tag: str, cache_dir: Optional[str]) -> torch.nn.
         ) from err
 
 
+def _weights_id(pretrained: Optional[str]) -> str:
+    """A name for the exact weights: the tag, a content hash of a file, or a fresh id for random
+    weights (which must never share cached embeddings)."""
+    if pretrained is None:
+        return f"random-{uuid.uuid4().hex}"
+    path = Path(pretrained)
+    if not path.is_file():
+        return pretrained
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return f"sha256-{digest.hexdigest()[:16]}"
+
+
 def load_model(
     name: str = "ViT-B-16",
     pretrained: Optional[str] = OPENAI_TAG,
@@ -135,5 +152,5 @@ def load_model(
         preset = DistractionPreset(tuple(distraction_dims), base.attention_test if base else False)
 
     tokenizer = open_clip.get_tokenizer(name)
-    model = RFCLIPModel(clip, tokenizer, name, weights_tag, preset)
+    model = RFCLIPModel(clip, tokenizer, name, weights_tag, _weights_id(pretrained), preset)
     return model.to(device=device, dtype=dtype)

@@ -75,6 +75,7 @@ class RFCLIPModel(nn.Module):
         tokenizer: Callable,
         model_name: str,
         weights_tag: Optional[str],
+        weights_id: str,
         preset: Optional[DistractionPreset] = None,
     ) -> None:
         super().__init__()
@@ -83,6 +84,7 @@ class RFCLIPModel(nn.Module):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.weights_tag = weights_tag
+        self.weights_id = weights_id  # identifies the exact weights, for caches keyed by model
         self.preset = preset
         cfg = getattr(clip.visual, "preprocess_cfg", {}) or {}
         self.image_mean: Tuple[float, ...] = tuple(cfg.get("mean", OPENAI_DATASET_MEAN))

@@ -1,0 +1,145 @@
+"""`Segmenter`: image + class names -> per-pixel class probabilities, owning all pre- and
+post-processing around `RFCLIPModel.encode_dense` (like segment-anything's SamPredictor).
+
+Pipeline: read as RGB (EXIF applied) -> resize to the configured short side -> CLIP-normalize ->
+sliding window (or whole image) -> cosine to every query, max over each class's queries, upsampled
+-> resize to the input size -> optional PAMR -> softmax(logit_scale * logits) -> argmax, with
+pixels below `prob_threshold` left unlabeled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import pamr
+from .config import SegmenterConfig
+from .imageio import ImageSource, load_rgb
+from .model import RFCLIPModel
+from .sliding import sliding_window, whole_image
+from .text import ClassSpec, EmbeddingCache, TextEmbedder, Vocabulary
+
+UNLABELED = -1
+_AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Prediction:
+    """The segmentation of one image, at the input image's size.
+
+    probs: (C, H, W) float32 class probabilities.
+    label_map: (H, W) int64 class index, UNLABELED (-1) where the top probability is below the
+        threshold.
+    confidence: (C,) mean probability of class c over the pixels labeled c (0 where none are).
+    """
+
+    class_names: Tuple[str, ...]
+    probs: torch.Tensor
+    label_map: torch.Tensor
+    confidence: torch.Tensor
+
+    def mask(self, class_index: int) -> torch.Tensor:
+        """(H, W) bool mask of one class."""
+        return self.label_map == class_index
+
+    @property
+    def present_classes(self) -> List[int]:
+        return [int(c) for c in torch.unique(self.label_map) if c != UNLABELED]
+
+
+class Segmenter:
+    """Segments images into the classes of an open vocabulary."""
+
+    def __init__(
+        self,
+        model: RFCLIPModel,
+        config: SegmenterConfig = SegmenterConfig(),
+        text_cache: Optional[EmbeddingCache] = None,
+        max_pixels: Optional[int] = None,
+    ) -> None:
+        if config.window is not None and config.window % model.patch_size:
+            raise ValueError(f"window {config.window} must be a multiple of the patch size {model.patch_size}")
+        self.model = model
+        self.config = config
+        self.text = TextEmbedder(model, text_cache)
+        self.max_pixels = max_pixels
+
+    def predict(self, image: ImageSource, class_names: Union[Vocabulary, Iterable[ClassSpec]]) -> Prediction:
+        """Segment one image. `class_names`: a Vocabulary, or strings where "person, man, woman"
+        is one class with synonyms."""
+        vocabulary = class_names if isinstance(class_names, Vocabulary) else Vocabulary.from_names(class_names)
+        rgb = load_rgb(image, self.max_pixels)
+        text = self.text.embed(vocabulary)
+        logits = self.class_logits(rgb, text, vocabulary.query_class, len(vocabulary))
+        return self._decide(logits, vocabulary.names)
+
+    def predict_many(
+        self, images: Sequence[ImageSource], class_names: Union[Vocabulary, Iterable[ClassSpec]]
+    ) -> List[Prediction]:
+        vocabulary = class_names if isinstance(class_names, Vocabulary) else Vocabulary.from_names(class_names)
+        return [self.predict(image, vocabulary) for image in images]
+
+    def normalize(self, rgb: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (3, H, W) CLIP-normalized float32 on the model's device."""
+        pixels = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.model.device).permute(2, 0, 1).float() / 255.0
+        mean = torch.tensor(self.model.image_mean, device=pixels.device).view(3, 1, 1)
+        std = torch.tensor(self.model.image_std, device=pixels.device).view(3, 1, 1)
+        return (pixels - mean) / std
+
+    def resize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Scale so the short side is `config.short_side` (aspect ratio kept)."""
+        short_side = self.config.short_side
+        height, width = pixels.shape[-2:]
+        if short_side is None or min(height, width) == short_side:
+            return pixels
+        scale = short_side / min(height, width)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        return F.interpolate(pixels[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+    def class_logits(
+        self, rgb: np.ndarray, text: torch.Tensor, query_class: Sequence[int], n_classes: int
+    ) -> torch.Tensor:
+        """(C, H, W) class logits (cosine similarities) at the input size, after PAMR if on."""
+        cfg = self.config
+        pixels = self.normalize(rgb)
+        resized = self.resize(pixels)
+        index = torch.tensor(query_class, device=text.device)
+
+        def encode(crops: torch.Tensor) -> torch.Tensor:
+            return self._crop_logits(crops, text, index, n_classes)
+
+        if cfg.window is None:
+            logits = whole_image(resized, encode, self.model.patch_size)
+        else:
+            logits = sliding_window(resized, encode, cfg.window, cfg.stride, cfg.batch_size)
+        if cfg.pamr:
+            return pamr.refine(pixels[None], logits[None], cfg.pamr_iterations, cfg.pamr_dilations)[0]
+        return F.interpolate(logits[None], size=pixels.shape[-2:], mode="bilinear", align_corners=False)[0]
+
+    def _crop_logits(self, crops: torch.Tensor, text: torch.Tensor, query_class: torch.Tensor, n_classes: int):
+        precision = self.config.precision
+        with torch.autocast(self.model.device.type, dtype=_AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32"):
+            features = self.model.encode_dense(crops, self.config.encoder)
+        features = F.normalize(features.float(), dim=-1)
+        query_logits = torch.einsum("nhwd,qd->nqhw", features, text)
+        query_logits = F.interpolate(query_logits, size=crops.shape[-2:], mode="bilinear", align_corners=False)
+        if len(query_class) == n_classes:
+            return query_logits
+        # a class scores the max over its queries, per pixel
+        shape = (query_logits.shape[0], n_classes, *query_logits.shape[-2:])
+        index = query_class.view(1, -1, 1, 1).expand_as(query_logits)
+        return query_logits.new_full(shape, float("-inf")).scatter_reduce(1, index, query_logits, "amax")
+
+    def _decide(self, logits: torch.Tensor, names: Tuple[str, ...]) -> Prediction:
+        probs = torch.softmax(self.config.logit_scale * logits, dim=0)
+        top, label_map = probs.max(dim=0)
+        label_map = torch.where(top < self.config.prob_threshold, torch.full_like(label_map, UNLABELED), label_map)
+        n_classes = probs.shape[0]
+        labeled = label_map != UNLABELED
+        counts = torch.bincount(label_map[labeled], minlength=n_classes).float()
+        sums = torch.bincount(label_map[labeled], weights=top[labeled], minlength=n_classes)
+        confidence = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
+        return Prediction(names, probs.cpu(), label_map.cpu(), confidence.cpu())

@@ -1,0 +1,149 @@
+"""Segmenter: sizes, inputs of every kind, synonyms, thresholds, precision, text cache."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rfclip_engine import RFCLIPConfig, SegmenterConfig
+from rfclip_engine.imageio import ImageError, load_rgb
+from rfclip_engine.predictor import UNLABELED, Segmenter
+from rfclip_engine.text import MemoryCache, TextEmbedder, Vocabulary
+
+SMALL = SegmenterConfig(short_side=80, window=64, stride=32, encoder=RFCLIPConfig(sigma=1.5))
+
+
+def rgb(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("size", [(81, 123), (37, 29), (40, 700), (64, 64)])
+@pytest.mark.parametrize("window", [64, None])
+def test_output_has_input_size(tiny_model, size, window):
+    config = SegmenterConfig(short_side=80, window=window, stride=32, encoder=RFCLIPConfig(sigma=1.5))
+    pred = Segmenter(tiny_model, config).predict(rgb(*size), ["cat", "dog", "grass"])
+    assert pred.probs.shape == (3, *size) and pred.label_map.shape == size
+    torch.testing.assert_close(pred.probs.sum(0), torch.ones(size))
+    assert torch.equal(pred.label_map, pred.probs.argmax(0))
+
+
+def test_synonyms_take_the_max_over_queries(tiny_model):
+    seg = Segmenter(tiny_model, SMALL)
+    image = rgb(64, 96)
+    vocab = Vocabulary.from_names(["cat, kitten", "dog"])
+    assert vocab.names == ("cat", "dog") and vocab.queries == ("cat", "kitten", "dog")
+    separate = Vocabulary.from_names(["cat", "kitten", "dog"])
+    text = seg.text.embed(separate)
+    per_query = seg.class_logits(image, text, separate.query_class, 3)
+    grouped = seg.class_logits(image, text, vocab.query_class, 2)
+    torch.testing.assert_close(grouped[0], torch.maximum(per_query[0], per_query[1]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped[1], per_query[2])
+
+
+def test_probability_threshold_leaves_pixels_unlabeled(tiny_model):
+    image = rgb(64, 64)
+    low = Segmenter(tiny_model, SMALL).predict(image, ["a", "b", "c"])
+    config = SegmenterConfig(**{**SMALL.__dict__, "prob_threshold": 0.999})
+    high = Segmenter(tiny_model, config).predict(image, ["a", "b", "c"])
+    top = low.probs.max(0).values
+    assert torch.equal(high.label_map == UNLABELED, top < 0.999)
+    assert (low.label_map != UNLABELED).all()
+    for c in range(3):
+        inside = low.label_map == c
+        expected = top[inside].mean() if inside.any() else torch.tensor(0.0)
+        torch.testing.assert_close(low.confidence[c], expected)
+
+
+def test_pamr_changes_logits_and_keeps_size(tiny_model):
+    config = SegmenterConfig(**{**SMALL.__dict__, "pamr": True, "pamr_dilations": (2, 4), "pamr_iterations": 3})
+    image = rgb(70, 90)
+    seg, plain = Segmenter(tiny_model, config), Segmenter(tiny_model, SMALL)
+    text = seg.text.embed(Vocabulary.from_names(["a", "b"]))
+    refined = seg.class_logits(image, text, (0, 1), 2)
+    unrefined = plain.class_logits(image, text, (0, 1), 2)
+    assert refined.shape == unrefined.shape == (2, 70, 90)
+    assert not torch.allclose(refined, unrefined)
+
+
+def test_bf16_autocast_close_to_fp32(tiny_model):
+    image = rgb(64, 80)
+    fp32 = Segmenter(tiny_model, SMALL).predict(image, ["a", "b"])
+    bf16 = Segmenter(tiny_model, SegmenterConfig(**{**SMALL.__dict__, "precision": "bf16"})).predict(image, ["a", "b"])
+    assert (fp32.probs - bf16.probs).abs().max() < 0.2
+    assert (fp32.label_map == bf16.label_map).float().mean() > 0.8
+
+
+def encode(image, fmt, **kwargs):
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def test_image_kinds_become_rgb():
+    gray = Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4) * 20)
+    assert load_rgb(gray).shape == (3, 4, 3)
+    sixteen = np.full((3, 4), 65535, dtype=np.uint16)
+    sixteen[0, 0] = 0
+    out = load_rgb(Image.fromarray(sixteen))
+    assert out[0, 0].tolist() == [0, 0, 0] and out[1, 1].tolist() == [255, 255, 255]
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = [10, 20, 30, 255]
+    out = load_rgb(rgba)  # transparent pixels show as white
+    assert out[0, 0].tolist() == [10, 20, 30] and out[1, 1].tolist() == [255, 255, 255]
+    palette = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), mode="P")
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    assert load_rgb(encode(palette, "PNG"))[0, 1].tolist() == [0, 0, 255]
+    assert load_rgb(np.ones((2, 3), np.float32) * 0.5)[0, 0].tolist() == [128, 128, 128]
+
+
+def test_exif_orientation_is_applied():
+    image = Image.fromarray(rgb(20, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    data = encode(image, "JPEG", exif=exif.tobytes())
+    assert load_rgb(data).shape == (40, 20, 3)
+
+
+def test_bad_images():
+    with pytest.raises(ImageError, match="cannot read"):
+        load_rgb(b"definitely not an image")
+    with pytest.raises(ImageError, match="more than the limit"):
+        load_rgb(encode(Image.new("RGB", (100, 100)), "PNG"), max_pixels=5000)
+    with pytest.raises(ImageError, match="shape"):
+        load_rgb(np.zeros((2, 2, 5), np.uint8))
+
+
+def test_empty_vocabulary(tiny_model):
+    with pytest.raises(ValueError, match="empty"):
+        Segmenter(tiny_model, SMALL).predict(rgb(64, 64), [])
+    with pytest.raises(ValueError, match="empty class name"):
+        Vocabulary.from_names(["cat", " , "])
+
+
+def test_text_embeddings_are_cached_and_normalized(tiny_model, monkeypatch):
+    cache = MemoryCache()
+    embedder = TextEmbedder(tiny_model, cache)
+    calls = []
+    original = tiny_model.encode_text
+    monkeypatch.setattr(tiny_model, "encode_text", lambda prompts: calls.append(len(prompts)) or original(prompts))
+    first = embedder.embed_queries(["cat", "dog", "cat"])
+    assert calls == [160] and len(cache) == 2  # 80 templates, each query once
+    torch.testing.assert_close(first.norm(dim=-1), torch.ones(3))
+    assert torch.equal(first[0], first[2])
+    second = embedder.embed_queries(["dog", "bird"])
+    assert calls == [160, 80]
+    assert torch.equal(second[0], first[1])
+    # the average of normalized template embeddings, normalized again
+    prompts = [t("bird") for t in embedder.templates]
+    expected = torch.nn.functional.normalize(original(prompts).mean(0), dim=-1)
+    torch.testing.assert_close(second[1], expected)
+
+
+def test_memory_cache_is_lru():
+    cache = MemoryCache(max_entries=2)
+    cache.put("a", torch.zeros(1))
+    cache.put("b", torch.ones(1))
+    cache.get("a")
+    cache.put("c", torch.ones(1))
+    assert cache.get("b") is None and cache.get("a") is not None
