@@ -30,7 +30,7 @@ def test_output_has_input_size(tiny_model, size, window):
 
 def test_synonyms_take_the_max_over_queries(tiny_model):
     # one crop, so the per-pixel max is not mixed with overlap averaging
-    seg = Segmenter(tiny_model, SegmenterConfig(short_side=None, window=64, encoder=RFCLIPConfig(sigma=1.5)))
+    seg = Segmenter(tiny_model, SegmenterConfig(short_side=None, window=64, stride=32, encoder=RFCLIPConfig(sigma=1.5)))
     image = rgb(64, 64)
     vocab = Vocabulary.from_names(["cat, kitten", "dog"])
     assert vocab.names == ("cat", "dog") and vocab.queries == ("cat", "kitten", "dog")
