@@ -59,16 +59,15 @@ def _pil_to_rgb(image: Image.Image) -> np.ndarray:
         image = image.convert("RGB")
     elif image.mode == "PA":
         image = image.convert("RGBA")
-    return _array_to_rgb(np.asarray(image))
+    return _array_to_rgb(np.array(image))
 
 
 def load_rgb(source: ImageSource, max_pixels: Optional[int] = None) -> np.ndarray:
     """An (H, W, 3) uint8 RGB array. Raises `ImageError` for unreadable or too large input;
     the pixel bound is checked from the header, before decoding."""
     if isinstance(source, np.ndarray):
-        rgb = _array_to_rgb(source)
-        _check_size(rgb.shape[1], rgb.shape[0], max_pixels)
-        return rgb
+        _check_size(source.shape[1] if source.ndim > 1 else 0, source.shape[0], max_pixels)
+        return np.require(_array_to_rgb(source), requirements=["C", "W"])
     if isinstance(source, Image.Image):
         _check_size(*source.size, max_pixels)
         return _pil_to_rgb(source)

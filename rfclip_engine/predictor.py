@@ -84,7 +84,7 @@ class Segmenter:
 
     def normalize(self, rgb: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 -> (3, H, W) CLIP-normalized float32 on the model's device."""
-        pixels = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.model.device).permute(2, 0, 1).float() / 255.0
+        pixels = torch.from_numpy(rgb).to(self.model.device).permute(2, 0, 1).float() / 255.0
         mean = torch.tensor(self.model.image_mean, device=pixels.device).view(3, 1, 1)
         std = torch.tensor(self.model.image_std, device=pixels.device).view(3, 1, 1)
         return (pixels - mean) / std

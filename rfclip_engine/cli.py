@@ -1,0 +1,235 @@
+"""The `rfclip` command: `segment` images into an open vocabulary, `calibrate` a backbone.
+
+    rfclip segment IMAGE_OR_DIR --labels "cat,dog,grass" --out OUT [--pamr] [--checkpoint PATH]
+    rfclip calibrate --model NAME --checkpoint PATH --images DIR --out dims.json
+
+Exit status: 0 when every image was processed, 1 when some could not be read, 2 on bad usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .calibrate import calibrate
+from .config import MODES, PRECISIONS, RFCLIPConfig, SegmenterConfig
+from .imageio import ImageError, load_rgb
+from .loading import load_model
+from .predictor import Segmenter
+from .presets import save_preset_file
+from .text import Vocabulary
+from .visualize import colorize, overlay, palette
+
+log = logging.getLogger("rfclip")
+IMAGE_SUFFIXES = {s.lower() for s, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+class UsageError(Exception):
+    pass
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="ViT-B-16", help="open_clip model name or model config .json (default ViT-B-16)")
+    group.add_argument("--pretrained", default="openai", help="open_clip pretrained tag, downloaded once (default openai)")
+    group.add_argument("--checkpoint", help="local checkpoint file (OpenAI .pt or open_clip .pt/.bin/.safetensors); "
+                                            "overrides --pretrained, needs no network")
+    group.add_argument("--distraction-dims", help="calibration file from `rfclip calibrate`, or comma-separated indices")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _load(args: argparse.Namespace):
+    dims = args.distraction_dims
+    if dims and not Path(dims).is_file():
+        try:
+            dims = [int(d) for d in dims.split(",") if d.strip()]
+        except ValueError:
+            raise UsageError(f"--distraction-dims: {dims!r} is neither a file nor comma-separated integers")
+    return load_model(args.model, pretrained=args.checkpoint or args.pretrained,
+                      device=_resolve_device(args.device), distraction_dims=dims)
+
+
+def _list_images(target: Path) -> List[Path]:
+    if target.is_dir():
+        files = sorted(p for p in target.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UsageError(f"no image files in {target}")
+        return files
+    if target.is_file():
+        return [target]
+    raise UsageError(f"{target} does not exist")
+
+
+def _output_stems(files: Sequence[Path]) -> List[str]:
+    """File stems, with the extension kept where two inputs share a stem."""
+    stems = [p.stem for p in files]
+    return [p.name.replace(".", "_") if stems.count(p.stem) > 1 else p.stem for p in files]
+
+
+def _vocabulary(args: argparse.Namespace) -> Vocabulary:
+    if args.labels_file:
+        lines = Path(args.labels_file).read_text().splitlines()
+        specs = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    elif args.labels:
+        specs = [spec.split("|") for spec in args.labels.split(",") if spec.strip()]
+    else:
+        raise UsageError("give the class names with --labels \"cat,dog,grass\" or --labels-file FILE")
+    try:
+        return Vocabulary.from_names(specs)
+    except ValueError as err:
+        raise UsageError(str(err))
+
+
+def _save_label_map(path: Path, label_map: np.ndarray, n_classes: int) -> None:
+    """Class indices as a grayscale PNG; unlabeled pixels hold the dtype's maximum."""
+    dtype = np.uint8 if n_classes < 255 else np.uint16
+    raw = np.where(label_map < 0, np.iinfo(dtype).max, label_map).astype(dtype)
+    Image.fromarray(raw).save(path)
+
+
+def segment_command(args: argparse.Namespace) -> int:
+    vocabulary = _vocabulary(args)
+    files = _list_images(Path(args.input))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = _load(args)
+    precision = args.precision if args.precision != "auto" else ("fp16" if model.device.type == "cuda" else "fp32")
+    config = SegmenterConfig(
+        encoder=RFCLIPConfig(mode=args.mode),
+        short_side=args.short_side,
+        window=None if args.whole_image else args.window,
+        stride=args.stride,
+        pamr=args.pamr,
+        prob_threshold=args.prob_threshold,
+        batch_size=args.batch_size,
+        precision=precision,
+    )
+    segmenter = Segmenter(model, config, max_pixels=args.max_pixels)
+    colors = palette(len(vocabulary))
+    (out / "classes.json").write_text(json.dumps(
+        [{"index": i, "name": n, "queries": list(q), "color": colors[i].tolist()}
+         for i, (n, q) in enumerate(zip(vocabulary.names, vocabulary.classes))], indent=2) + "\n")
+
+    failed: List[Tuple[Path, str]] = []
+    progress = tqdm(list(zip(files, _output_stems(files))), unit="image", disable=len(files) == 1 or args.quiet)
+    for path, stem in progress:
+        progress.set_postfix_str(path.name)
+        try:
+            rgb = load_rgb(path, args.max_pixels)
+        except (ImageError, OSError) as err:
+            failed.append((path, str(err)))
+            tqdm.write(f"error: {path}: {err}", file=sys.stderr)
+            continue
+        prediction = segmenter.predict(rgb, vocabulary)
+        label_map = prediction.label_map.numpy()
+        colorize(label_map, colors).save(out / f"{stem}_labels.png")
+        overlay(rgb, label_map, vocabulary.names, colors).save(out / f"{stem}_overlay.png")
+        if args.raw:
+            _save_label_map(out / f"{stem}_labelmap.png", label_map, len(vocabulary))
+
+    done = len(files) - len(failed)
+    print(f"segmented {done} of {len(files)} image(s) into {out}", file=sys.stderr)
+    for path, reason in failed:
+        print(f"  failed: {path}: {reason}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _readable_images(files: Sequence[Path], max_pixels: Optional[int]) -> Iterator[np.ndarray]:
+    for path in tqdm(files, unit="image"):
+        try:
+            yield load_rgb(path, max_pixels)
+        except (ImageError, OSError) as err:
+            tqdm.write(f"skipped: {path}: {err}", file=sys.stderr)
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    files = _list_images(Path(args.images))[: args.limit]
+    args.distraction_dims = None
+    model = _load(args)
+    result = calibrate(model, _readable_images(files, args.max_pixels), factor=args.factor)
+    ratios = result.ratios
+    print(f"{model.model_name} ({model.weights_id}), {result.images} images; channels above "
+          f"{args.factor:g}x the median channel:")
+    for d in result.dims:
+        print(f"  {d:5d}  {ratios[d]:.1f}x")
+    top = torch.topk(ratios, k=min(10, len(ratios)))
+    print("strongest channels: " + ", ".join(f"{int(i)} ({v:.1f}x)" for v, i in zip(top.values, top.indices)))
+    if not result.dims:
+        print("no channel stands out; try more images or a lower --factor", file=sys.stderr)
+        return 1
+    save_preset_file(args.out, result.preset(args.attention_test), model=model.model_name,
+                     weights=model.weights_id, images=result.images, factor=args.factor)
+    print(f"wrote {args.out}; use it with --distraction-dims {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rfclip", description="Training-free open-vocabulary segmentation with RF-CLIP")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment an image or a folder of images",
+                         description="Writes per image NAME_labels.png (colour label map), NAME_overlay.png "
+                                     "(image + legend), with --raw NAME_labelmap.png (class indices), and classes.json.")
+    seg.add_argument("input", help="an image file or a folder of images")
+    seg.add_argument("--labels", help='comma-separated classes; synonyms with "|": "person|man|woman,dog,grass"')
+    seg.add_argument("--labels-file", help="one class per line, synonyms comma-separated: person, man, woman")
+    seg.add_argument("--out", required=True, help="output folder")
+    seg.add_argument("--mode", choices=MODES, default="rfclip")
+    seg.add_argument("--pamr", action="store_true", help="refine with PAMR (slower, sharper edges)")
+    seg.add_argument("--short-side", type=int, default=336, help="resize so the short side has this size (default 336)")
+    seg.add_argument("--window", type=int, default=224, help="sliding-window size (default 224)")
+    seg.add_argument("--stride", type=int, default=112, help="sliding-window stride (default 112)")
+    seg.add_argument("--whole-image", action="store_true", help="encode the whole image at once instead of windows")
+    seg.add_argument("--prob-threshold", type=float, default=0.0, help="leave pixels below this probability unlabeled")
+    seg.add_argument("--batch-size", type=int, default=8, help="crops per forward pass (default 8)")
+    seg.add_argument("--precision", choices=("auto",) + PRECISIONS, default="auto",
+                     help="auto: fp16 autocast on CUDA, fp32 on CPU")
+    seg.add_argument("--raw", action="store_true", help="also write the raw label map")
+    seg.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse larger images (default 1e8)")
+    seg.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_arguments(seg)
+    seg.set_defaults(run=segment_command)
+
+    cal = sub.add_parser("calibrate", help="find the distraction dimensions of a backbone without a preset")
+    cal.add_argument("--images", required=True, help="a folder of images (a few hundred of any kind)")
+    cal.add_argument("--out", required=True, help="JSON file to write")
+    cal.add_argument("--limit", type=int, default=None, help="use at most this many images")
+    cal.add_argument("--factor", type=float, default=5.0, help="a channel is a distraction dimension above this "
+                                                               "multiple of the median channel (default 5)")
+    cal.add_argument("--attention-test", action="store_true", help="also require the attention test (as for ViT-L/14)")
+    cal.add_argument("--max-pixels", type=int, default=100_000_000)
+    _add_model_arguments(cal)
+    cal.set_defaults(run=calibrate_command)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except UsageError as err:
+        parser.error(str(err))
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

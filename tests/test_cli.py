@@ -1,0 +1,119 @@
+"""The `rfclip` command with a tiny checkpoint: segment files and folders, calibrate."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rfclip_engine import load_model
+from rfclip_engine.calibrate import calibrate
+from rfclip_engine.cli import main
+from rfclip_engine.presets import load_preset_file
+
+from .conftest import TINY_CONFIG
+
+FAST = ["--model", TINY_CONFIG, "--short-side", "80", "--window", "64", "--stride", "32", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = load_model(TINY_CONFIG, pretrained=None)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(model.clip.state_dict(), path)
+    return str(path)
+
+
+def write_image(path, size, seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, (*size, 3) if mode == "RGB" else size, dtype=np.uint8)
+    Image.fromarray(array).save(path)
+
+
+def test_segment_one_image(tmp_path, checkpoint, capsys):
+    write_image(tmp_path / "scene.png", (75, 110))
+    out = tmp_path / "out"
+    code = main(["segment", str(tmp_path / "scene.png"), "--labels", "cat,dog|puppy,grass", "--raw", "--pamr",
+                 "--checkpoint", checkpoint, "--distraction-dims", "1,2,3", "--out", str(out), *FAST])
+    assert code == 0
+    labels = Image.open(out / "scene_labels.png")
+    assert labels.size == (110, 75) and labels.mode == "RGB"
+    overlay = Image.open(out / "scene_overlay.png")
+    assert overlay.height == 75 and overlay.width > 110  # image plus legend
+    raw = np.array(Image.open(out / "scene_labelmap.png"))
+    assert raw.shape == (75, 110) and set(np.unique(raw)) <= {0, 1, 2}
+    classes = json.loads((out / "classes.json").read_text())
+    assert [c["name"] for c in classes] == ["cat", "dog", "grass"] and classes[1]["queries"] == ["dog", "puppy"]
+    colors = np.array([c["color"] for c in classes])
+    assert (np.array(labels).reshape(-1, 3)[:, None] == colors[None]).all(-1).any(-1).all()
+    assert "segmented 1 of 1" in capsys.readouterr().err
+
+
+def test_segment_folder_with_a_corrupt_file(tmp_path, checkpoint, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_image(folder / "a.png", (64, 90))
+    write_image(folder / "b.jpg", (50, 40), mode="L")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    (folder / "notes.txt").write_text("not an image, not listed")
+    out = tmp_path / "out"
+    code = main(["segment", str(folder), "--labels", "sky,tree", "--checkpoint", checkpoint,
+                 "--distraction-dims", "1,2,3", "--out", str(out), *FAST])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "segmented 2 of 3" in err
+    assert Image.open(out / "a_labels.png").size == (90, 64)
+    assert Image.open(out / "b_overlay.png").height == 50
+    assert not list(out.glob("broken*"))
+
+
+def test_usage_errors(tmp_path, checkpoint, capsys):
+    write_image(tmp_path / "x.png", (64, 64))
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(tmp_path / "x.png"), "--out", str(tmp_path / "o"), "--checkpoint", checkpoint, *FAST])
+    assert info.value.code == 2 and "--labels" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["segment", str(tmp_path / "missing.png"), "--labels", "a", "--out", str(tmp_path / "o"), *FAST])
+    # a backbone without preset and without calibration: a clear error naming the fix
+    code = main(["segment", str(tmp_path / "x.png"), "--labels", "a,b", "--out", str(tmp_path / "o"),
+                 "--checkpoint", checkpoint, *FAST])
+    assert code == 2 and "rfclip calibrate" in capsys.readouterr().err
+
+
+def planted_model(channel):
+    """A tiny model whose residual stream over-activates one channel in every token."""
+    torch.manual_seed(0)
+    model = load_model(TINY_CONFIG, pretrained=None)
+    with torch.no_grad():
+        model.visual.ln_pre.bias[channel] = 30.0
+    return model
+
+
+def test_calibration_finds_planted_channel():
+    model = planted_model(7)
+    images = [np.random.default_rng(i).integers(0, 256, (50, 70, 3), dtype=np.uint8) for i in range(3)]
+    result = calibrate(model, images, factor=5.0)
+    assert result.dims == (7,) and result.images == 3
+    # the reference: p averaged over patch tokens of every block input
+    assert result.ratios[7] > 5 and (result.ratios[torch.arange(64) != 7] < 5).all()
+
+
+def test_calibrate_command_writes_a_usable_file(tmp_path, capsys):
+    model = planted_model(11)
+    ckpt = tmp_path / "planted.pt"
+    torch.save(model.clip.state_dict(), ckpt)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        write_image(folder / f"{i}.png", (60, 80), seed=i)
+    (folder / "bad.png").write_bytes(b"nope")
+    out = tmp_path / "dims.json"
+    code = main(["calibrate", "--model", TINY_CONFIG, "--checkpoint", str(ckpt), "--images", str(folder),
+                 "--out", str(out)])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "bad.png" in captured.err and "11" in captured.out
+    assert load_preset_file(out).dims == (11,)
+    loaded = load_model(TINY_CONFIG, pretrained=str(ckpt), distraction_dims=str(out))
+    assert loaded.preset.dims == (11,)
