@@ -42,6 +42,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pretrained", default="openai", help="open_clip pretrained tag, downloaded once (default openai)")
     group.add_argument("--checkpoint", help="local checkpoint file (OpenAI .pt or open_clip .pt/.bin/.safetensors); "
                                             "overrides --pretrained, needs no network")
+    group.add_argument("--weights-tag", help="which released weights a local open_clip-format file holds (e.g. openai), "
+                                             "to pick their preset and activation; OpenAI .pt files need no tag")
     group.add_argument("--distraction-dims", help="calibration file from `rfclip calibrate`, or comma-separated indices")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
 
@@ -59,8 +61,8 @@ def _load(args: argparse.Namespace):
             dims = [int(d) for d in dims.split(",") if d.strip()]
         except ValueError:
             raise UsageError(f"--distraction-dims: {dims!r} is neither a file nor comma-separated integers")
-    return load_model(args.model, pretrained=args.checkpoint or args.pretrained,
-                      device=_resolve_device(args.device), distraction_dims=dims)
+    return load_model(args.model, pretrained=args.checkpoint or args.pretrained, device=_resolve_device(args.device),
+                      distraction_dims=dims, weights_tag=args.weights_tag)
 
 
 def _list_images(target: Path) -> List[Path]:
@@ -109,7 +111,14 @@ def segment_command(args: argparse.Namespace) -> int:
     model = _load(args)
     precision = args.precision if args.precision != "auto" else ("fp16" if model.device.type == "cuda" else "fp32")
     config = SegmenterConfig(
-        encoder=RFCLIPConfig(mode=args.mode),
+        encoder=RFCLIPConfig(
+            mode=args.mode,
+            sigma=args.sigma,
+            beta=args.beta,
+            embedding_redistribution=not args.no_embedding_redistribution,
+            attention_redistribution=not args.no_attention_redistribution,
+            defocus_localization=not args.no_defocus_localization,
+        ),
         short_side=args.short_side,
         window=None if args.whole_image else args.window,
         stride=args.stride,
@@ -189,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--labels-file", help="one class per line, synonyms comma-separated: person, man, woman")
     seg.add_argument("--out", required=True, help="output folder")
     seg.add_argument("--mode", choices=MODES, default="rfclip")
+    method = seg.add_argument_group("RF-CLIP method (defaults: the paper's)")
+    method.add_argument("--sigma", type=float, default=5.0, help="distraction threshold, in multiples of 1/width")
+    method.add_argument("--beta", type=float, default=0.4, help="fraction of attention moved off distraction tokens")
+    method.add_argument("--no-embedding-redistribution", action="store_true", help="ablation: skip step 2")
+    method.add_argument("--no-attention-redistribution", action="store_true", help="ablation: skip step 4")
+    method.add_argument("--no-defocus-localization", action="store_true",
+                        help="ablation: give the attention to all non-distraction tokens instead of the Fiedler cut")
     seg.add_argument("--pamr", action="store_true", help="refine with PAMR (slower, sharper edges)")
     seg.add_argument("--short-side", type=int, default=336, help="resize so the short side has this size (default 336)")
     seg.add_argument("--window", type=int, default=224, help="sliding-window size (default 224)")
