@@ -67,12 +67,33 @@ def test_pamr_changes_logits_and_keeps_size(tiny_model):
     assert not torch.allclose(refined, unrefined)
 
 
-def test_bf16_autocast_close_to_fp32(tiny_model):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_close_to_fp32(tiny_model, precision):
+    """The CUDA mixed-precision path, run on the CPU."""
     image = rgb(64, 80)
     fp32 = Segmenter(tiny_model, SMALL).predict(image, ["a", "b"])
-    bf16 = Segmenter(tiny_model, SegmenterConfig(**{**SMALL.__dict__, "precision": "bf16"})).predict(image, ["a", "b"])
-    assert (fp32.probs - bf16.probs).abs().max() < 0.2
-    assert (fp32.label_map == bf16.label_map).float().mean() > 0.8
+    half = Segmenter(tiny_model, SegmenterConfig(**{**SMALL.__dict__, "precision": precision})).predict(image, ["a", "b"])
+    assert half.probs.dtype == torch.float32
+    assert (fp32.probs - half.probs).abs().max() < 0.2
+    assert (fp32.label_map == half.label_map).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights(dtype):
+    from rfclip_engine import load_model
+
+    from .conftest import TINY_CONFIG, TINY_DIMS
+
+    torch.manual_seed(0)
+    full = load_model(TINY_CONFIG, pretrained=None, distraction_dims=TINY_DIMS)
+    half = load_model(TINY_CONFIG, pretrained=None, distraction_dims=TINY_DIMS, dtype=dtype)
+    half.clip.load_state_dict(full.clip.state_dict())
+    pixels = torch.randn(1, 3, 64, 64)
+    a = full.encode_dense(pixels, RFCLIPConfig(sigma=1.5))
+    b = half.encode_dense(pixels, RFCLIPConfig(sigma=1.5))
+    assert b.dtype == dtype
+    cos = torch.nn.functional.cosine_similarity(a, b.float(), dim=-1)
+    assert cos.min() > 0.95
 
 
 def encode(image, fmt, **kwargs):
