@@ -70,17 +70,19 @@ class Segmenter:
     def predict(self, image: ImageSource, class_names: Union[Vocabulary, Iterable[ClassSpec]]) -> Prediction:
         """Segment one image. `class_names`: a Vocabulary, or strings where "person, man, woman"
         is one class with synonyms."""
-        vocabulary = class_names if isinstance(class_names, Vocabulary) else Vocabulary.from_names(class_names)
-        rgb = load_rgb(image, self.max_pixels)
-        text = self.text.embed(vocabulary)
-        logits = self.class_logits(rgb, text, vocabulary.query_class, len(vocabulary))
-        return self._decide(logits, vocabulary.names)
+        vocabulary = as_vocabulary(class_names)
+        return self.decide(self.logits(load_rgb(image, self.max_pixels), vocabulary), vocabulary.names)
 
     def predict_many(
         self, images: Sequence[ImageSource], class_names: Union[Vocabulary, Iterable[ClassSpec]]
     ) -> List[Prediction]:
-        vocabulary = class_names if isinstance(class_names, Vocabulary) else Vocabulary.from_names(class_names)
+        vocabulary = as_vocabulary(class_names)
         return [self.predict(image, vocabulary) for image in images]
+
+    def logits(self, rgb: np.ndarray, vocabulary: Vocabulary) -> torch.Tensor:
+        """(C, H, W) class logits of an (H, W, 3) uint8 image, before the softmax."""
+        text = self.text.embed(vocabulary)
+        return self.class_logits(rgb, text, vocabulary.query_class, len(vocabulary))
 
     def normalize(self, rgb: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 -> (3, H, W) CLIP-normalized float32 on the model's device."""
@@ -133,13 +135,20 @@ class Segmenter:
         index = query_class.view(1, -1, 1, 1).expand_as(query_logits)
         return query_logits.new_full(shape, float("-inf")).scatter_reduce(1, index, query_logits, "amax")
 
-    def _decide(self, logits: torch.Tensor, names: Tuple[str, ...]) -> Prediction:
+    def decide(self, logits: torch.Tensor, names: Sequence[str], prob_threshold: Optional[float] = None) -> Prediction:
+        """Probabilities, labels and confidences from (C, H, W) logits; `prob_threshold`
+        overrides the config's."""
+        threshold = self.config.prob_threshold if prob_threshold is None else prob_threshold
         probs = torch.softmax(self.config.logit_scale * logits, dim=0)
         top, label_map = probs.max(dim=0)
-        label_map = torch.where(top < self.config.prob_threshold, torch.full_like(label_map, UNLABELED), label_map)
+        label_map = torch.where(top < threshold, torch.full_like(label_map, UNLABELED), label_map)
         n_classes = probs.shape[0]
         labeled = label_map != UNLABELED
         counts = torch.bincount(label_map[labeled], minlength=n_classes).float()
         sums = torch.bincount(label_map[labeled], weights=top[labeled], minlength=n_classes)
         confidence = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
-        return Prediction(names, probs.cpu(), label_map.cpu(), confidence.cpu())
+        return Prediction(tuple(names), probs.cpu(), label_map.cpu(), confidence.cpu())
+
+
+def as_vocabulary(class_names: Union[Vocabulary, Iterable[ClassSpec]]) -> Vocabulary:
+    return class_names if isinstance(class_names, Vocabulary) else Vocabulary.from_names(class_names)

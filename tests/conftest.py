@@ -19,3 +19,22 @@ def tiny_model():
 @pytest.fixture(autouse=True)
 def _quiet_open_clip(caplog):
     caplog.set_level(logging.ERROR, logger="root")
+
+
+@pytest.fixture
+def fake_ls():
+    from .fakes import FakeLabelStudio
+
+    server = FakeLabelStudio(token="TESTTOKEN-1234567890")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_server():
+    from .fakes import RedisServer
+
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()

@@ -1,0 +1,72 @@
+"""`rfclip-backend serve`: run the ML backend under gunicorn (or a threaded dev server).
+
+Settings come from the environment (see README); a wrong value stops here, naming the variable.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+from .settings import Settings, SettingsError
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The SDK warns about "localhost" on every download and logs URLs at INFO; our own lines say
+    # what matters, once per task.
+    logging.getLogger("label_studio_sdk").setLevel(logging.ERROR)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def serve(settings: Settings, host: str, port: int, workers: int, threads: int, timeout_s: int, dev: bool) -> None:
+    from .app import create_app
+
+    if dev:
+        create_app(settings).run(host=host, port=port, threaded=True)
+        return
+    from gunicorn.app.base import BaseApplication
+
+    class Server(BaseApplication):
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{host}:{port}")
+            self.cfg.set("workers", workers)
+            self.cfg.set("threads", threads)
+            self.cfg.set("timeout", timeout_s)
+            self.cfg.set("preload_app", False)  # each worker builds its app and loads the model after fork
+            self.cfg.set("accesslog", None)
+
+        def load(self):
+            return create_app(settings)
+
+    Server().run()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="rfclip-backend", description="RF-CLIP ML backend for Label Studio")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("serve", help="serve the backend")
+    run.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 in Docker)")
+    run.add_argument("--port", type=int, default=9090)
+    run.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", 1)),
+                     help="processes, each with its own model (default $WORKERS or 1)")
+    run.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", 4)),
+                     help="threads per process (default $THREADS or 4)")
+    run.add_argument("--timeout", type=int, default=120, help="gunicorn worker timeout in seconds")
+    run.add_argument("--dev", action="store_true", help="Flask's threaded development server instead of gunicorn")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as err:
+        print(f"rfclip-backend: bad setting: {err}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    logging.getLogger("rfclip.backend").info("settings: %s", settings.describe())
+    serve(settings, args.host, args.port, args.workers, args.threads, args.timeout, args.dev)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

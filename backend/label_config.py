@@ -1,0 +1,123 @@
+"""Label Studio labeling config -> what the backend predicts, per control.
+
+Every BrushLabels / PolygonLabels control tied to an Image is predicted. Each of its labels
+(named by alias-or-value, as LabelInterface lists them) is a class; `predicted_values="cat,
+kitten"` gives the text queries (synonyms); `model_skip="true"` leaves a label out. Control
+attributes: `model_score_threshold` (pixels below stay unlabeled) and `model_background="sky,
+wall"` (extra queries whose pixels stay unlabeled).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+from label_studio_sdk.label_interface import LabelInterface
+
+from rfclip_engine.text import Vocabulary
+
+REGION_TYPES = {"BrushLabels": "brushlabels", "PolygonLabels": "polygonlabels"}
+EXAMPLE_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image">
+    <Label value="cat" predicted_values="cat, kitten"/>
+    <Label value="dog"/>
+  </BrushLabels>
+</View>"""
+
+
+class LabelConfigError(ValueError):
+    """The labeling config gives the backend nothing it can predict."""
+
+
+@dataclass(frozen=True)
+class ControlTarget:
+    """One control to predict: its labels, their queries, and where its regions go."""
+
+    from_name: str
+    to_name: str
+    region_type: str  # "brushlabels" or "polygonlabels"
+    data_key: str  # task["data"] key of the image
+    labels: Tuple[str, ...]
+    queries: Tuple[Tuple[str, ...], ...]  # per label
+    background: Tuple[str, ...]
+    score_threshold: float
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """The labels' classes, then one class holding all background queries (if any)."""
+        classes = self.queries + ((self.background,) if self.background else ())
+        return Vocabulary(classes)
+
+
+def _split(text: str) -> Tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _threshold(raw: str, control: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise LabelConfigError(f'control "{control}": model_score_threshold="{raw}" is not a number') from None
+    if not 0.0 <= value <= 1.0:
+        raise LabelConfigError(f'control "{control}": model_score_threshold must be between 0 and 1, got {value}')
+    return value
+
+
+def parse_label_config(config: str) -> List[ControlTarget]:
+    """The controls of a labeling config that the backend can predict.
+
+    Raises LabelConfigError, with an example of a usable config, when there is none.
+    """
+    if not config or not config.strip():
+        raise LabelConfigError(f"the labeling config is empty; the backend needs one like:\n{EXAMPLE_CONFIG}")
+    try:
+        interface = LabelInterface(config)
+    except Exception as err:
+        raise LabelConfigError(f"the labeling config is not valid XML ({err}); expected e.g.:\n{EXAMPLE_CONFIG}") from err
+
+    targets = []
+    for control in interface.controls or ():
+        region_type = REGION_TYPES.get(control.tag)
+        if region_type is None:
+            continue
+        for to_name in control.to_name:
+            try:
+                obj = interface.get_object(to_name)
+            except Exception:
+                continue
+            if obj.tag != "Image" or not str(obj.value).startswith("$"):
+                continue
+            labels, queries = [], []
+            for label, tag in control.labels_attrs.items():
+                if str(tag.attr.get("model_skip", "")).lower() == "true":
+                    continue
+                labels.append(label)
+                queries.append(_split(tag.attr.get("predicted_values", "")) or (label,))
+            if not labels:
+                continue
+            attrs = control.attr
+            targets.append(ControlTarget(
+                from_name=control.name,
+                to_name=to_name,
+                region_type=region_type,
+                data_key=str(obj.value)[1:],
+                labels=tuple(labels),
+                queries=tuple(queries),
+                background=_split(attrs.get("model_background", "")),
+                score_threshold=_threshold(attrs["model_score_threshold"], control.name)
+                if "model_score_threshold" in attrs else 0.0,
+            ))
+    if not targets:
+        raise LabelConfigError(
+            "the labeling config has no BrushLabels or PolygonLabels control with labels tied to an "
+            f"<Image value=\"$...\"> tag, so there is nothing to pre-annotate. A config the backend can use:\n"
+            f"{EXAMPLE_CONFIG}")
+    return targets
+
+
+def targets_by_image(targets: List[ControlTarget]) -> Dict[str, List[ControlTarget]]:
+    """Controls grouped by the task data key of their image (one fetch and encoding per image)."""
+    grouped: Dict[str, List[ControlTarget]] = {}
+    for target in targets:
+        grouped.setdefault(target.data_key, []).append(target)
+    return grouped

@@ -1,0 +1,194 @@
+"""Fetching task images: Label Studio uploads, local-files storage, cloud storage (presigned
+through Label Studio) and http(s) URLs, through the Label Studio SDK's media helper.
+
+What is never done: reading `file://` URLs or local paths outside the operator's
+RFCLIP_ALLOWED_LOCAL_DIR (resolved, so neither `..` nor symlinks escape it); downloading more
+than the byte limit, or for longer than the timeout; decoding more than the pixel limit.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+from urllib.parse import parse_qs, unquote, urlparse
+
+import numpy as np
+import requests
+from label_studio_sdk._extensions.label_studio_tools.core.utils.io import get_local_path, http_session
+
+from rfclip_engine.imageio import ImageError, load_rgb
+
+log = logging.getLogger("rfclip.backend.media")
+_LS_PATH_PREFIXES = ("/data/upload", "upload/", "/upload/", "/storage-data/", "data/upload")
+_CLOUD_SCHEMES = ("s3:", "gs:", "azure-blob:")
+# The SDK reads uploads straight from a local Label Studio data folder when one exists; the
+# backend must read only what the operator allowed, so it points the SDK at a folder that never exists.
+_NO_LOCAL_UPLOADS = "/nonexistent/rfclip-no-local-uploads"
+
+
+class MediaError(Exception):
+    """A task's image cannot be used; the message says why (and holds no credentials)."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where Label Studio is and how to authenticate to it (legacy token or personal access token)."""
+
+    url: Optional[str]
+    token: Optional[str]
+
+    def __repr__(self) -> str:
+        return f"Credentials(url={self.url!r}, token={'***' if self.token else None})"
+
+
+@lru_cache(maxsize=16)
+def _ls_client(url: str, token: str):
+    from label_studio_sdk.client import LabelStudio
+
+    return LabelStudio(base_url=url, api_key=token)
+
+
+def access_token(credentials: Credentials) -> str:
+    """The token media requests carry: a legacy token as it is; a personal access token (a
+    refresh JWT) exchanged by the SDK for a short-lived access token, renewed when it expires."""
+    if not credentials.token or not credentials.url:
+        return credentials.token or ""
+    try:
+        # The SDK's client wrapper owns the exchange and its expiry cache.
+        header = _ls_client(credentials.url, credentials.token)._client_wrapper.get_headers()["Authorization"]
+    except Exception as err:
+        raise MediaError(f"Label Studio refused LABEL_STUDIO_API_KEY ({type(err).__name__}); "
+                         "a personal access token may have expired") from None
+    return header.split(" ", 1)[1]
+
+
+class BoundedSession(requests.Session):
+    """A session whose GETs time out and stop at a byte limit (the SDK reads `.content`)."""
+
+    def __init__(self, max_bytes: int, timeout_s: float) -> None:
+        super().__init__()
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+
+    def get(self, url, **kwargs):  # type: ignore[override]
+        kwargs["stream"] = True
+        kwargs["timeout"] = (min(5.0, self.timeout_s), self.timeout_s)
+        started = time.monotonic()
+        response = super().get(url, **kwargs)
+        try:
+            declared = int(response.headers.get("Content-Length") or 0)
+            if declared > self.max_bytes:
+                raise MediaError(f"image is {declared} bytes, more than the limit of {self.max_bytes}")
+            body = bytearray()
+            for chunk in response.iter_content(1 << 16):
+                body += chunk
+                if len(body) > self.max_bytes:
+                    raise MediaError(f"image is larger than the download limit of {self.max_bytes} bytes")
+                if time.monotonic() - started > self.timeout_s:
+                    raise MediaError(f"download took longer than {self.timeout_s:g} s")
+        except BaseException:
+            response.close()
+            raise
+        response._content = bytes(body)
+        response._content_consumed = True
+        return response
+
+
+def _without_query(url: str) -> str:
+    """A URL fit for logs: presigned query strings carry credentials."""
+    return url.split("?", 1)[0] if "://" in url else url.split("&", 1)[0]
+
+
+class ImageFetcher:
+    """Turns a task's image reference into an RGB array, with a disk cache of downloads."""
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        allowed_local_dir: Optional[Path],
+        max_bytes: int,
+        timeout_s: float,
+        max_pixels: int,
+    ) -> None:
+        self.cache_dir = Path(cache_dir) / "images"
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.allowed_local_dir = allowed_local_dir.resolve() if allowed_local_dir else None
+        self.max_pixels = max_pixels
+        self.session = BoundedSession(max_bytes, timeout_s)
+
+    def fetch(self, reference: str, task_id: object, credentials: Credentials) -> np.ndarray:
+        """(H, W, 3) uint8 RGB of the image, EXIF orientation applied. Raises MediaError."""
+        if not isinstance(reference, str) or not reference.strip():
+            raise MediaError(f"task data holds no image reference ({type(reference).__name__})")
+        path = self._local_file(reference.strip(), task_id, credentials)
+        try:
+            return load_rgb(path, self.max_pixels)
+        except ImageError as err:
+            raise MediaError(str(err)) from None
+
+    def _local_file(self, reference: str, task_id: object, credentials: Credentials) -> str:
+        parsed = urlparse(reference)
+        if parsed.scheme == "file" or (not parsed.scheme and not reference.startswith(_LS_PATH_PREFIXES)
+                                       and not reference.startswith("/data/local-files")):
+            return self._allowed_path(unquote(parsed.path) if parsed.scheme == "file" else reference)
+        if reference.startswith("/data/local-files"):
+            relative = (parse_qs(parsed.query).get("d") or [""])[-1]
+            if self.allowed_local_dir is not None and relative:
+                candidate = self._inside_allowed(self.allowed_local_dir / relative.lstrip("/"))
+                if candidate is not None and candidate.is_file():
+                    return str(candidate)
+            reference = self._absolute(reference, credentials)  # served by Label Studio itself
+        elif parsed.scheme not in ("http", "https") and not reference.startswith(_LS_PATH_PREFIXES) \
+                and not reference.startswith(_CLOUD_SCHEMES):
+            raise MediaError(f"unsupported image reference scheme {parsed.scheme!r}")
+        try:
+            with http_session(self.session):
+                return get_local_path(
+                    reference,
+                    cache_dir=str(self.cache_dir),
+                    hostname=credentials.url or "",
+                    access_token=access_token(credentials),
+                    task_id=task_id,
+                    image_dir=_NO_LOCAL_UPLOADS,
+                )
+        except MediaError:
+            raise
+        except requests.HTTPError as err:
+            status = err.response.status_code if err.response is not None else "?"
+            hint = " (check LABEL_STUDIO_API_KEY)" if status in (401, 403) else ""
+            raise MediaError(f"HTTP {status} fetching {_without_query(reference)}{hint}") from None
+        except requests.RequestException as err:
+            raise MediaError(f"cannot fetch {_without_query(reference)}: {type(err).__name__}") from None
+        except (FileNotFoundError, ValueError) as err:
+            message = str(err)
+            if "LABEL_STUDIO" in message or "hostname" in message:
+                message = ("this image is served by Label Studio, but the backend knows no Label Studio URL "
+                           "and token: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+            raise MediaError(message) from None
+
+    @staticmethod
+    def _absolute(reference: str, credentials: Credentials) -> str:
+        if not credentials.url:
+            raise MediaError("this image is served by Label Studio, but the backend knows no Label Studio URL: "
+                             "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+        return credentials.url.rstrip("/") + "/" + reference.lstrip("/")
+
+    def _inside_allowed(self, path: Path) -> Optional[Path]:
+        resolved = path.resolve()
+        if self.allowed_local_dir is None or not resolved.is_relative_to(self.allowed_local_dir):
+            return None
+        return resolved
+
+    def _allowed_path(self, raw: str) -> str:
+        if self.allowed_local_dir is None:
+            raise MediaError("local file paths are not read (set RFCLIP_ALLOWED_LOCAL_DIR to allow a folder)")
+        path = Path(raw)
+        candidate = self._inside_allowed(path if path.is_absolute() else self.allowed_local_dir / path)
+        if candidate is None:
+            raise MediaError(f"path is outside the allowed folder RFCLIP_ALLOWED_LOCAL_DIR: {raw}")
+        if not candidate.is_file():
+            raise MediaError(f"no such file in the allowed folder: {raw}")
+        return str(candidate)

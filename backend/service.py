@@ -1,0 +1,253 @@
+"""The prediction service behind /predict: tasks in, one Label Studio entry per task out.
+
+Every task is isolated: a task whose image cannot be fetched or read gets `[]` (nothing stored,
+Label Studio asks again later) and one log line with its id and the reason. Tasks not reached
+within the time budget also get `[]`. A predicted task gets `{"result": [...], "score",
+"model_version"}`, where the task score is the mean top-class probability over all pixels the
+backend labeled (0 when it labeled none): low means the model was unsure, so reviewers can sort
+by it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from label_studio_sdk.label_interface import LabelInterface
+
+from rfclip_engine import __version__ as engine_version
+from rfclip_engine.config import RFCLIPConfig, SegmenterConfig
+from rfclip_engine.predictor import UNLABELED, Segmenter
+from rfclip_engine.text import TEMPLATE_SET, Vocabulary
+
+from .label_config import ControlTarget, parse_label_config, targets_by_image
+from .media import Credentials, ImageFetcher, MediaError
+from .regions import brush_region, polygon_regions
+from .settings import Settings
+
+log = logging.getLogger("rfclip.backend")
+NOT_PREDICTED: list = []  # Label Studio stores nothing for this task and asks again later
+
+
+class ModelUnavailable(RuntimeError):
+    pass
+
+
+class ModelHolder:
+    """Loads the segmenter once per process, in the background, on first use (so after any
+    fork), while /health keeps answering."""
+
+    def __init__(self, load: Callable[[], Segmenter]) -> None:
+        self._load = load
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._segmenter: Optional[Segmenter] = None
+        self.error: Optional[str] = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="rfclip-model-loader", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        try:
+            self._segmenter = self._load()
+            log.info("model loaded in %.1f s", time.monotonic() - started)
+        except Exception as err:  # reported by /health and every /predict
+            self.error = f"{type(err).__name__}: {err}"
+            log.error("model could not be loaded: %s", self.error)
+        finally:
+            self._ready.set()
+
+    @property
+    def state(self) -> str:
+        if self._thread is None:
+            return "not loaded"
+        if not self._ready.is_set():
+            return "loading"
+        return "failed" if self.error else "ready"
+
+    def get(self, timeout_s: float) -> Segmenter:
+        self.start()
+        if not self._ready.wait(max(0.0, timeout_s)):
+            raise ModelUnavailable("the model is still loading")
+        if self._segmenter is None:
+            raise ModelUnavailable(f"the model could not be loaded: {self.error}")
+        return self._segmenter
+
+
+def segmenter_config(settings: Settings, device: torch.device) -> SegmenterConfig:
+    return SegmenterConfig(encoder=RFCLIPConfig(mode=settings.mode), pamr=settings.pamr,
+                           precision="fp16" if device.type == "cuda" else "fp32")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_version(settings: Settings) -> str:
+    """Readable and stable; changes when the model, its weights or any method setting change."""
+    weights = settings.weights_tag or settings.pretrained
+    weights_path = Path(settings.pretrained)
+    identity = {"engine": engine_version, "model": settings.model, "pretrained": settings.pretrained,
+                "weights_tag": settings.weights_tag, "dims": settings.distraction_dims,
+                "config": asdict(segmenter_config(settings, torch.device("cpu"))), "templates": TEMPLATE_SET}
+    if weights_path.is_file():
+        weights = weights_path.stem if not settings.weights_tag else settings.weights_tag
+        stat = weights_path.stat()
+        identity["file"] = [stat.st_size, int(stat.st_mtime)]
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    suffix = "-pamr" if settings.pamr else ""
+    return f"rfclip-{settings.model}-{weights}-{settings.mode}{suffix}-{digest}"
+
+
+@lru_cache(maxsize=64)
+def _parsed_config(label_config: str) -> Tuple[Tuple[ControlTarget, ...], LabelInterface]:
+    return tuple(parse_label_config(label_config)), LabelInterface(label_config)
+
+
+class PredictionService:
+    """Answers /predict requests with the model held by a `ModelHolder`."""
+
+    def __init__(self, settings: Settings, holder: ModelHolder, fetcher: ImageFetcher, prefetch: int = 4) -> None:
+        self.settings = settings
+        self.holder = holder
+        self.fetcher = fetcher
+        self.model_version = model_version(settings)
+        self._pool = ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="rfclip-fetch")
+        self._prefetch = prefetch
+        self._seconds_per_task = 0.0  # running estimate, to stop before the budget runs out
+        self._lock = threading.Lock()  # one request at a time through the model in this process
+
+    @staticmethod
+    def targets(label_config: str) -> Sequence[ControlTarget]:
+        """The controls to predict; raises LabelConfigError with an explanation."""
+        return _parsed_config(label_config)[0]
+
+    def predict(self, tasks: List[dict], label_config: str, credentials: Credentials) -> List[object]:
+        deadline = time.monotonic() + self.settings.predict_budget_s
+        targets, interface = _parsed_config(label_config)
+        groups = targets_by_image(list(targets))
+        try:
+            segmenter = self.holder.get(deadline - time.monotonic() - 1.0)
+        except ModelUnavailable as err:
+            log.error("tasks %s not predicted: %s", _ids(tasks), err)
+            return [NOT_PREDICTED for _ in tasks]
+
+        with self._lock:
+            return self._predict_in_order(tasks, groups, interface, segmenter, credentials, deadline)
+
+    def _predict_in_order(self, tasks, groups, interface, segmenter, credentials, deadline) -> List[object]:
+        entries: List[object] = []
+        pending: Deque[Future] = deque()
+        next_fetch = 0
+
+        def fetch_ahead() -> None:
+            nonlocal next_fetch
+            while next_fetch < len(tasks) and len(pending) < self._prefetch:
+                pending.append(self._pool.submit(self._fetch_images, tasks[next_fetch], groups, credentials))
+                next_fetch += 1
+
+        skipped = []
+        for index, task in enumerate(tasks):
+            if time.monotonic() + self._seconds_per_task > deadline:
+                skipped = [t.get("id") for t in tasks[index:]]
+                entries.extend(NOT_PREDICTED for _ in tasks[index:])
+                for future in pending:
+                    future.cancel()
+                break
+            fetch_ahead()
+            started = time.monotonic()
+            images = pending.popleft()
+            try:
+                entries.append(self._predict_task(task, images.result(), groups, interface, segmenter))
+            except MediaError as err:
+                log.warning("task %s: not predicted: %s", task.get("id"), err)
+                entries.append(NOT_PREDICTED)
+            except Exception:
+                log.exception("task %s: prediction failed", task.get("id"))
+                entries.append(NOT_PREDICTED)
+            self._update_estimate(time.monotonic() - started)
+        if skipped:
+            log.warning("tasks %s not reached within the %.0f s budget; Label Studio will ask for them again",
+                        _ids_list(skipped), self.settings.predict_budget_s)
+        return entries
+
+    def _update_estimate(self, seconds: float) -> None:
+        self._seconds_per_task = seconds if self._seconds_per_task == 0 else 0.7 * self._seconds_per_task + 0.3 * seconds
+
+    def _fetch_images(self, task: dict, groups: Dict[str, List[ControlTarget]], credentials: Credentials):
+        data = task.get("data")
+        if not isinstance(data, dict):
+            raise MediaError("task has no data")
+        images = {}
+        for key in groups:
+            if key not in data:
+                raise MediaError(f"task data has no {key!r} field (the config's <Image value=\"${key}\">)")
+            images[key] = self.fetcher.fetch(data[key], task.get("id"), credentials)
+        return images
+
+    def _predict_task(self, task, images, groups, interface: LabelInterface, segmenter: Segmenter) -> dict:
+        regions: List[dict] = []
+        labeled_pixels = 0
+        probability_sum = 0.0
+        for key, targets in groups.items():
+            rgb = images[key]
+            union = Vocabulary(tuple(c for target in targets for c in target.vocabulary.classes))
+            logits = segmenter.logits(rgb, union)
+            start = 0
+            for target in targets:
+                n_classes = len(target.vocabulary)
+                prediction = segmenter.decide(logits[start:start + n_classes], target.vocabulary.names,
+                                              target.score_threshold)
+                start += n_classes
+                label_map = prediction.label_map.numpy()
+                label_map[label_map >= len(target.labels)] = UNLABELED  # background queries
+                top = prediction.probs.max(dim=0).values.numpy()
+                for c, label in enumerate(target.labels):
+                    mask = label_map == c
+                    if not mask.any():
+                        continue
+                    score = float(prediction.probs[c].numpy()[mask].mean())
+                    labeled_pixels += int(mask.sum())
+                    probability_sum += float(top[mask].sum())
+                    regions.extend(self._regions(mask, label, target, score))
+        valid = []
+        for region in regions:
+            errors = interface.validate_prediction({"result": [region]}, return_errors=True)
+            if errors:
+                log.error("task %s: dropped a region that does not fit the config: %s", task.get("id"), errors[0])
+            else:
+                valid.append(region)
+        score = probability_sum / labeled_pixels if labeled_pixels else 0.0
+        return {"result": valid, "score": round(score, 4), "model_version": self.model_version}
+
+    @staticmethod
+    def _regions(mask: np.ndarray, label: str, target: ControlTarget, score: float) -> List[dict]:
+        if target.region_type == "brushlabels":
+            return [brush_region(mask, label, target.from_name, target.to_name, score)]
+        return polygon_regions(mask, label, target.from_name, target.to_name, score)
+
+
+def _ids(tasks: Sequence[dict]) -> str:
+    return _ids_list([t.get("id") for t in tasks])
+
+
+def _ids_list(ids: Sequence[object]) -> str:
+    shown = ", ".join(str(i) for i in ids[:20])
+    return shown + (f" (+{len(ids) - 20} more)" if len(ids) > 20 else "")

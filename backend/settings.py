@@ -1,0 +1,164 @@
+"""Backend settings: read from the environment once, at start, into one dataclass.
+
+A wrong value stops the server at start with a message that names the variable.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Tuple, TypeVar, Union
+
+from rfclip_engine.config import MODES
+
+T = TypeVar("T")
+LS_PREDICT_TIMEOUT_S = 100.0  # Label Studio drops a /predict answer that takes longer
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the backend cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = "ViT-B-16"
+    pretrained: str = "openai"
+    weights_tag: Optional[str] = None
+    distraction_dims: Union[None, str, Tuple[int, ...]] = None
+    device: str = "auto"
+    mode: str = "rfclip"
+    pamr: bool = False
+    redis_url: Optional[str] = None
+    label_studio_url: Optional[str] = None
+    label_studio_api_key: Optional[str] = field(default=None, repr=False)
+    basic_auth_user: Optional[str] = None
+    basic_auth_pass: Optional[str] = field(default=None, repr=False)
+    allowed_local_dir: Optional[Path] = None
+    max_image_pixels: int = 50_000_000
+    max_download_bytes: int = 64 * 1024 * 1024
+    fetch_timeout_s: float = 20.0
+    predict_budget_s: float = 80.0
+    max_request_bytes: int = 32 * 1024 * 1024
+    cache_dir: Path = Path.home() / ".cache" / "rfclip"
+    log_level: str = "INFO"
+
+    @property
+    def basic_auth(self) -> Optional[Tuple[str, str]]:
+        if self.basic_auth_user and self.basic_auth_pass:
+            return self.basic_auth_user, self.basic_auth_pass
+        return None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
+        """Parse the RFCLIP_* and Label Studio variables; raise SettingsError naming the bad one."""
+
+        def get(name: str, parse: Callable[[str], T], default: T) -> T:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                return parse(raw)
+            except (ValueError, TypeError) as err:
+                raise SettingsError(f"{name}={raw!r}: {err}") from None
+
+        user, password = env.get("BASIC_AUTH_USER") or None, env.get("BASIC_AUTH_PASS") or None
+        if bool(user) != bool(password):
+            raise SettingsError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
+        defaults = cls()
+        settings = cls(
+            model=get("RFCLIP_MODEL", str, defaults.model),
+            pretrained=get("RFCLIP_PRETRAINED", str, defaults.pretrained),
+            weights_tag=get("RFCLIP_WEIGHTS_TAG", str, None),
+            distraction_dims=get("RFCLIP_DISTRACTION_DIMS", _parse_dims, None),
+            device=get("RFCLIP_DEVICE", str, defaults.device),
+            mode=get("RFCLIP_MODE", _choice(MODES), defaults.mode),
+            pamr=get("RFCLIP_PAMR", _parse_bool, defaults.pamr),
+            redis_url=get("REDIS_URL", _parse_redis_url, None),
+            label_studio_url=get("LABEL_STUDIO_URL", _parse_http_url, None),
+            label_studio_api_key=env.get("LABEL_STUDIO_API_KEY") or None,
+            basic_auth_user=user,
+            basic_auth_pass=password,
+            allowed_local_dir=get("RFCLIP_ALLOWED_LOCAL_DIR", _parse_dir, None),
+            max_image_pixels=get("RFCLIP_MAX_IMAGE_PIXELS", _positive(int), defaults.max_image_pixels),
+            max_download_bytes=get("RFCLIP_MAX_DOWNLOAD_BYTES", _positive(int), defaults.max_download_bytes),
+            fetch_timeout_s=get("RFCLIP_FETCH_TIMEOUT_S", _positive(float), defaults.fetch_timeout_s),
+            predict_budget_s=get("RFCLIP_PREDICT_BUDGET_S", _parse_budget, defaults.predict_budget_s),
+            max_request_bytes=get("RFCLIP_MAX_REQUEST_BYTES", _positive(int), defaults.max_request_bytes),
+            cache_dir=get("RFCLIP_CACHE_DIR", lambda raw: Path(raw).expanduser(), defaults.cache_dir),
+            log_level=get("LOG_LEVEL", _choice(("DEBUG", "INFO", "WARNING", "ERROR"), upper=True), defaults.log_level),
+        )
+        return settings
+
+    def describe(self) -> dict:
+        """Settings as a JSON-able dict with secrets masked, for logs and /health."""
+        secret = {"label_studio_api_key", "basic_auth_pass"}
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = ("***" if value else None) if f.name in secret else (
+                str(value) if isinstance(value, Path) else value)
+        return out
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
+    def parse(raw: str) -> T:
+        value = kind(raw)
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    return parse
+
+
+def _choice(options: Tuple[str, ...], upper: bool = False) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.upper() if upper else raw
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _parse_budget(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value < LS_PREDICT_TIMEOUT_S:
+        raise ValueError(f"must be between 0 and Label Studio's {LS_PREDICT_TIMEOUT_S:g} s predict timeout")
+    return value
+
+
+def _parse_dims(raw: str) -> Union[str, Tuple[int, ...]]:
+    if Path(raw).is_file():
+        return raw
+    try:
+        return tuple(int(part) for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ValueError("expected a calibration file or comma-separated channel indices") from None
+
+
+def _parse_http_url(raw: str) -> str:
+    if not raw.startswith(("http://", "https://")):
+        raise ValueError("expected an http:// or https:// URL")
+    return raw.rstrip("/")
+
+
+def _parse_redis_url(raw: str) -> str:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("expected redis://host:port/db, rediss://... or unix://...")
+    return raw
+
+
+def _parse_dir(raw: str) -> Path:
+    path = Path(raw).expanduser().resolve()
+    if not path.is_dir():
+        raise ValueError("not an existing directory")
+    return path

@@ -1,0 +1,41 @@
+"""Building a backend app on the tiny random model for tests."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from backend.app import create_app
+from backend.settings import Settings
+from rfclip_engine import RFCLIPConfig, Segmenter, SegmenterConfig
+
+# Recorded from a live Label Studio 1.23.2 (a copy of shared/design/ls_protocol_samples.json).
+SAMPLES = json.loads((Path(__file__).parent / "data" / "ls_protocol_samples.json").read_text())
+TEST_CONFIG = SegmenterConfig(short_side=80, window=64, stride=32, encoder=RFCLIPConfig(sigma=1.5))
+BRUSH_CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+                '<Label value="cat" background="#ff0000"/><Label value="dog" background="#0000ff"/>'
+                '</BrushLabels></View>')
+
+
+def png(height: int, width: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_app(tiny_model, tmp_path, **overrides):
+    """An app whose model is the tiny test model, with fast pre-processing."""
+    settings = Settings(**{"cache_dir": tmp_path / "cache", **overrides})
+
+    def loader(settings, text_cache):
+        return Segmenter(tiny_model, TEST_CONFIG, text_cache=text_cache, max_pixels=settings.max_image_pixels)
+
+    return create_app(settings, segmenter_loader=loader)
+
+
+def task(task_id: int, image: str, key: str = "image") -> dict:
+    return {"id": task_id, "data": {key: image}, "annotations": [], "predictions": []}

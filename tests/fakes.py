@@ -1,0 +1,114 @@
+"""Local stand-ins for what the backend talks to: a fake Label Studio media host and a real
+redis-server, both on loopback."""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Dict, List, Optional
+from urllib.parse import parse_qs, urlparse
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FakeLabelStudio:
+    """Serves uploads (token required, as LS does), public images, a 404, a slow and a huge file."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.uploads: Dict[str, bytes] = {}  # "1/cat.png" -> bytes
+        self.public: Dict[str, bytes] = {}  # "cat.png" -> bytes
+        self.requests: List[dict] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_GET(self):
+                fake.requests.append({"path": self.path, "headers": dict(self.headers)})
+                url = urlparse(self.path)
+                if url.path.startswith("/storage-data/uploaded"):
+                    key = (parse_qs(url.query).get("filepath") or [""])[0].removeprefix("upload/")
+                    return self._private(key)
+                if url.path.startswith("/data/upload/"):
+                    return self._private(url.path.removeprefix("/data/upload/"))
+                if url.path.startswith("/img/") and url.path[5:] in fake.public:
+                    return self._send(fake.public[url.path[5:]])
+                if url.path == "/slow":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000000")
+                    self.end_headers()
+                    for _ in range(100):
+                        self.wfile.write(b"x" * 100)
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                    return None
+                if url.path == "/huge":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(10 ** 10))
+                    self.end_headers()
+                    return None
+                self.send_error(404)
+
+            def _private(self, key):
+                if self.headers.get("Authorization") != f"Token {fake.token}":
+                    return self.send_error(401)
+                if key not in fake.uploads:
+                    return self.send_error(404)
+                return self._send(fake.uploads[key])
+
+            def _send(self, data: bytes):
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port; can be stopped and started again."""
+
+    def __init__(self) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install -y redis-server); "
+                               "the Redis tests need a real server")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
