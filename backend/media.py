@@ -8,11 +8,12 @@ than the byte limit, or for longer than the timeout; decoding more than the pixe
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
@@ -83,7 +84,11 @@ class BoundedSession(requests.Session):
             if declared > self.max_bytes:
                 raise MediaError(f"image is {declared} bytes, more than the limit of {self.max_bytes}")
             body = bytearray()
-            for chunk in response.iter_content(1 << 16):
+            while True:
+                # read1 returns what one receive brings, so a host that drips bytes cannot stall the clock
+                chunk = response.raw.read1(1 << 16, decode_content=True)
+                if not chunk:
+                    break
                 body += chunk
                 if len(body) > self.max_bytes:
                     raise MediaError(f"image is larger than the download limit of {self.max_bytes} bytes")
@@ -118,16 +123,29 @@ class ImageFetcher:
         self.allowed_local_dir = allowed_local_dir.resolve() if allowed_local_dir else None
         self.max_pixels = max_pixels
         self.session = BoundedSession(max_bytes, timeout_s)
+        # The SDK writes its cache file in place: two threads fetching one URL must not overlap.
+        self._locks: Dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock_for(self, reference: str) -> threading.Lock:
+        with self._locks_guard:
+            if len(self._locks) > 10_000:
+                self._locks = {k: v for k, v in self._locks.items() if v.locked()}
+            return self._locks.setdefault(reference, threading.Lock())
 
     def fetch(self, reference: str, task_id: object, credentials: Credentials) -> np.ndarray:
         """(H, W, 3) uint8 RGB of the image, EXIF orientation applied. Raises MediaError."""
         if not isinstance(reference, str) or not reference.strip():
             raise MediaError(f"task data holds no image reference ({type(reference).__name__})")
-        path = self._local_file(reference.strip(), task_id, credentials)
-        try:
-            return load_rgb(path, self.max_pixels)
-        except ImageError as err:
-            raise MediaError(str(err)) from None
+        reference = reference.strip()
+        with self._lock_for(reference):
+            path = self._local_file(reference, task_id, credentials)
+            try:
+                return load_rgb(path, self.max_pixels)
+            except ImageError as err:
+                if Path(path).parent == self.cache_dir:
+                    Path(path).unlink(missing_ok=True)  # fetch it again next time, in case it changed
+                raise MediaError(str(err)) from None
 
     def _local_file(self, reference: str, task_id: object, credentials: Credentials) -> str:
         parsed = urlparse(reference)

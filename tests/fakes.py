@@ -46,10 +46,13 @@ class FakeLabelStudio:
                     self.send_response(200)
                     self.send_header("Content-Length", "1000000")
                     self.end_headers()
-                    for _ in range(100):
-                        self.wfile.write(b"x" * 100)
-                        self.wfile.flush()
-                        time.sleep(0.1)
+                    try:
+                        for _ in range(100):
+                            self.wfile.write(b"x" * 100)
+                            self.wfile.flush()
+                            time.sleep(0.1)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass  # the client gave up, as it should
                     return None
                 if url.path == "/huge":
                     self.send_response(200)

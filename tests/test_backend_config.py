@@ -1,0 +1,100 @@
+"""Label config -> vocabulary, and settings from the environment."""
+import pytest
+
+from backend.label_config import LabelConfigError, parse_label_config, targets_by_image
+from backend.settings import Settings, SettingsError
+
+
+def test_labels_synonyms_aliases_skip_threshold_background():
+    config = """<View>
+      <Image name="image" value="$image"/>
+      <BrushLabels name="tag" toName="image" model_score_threshold="0.3" model_background="sky, wall , floor">
+        <Label value="cat" predicted_values="cat, kitten"/>
+        <Label value="Dog" alias="dog"/>
+        <Label value="unsure" model_skip="true"/>
+      </BrushLabels>
+    </View>"""
+    (target,) = parse_label_config(config)
+    assert target.from_name == "tag" and target.to_name == "image" and target.data_key == "image"
+    assert target.region_type == "brushlabels"
+    assert target.labels == ("cat", "dog")
+    assert target.queries == (("cat", "kitten"), ("dog",))
+    assert target.background == ("sky", "wall", "floor") and target.score_threshold == 0.3
+    vocab = target.vocabulary
+    assert vocab.classes == (("cat", "kitten"), ("dog",), ("sky", "wall", "floor"))
+
+
+def test_several_controls_and_images():
+    config = """<View>
+      <Image name="photo" value="$photo"/>
+      <Image name="map" value="$map"/>
+      <BrushLabels name="brush" toName="photo"><Label value="road"/></BrushLabels>
+      <PolygonLabels name="poly" toName="photo"><Label value="car"/><Label value="bus"/></PolygonLabels>
+      <BrushLabels name="land" toName="map"><Label value="water"/></BrushLabels>
+      <Choices name="weather" toName="photo"><Choice value="sunny"/></Choices>
+      <RectangleLabels name="boxes" toName="photo"><Label value="car"/></RectangleLabels>
+    </View>"""
+    targets = parse_label_config(config)
+    assert [(t.from_name, t.region_type, t.data_key) for t in targets] == [
+        ("brush", "brushlabels", "photo"), ("poly", "polygonlabels", "photo"), ("land", "brushlabels", "map")]
+    grouped = targets_by_image(targets)
+    assert list(grouped) == ["photo", "map"] and len(grouped["photo"]) == 2
+
+
+@pytest.mark.parametrize("config,message", [
+    ("", "empty"),
+    ("<View><Image", "not valid XML"),
+    ('<View><Image name="i" value="$i"/><Choices name="c" toName="i"><Choice value="a"/></Choices></View>',
+     "no BrushLabels or PolygonLabels"),
+    ('<View><Image name="i" value="$i"/><BrushLabels name="b" toName="i">'
+     '<Label value="a" model_skip="true"/></BrushLabels></View>', "no BrushLabels or PolygonLabels"),
+    ('<View><Image name="i" value="$i"/><BrushLabels name="b" toName="i" model_score_threshold="high">'
+     '<Label value="a"/></BrushLabels></View>', "not a number"),
+    ('<View><Image name="i" value="$i"/><BrushLabels name="b" toName="i" model_score_threshold="2">'
+     '<Label value="a"/></BrushLabels></View>', "between 0 and 1"),
+])
+def test_bad_configs_explain_what_is_needed(config, message):
+    with pytest.raises(LabelConfigError, match=message) as info:
+        parse_label_config(config)
+    if "BrushLabels or" in message:
+        assert '<BrushLabels name="tag" toName="image">' in str(info.value)  # an example to copy
+
+
+def test_settings_defaults_and_parsing(tmp_path):
+    settings = Settings.from_env({})
+    assert settings.model == "ViT-B-16" and settings.pretrained == "openai" and settings.predict_budget_s == 80
+    assert settings.basic_auth is None and settings.redis_url is None
+    env = {"RFCLIP_PAMR": "true", "RFCLIP_DISTRACTION_DIMS": "1, 2,3", "REDIS_URL": "redis://localhost:6379/0",
+           "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "p", "RFCLIP_ALLOWED_LOCAL_DIR": str(tmp_path),
+           "LABEL_STUDIO_URL": "http://ls:8080/", "LABEL_STUDIO_API_KEY": "secret", "LOG_LEVEL": "debug"}
+    settings = Settings.from_env(env)
+    assert settings.pamr and settings.distraction_dims == (1, 2, 3) and settings.basic_auth == ("u", "p")
+    assert settings.label_studio_url == "http://ls:8080" and settings.allowed_local_dir == tmp_path.resolve()
+    assert settings.log_level == "DEBUG"
+    described = settings.describe()
+    assert described["label_studio_api_key"] == "***" and described["basic_auth_pass"] == "***"
+    assert "secret" not in repr(settings)
+
+
+@pytest.mark.parametrize("env,variable", [
+    ({"RFCLIP_PAMR": "maybe"}, "RFCLIP_PAMR"),
+    ({"RFCLIP_PREDICT_BUDGET_S": "120"}, "RFCLIP_PREDICT_BUDGET_S"),
+    ({"RFCLIP_MAX_IMAGE_PIXELS": "-5"}, "RFCLIP_MAX_IMAGE_PIXELS"),
+    ({"RFCLIP_ALLOWED_LOCAL_DIR": "/no/such/dir"}, "RFCLIP_ALLOWED_LOCAL_DIR"),
+    ({"LABEL_STUDIO_URL": "ls:8080"}, "LABEL_STUDIO_URL"),
+    ({"REDIS_URL": "localhost"}, "REDIS_URL"),
+    ({"RFCLIP_MODE": "fancy"}, "RFCLIP_MODE"),
+    ({"RFCLIP_DISTRACTION_DIMS": "a,b"}, "RFCLIP_DISTRACTION_DIMS"),
+    ({"BASIC_AUTH_USER": "only-user"}, "BASIC_AUTH"),
+])
+def test_bad_settings_name_the_variable(env, variable):
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env(env)
+
+
+def test_serve_refuses_bad_settings(monkeypatch, capsys):
+    from backend.cli import main
+
+    monkeypatch.setenv("RFCLIP_PREDICT_BUDGET_S", "500")
+    assert main(["serve"]) == 2
+    assert "RFCLIP_PREDICT_BUDGET_S" in capsys.readouterr().err
