@@ -1,0 +1,34 @@
+# rfclip ML backend for Label Studio.
+#   CPU (default):  docker build -t rfclip .
+#   CUDA:           docker build -t rfclip-cuda --build-arg TORCH_INDEX_URL=https://pypi.org/simple .
+#                   (PyPI's torch wheel carries its CUDA libraries; run with --gpus all and
+#                   RFCLIP_DEVICE=cuda). BASE_IMAGE may point at any Debian-based Python 3.11 image.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    HF_HOME=/models/hf \
+    RFCLIP_CACHE_DIR=/cache
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libglib2.0-0 \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY requirements.txt .
+RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.14.1 torchvision==0.29.1 \
+    && pip install -r requirements.txt
+
+COPY pyproject.toml README.md ./
+COPY rfclip_engine rfclip_engine
+COPY backend backend
+RUN pip install --no-deps . \
+    && useradd --create-home rfclip \
+    && mkdir -p /models /cache && chown rfclip /models /cache
+
+USER rfclip
+EXPOSE 9090
+HEALTHCHECK --interval=30s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=2)"
+CMD ["rfclip-backend", "serve", "--host", "0.0.0.0", "--port", "9090"]
