@@ -14,12 +14,11 @@ import json
 import logging
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -124,14 +123,14 @@ def _parsed_config(label_config: str) -> Tuple[Tuple[ControlTarget, ...], LabelI
 class PredictionService:
     """Answers /predict requests with the model held by a `ModelHolder`."""
 
-    def __init__(self, settings: Settings, holder: ModelHolder, fetcher: ImageFetcher, prefetch: int = 4) -> None:
+    def __init__(self, settings: Settings, holder: ModelHolder, fetcher: ImageFetcher, images_per_batch: int = 4) -> None:
         self.settings = settings
         self.holder = holder
         self.fetcher = fetcher
         self.model_version = model_version(settings)
-        self._pool = ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="rfclip-fetch")
-        self._prefetch = prefetch
-        self._seconds_per_task = 0.0  # running estimate, to stop before the budget runs out
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rfclip-fetch")
+        self._images_per_batch = images_per_batch
+        self._seconds_per_batch = 0.0  # running estimate, to stop before the budget runs out
         self._lock = threading.Lock()  # one request at a time through the model in this process
 
     @staticmethod
@@ -153,43 +152,54 @@ class PredictionService:
             return self._predict_in_order(tasks, groups, interface, segmenter, credentials, deadline)
 
     def _predict_in_order(self, tasks, groups, interface, segmenter, credentials, deadline) -> List[object]:
-        entries: List[object] = []
-        pending: Deque[Future] = deque()
-        next_fetch = 0
+        """Tasks in groups of `images_per_batch` (their crops share the encoder's batches), the next
+        groups' images fetched meanwhile; stops before the deadline."""
+        entries: List[object] = [NOT_PREDICTED] * len(tasks)
+        fetches: Dict[int, Future] = {}
 
-        def fetch_ahead() -> None:
-            nonlocal next_fetch
-            while next_fetch < len(tasks) and len(pending) < self._prefetch:
-                pending.append(self._pool.submit(self._fetch_images, tasks[next_fetch], groups, credentials))
-                next_fetch += 1
+        def fetch_until(stop: int) -> None:
+            for i in range(len(fetches), min(stop, len(tasks))):
+                fetches[i] = self._pool.submit(self._fetch_images, tasks[i], groups, credentials)
 
-        skipped = []
-        for index, task in enumerate(tasks):
-            if time.monotonic() + self._seconds_per_task > deadline:
-                skipped = [t.get("id") for t in tasks[index:]]
-                entries.extend(NOT_PREDICTED for _ in tasks[index:])
-                for future in pending:
+        size = self._images_per_batch
+        for start in range(0, len(tasks), size):
+            if time.monotonic() + self._seconds_per_batch > deadline:
+                for future in fetches.values():
                     future.cancel()
+                log.warning("tasks %s not reached within the %.0f s budget; Label Studio will ask for them again",
+                            _ids(tasks[start:]), self.settings.predict_budget_s)
                 break
-            fetch_ahead()
+            fetch_until(start + 2 * size)
             started = time.monotonic()
-            images = pending.popleft()
-            try:
-                entries.append(self._predict_task(task, images.result(), groups, interface, segmenter))
-            except MediaError as err:
-                log.warning("task %s: not predicted: %s", task.get("id"), err)
-                entries.append(NOT_PREDICTED)
-            except Exception:
-                log.exception("task %s: prediction failed", task.get("id"))
-                entries.append(NOT_PREDICTED)
+            ready = []
+            for i in range(start, min(start + size, len(tasks))):
+                try:
+                    ready.append((i, fetches[i].result()))
+                except MediaError as err:
+                    log.warning("task %s: not predicted: %s", tasks[i].get("id"), err)
+                except Exception:
+                    log.exception("task %s: image could not be fetched", tasks[i].get("id"))
+            for i, entry in self._predict_batch(tasks, ready, groups, interface, segmenter):
+                entries[i] = entry
             self._update_estimate(time.monotonic() - started)
-        if skipped:
-            log.warning("tasks %s not reached within the %.0f s budget; Label Studio will ask for them again",
-                        _ids_list(skipped), self.settings.predict_budget_s)
         return entries
 
+    def _predict_batch(self, tasks, ready, groups, interface, segmenter):
+        """(index, entry) for each fetched task; a batch that fails is retried task by task, so
+        one bad task cannot take the others down."""
+        if not ready:
+            return []
+        try:
+            return list(zip((i for i, _ in ready), self._predict_tasks(tasks, ready, groups, interface, segmenter)))
+        except Exception:
+            if len(ready) == 1:
+                log.exception("task %s: prediction failed", tasks[ready[0][0]].get("id"))
+                return []
+        return [pair for item in ready for pair in self._predict_batch(tasks, [item], groups, interface, segmenter)]
+
     def _update_estimate(self, seconds: float) -> None:
-        self._seconds_per_task = seconds if self._seconds_per_task == 0 else 0.7 * self._seconds_per_task + 0.3 * seconds
+        previous = self._seconds_per_batch
+        self._seconds_per_batch = seconds if previous == 0 else 0.7 * previous + 0.3 * seconds
 
     def _fetch_images(self, task: dict, groups: Dict[str, List[ControlTarget]], credentials: Credentials):
         data = task.get("data")
@@ -202,40 +212,50 @@ class PredictionService:
             images[key] = self.fetcher.fetch(data[key], task.get("id"), credentials)
         return images
 
-    def _predict_task(self, task, images, groups, interface: LabelInterface, segmenter: Segmenter) -> dict:
-        regions: List[dict] = []
-        labeled_pixels = 0
-        probability_sum = 0.0
+    def _predict_tasks(self, tasks, ready, groups, interface: LabelInterface, segmenter: Segmenter) -> List[dict]:
+        """Entries for the fetched tasks; each image key's images go through the model together."""
+        regions: List[List[dict]] = [[] for _ in ready]
+        labeled_pixels = [0] * len(ready)
+        probability_sums = [0.0] * len(ready)
         for key, targets in groups.items():
-            rgb = images[key]
             union = Vocabulary(tuple(c for target in targets for c in target.vocabulary.classes))
-            logits = segmenter.logits(rgb, union)
-            start = 0
-            for target in targets:
-                n_classes = len(target.vocabulary)
-                prediction = segmenter.decide(logits[start:start + n_classes], target.vocabulary.names,
-                                              target.score_threshold)
-                start += n_classes
-                label_map = prediction.label_map.numpy()
-                label_map[label_map >= len(target.labels)] = UNLABELED  # background queries
-                top = prediction.probs.max(dim=0).values.numpy()
-                for c, label in enumerate(target.labels):
-                    mask = label_map == c
-                    if not mask.any():
-                        continue
-                    score = float(prediction.probs[c].numpy()[mask].mean())
-                    labeled_pixels += int(mask.sum())
-                    probability_sum += float(top[mask].sum())
-                    regions.extend(self._regions(mask, label, target, score))
-        valid = []
-        for region in regions:
-            errors = interface.validate_prediction({"result": [region]}, return_errors=True)
-            if errors:
-                log.error("task %s: dropped a region that does not fit the config: %s", task.get("id"), errors[0])
-            else:
-                valid.append(region)
-        score = probability_sum / labeled_pixels if labeled_pixels else 0.0
-        return {"result": valid, "score": round(score, 4), "model_version": self.model_version}
+            for n, logits in enumerate(segmenter.logits_many([images[key] for _, images in ready], union)):
+                start = 0
+                for target in targets:
+                    classes = len(target.vocabulary)
+                    found, pixels, probability = self._target_regions(segmenter, logits[start:start + classes], target)
+                    start += classes
+                    regions[n].extend(found)
+                    labeled_pixels[n] += pixels
+                    probability_sums[n] += probability
+        entries = []
+        for n, (i, _) in enumerate(ready):
+            valid = []
+            for region in regions[n]:
+                errors = interface.validate_prediction({"result": [region]}, return_errors=True)
+                if errors:
+                    log.error("task %s: dropped a region that does not fit the config: %s", tasks[i].get("id"), errors[0])
+                else:
+                    valid.append(region)
+            score = probability_sums[n] / labeled_pixels[n] if labeled_pixels[n] else 0.0
+            entries.append({"result": valid, "score": round(score, 4), "model_version": self.model_version})
+        return entries
+
+    def _target_regions(self, segmenter: Segmenter, logits, target: ControlTarget) -> Tuple[List[dict], int, float]:
+        """One control's regions in one image, with its labeled pixel count and probability sum."""
+        prediction = segmenter.decide(logits, target.vocabulary.names, target.score_threshold)
+        label_map = prediction.label_map.numpy()
+        label_map[label_map >= len(target.labels)] = UNLABELED  # background queries
+        top = prediction.probs.max(dim=0).values.numpy()
+        regions, pixels, probability = [], 0, 0.0
+        for c, label in enumerate(target.labels):
+            mask = label_map == c
+            if not mask.any():
+                continue
+            pixels += int(mask.sum())
+            probability += float(top[mask].sum())
+            regions.extend(self._regions(mask, label, target, float(prediction.probs[c].numpy()[mask].mean())))
+        return regions, pixels, probability
 
     @staticmethod
     def _regions(mask: np.ndarray, label: str, target: ControlTarget, score: float) -> List[dict]:
@@ -245,9 +265,6 @@ class PredictionService:
 
 
 def _ids(tasks: Sequence[dict]) -> str:
-    return _ids_list([t.get("id") for t in tasks])
-
-
-def _ids_list(ids: Sequence[object]) -> str:
+    ids = [t.get("id") for t in tasks]
     shown = ", ".join(str(i) for i in ids[:20])
     return shown + (f" (+{len(ids) - 20} more)" if len(ids) > 20 else "")

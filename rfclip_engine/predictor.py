@@ -19,7 +19,7 @@ from . import pamr
 from .config import SegmenterConfig
 from .imageio import ImageSource, load_rgb
 from .model import RFCLIPModel
-from .sliding import sliding_window, whole_image
+from .sliding import sliding_window_many, whole_image
 from .text import ClassSpec, EmbeddingCache, TextEmbedder, Vocabulary
 
 UNLABELED = -1
@@ -76,13 +76,19 @@ class Segmenter:
     def predict_many(
         self, images: Sequence[ImageSource], class_names: Union[Vocabulary, Iterable[ClassSpec]]
     ) -> List[Prediction]:
+        """Segment several images; their crops share the encoder's batches."""
         vocabulary = as_vocabulary(class_names)
-        return [self.predict(image, vocabulary) for image in images]
+        rgbs = [load_rgb(image, self.max_pixels) for image in images]
+        return [self.decide(logits, vocabulary.names) for logits in self.logits_many(rgbs, vocabulary)]
 
     def logits(self, rgb: np.ndarray, vocabulary: Vocabulary) -> torch.Tensor:
         """(C, H, W) class logits of an (H, W, 3) uint8 image, before the softmax."""
+        return self.logits_many([rgb], vocabulary)[0]
+
+    def logits_many(self, rgbs: Sequence[np.ndarray], vocabulary: Vocabulary) -> List[torch.Tensor]:
+        """`logits` of several images, encoded in shared batches."""
         text = self.text.embed(vocabulary)
-        return self.class_logits(rgb, text, vocabulary.query_class, len(vocabulary))
+        return self.class_logits(rgbs, text, vocabulary.query_class, len(vocabulary))
 
     def normalize(self, rgb: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 -> (3, H, W) CLIP-normalized float32 on the model's device."""
@@ -102,21 +108,26 @@ class Segmenter:
         return F.interpolate(pixels[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
 
     def class_logits(
-        self, rgb: np.ndarray, text: torch.Tensor, query_class: Sequence[int], n_classes: int
-    ) -> torch.Tensor:
-        """(C, H, W) class logits (cosine similarities) at the input size, after PAMR if on."""
+        self, rgbs: Sequence[np.ndarray], text: torch.Tensor, query_class: Sequence[int], n_classes: int
+    ) -> List[torch.Tensor]:
+        """(C, H, W) class logits (cosine similarities) of each image at its input size, after
+        PAMR if on."""
         cfg = self.config
-        pixels = self.normalize(rgb)
-        resized = self.resize(pixels)
+        pixels = [self.normalize(rgb) for rgb in rgbs]
+        resized = [self.resize(p) for p in pixels]
         index = torch.tensor(query_class, device=text.device)
 
         def encode(crops: torch.Tensor) -> torch.Tensor:
             return self._crop_logits(crops, text, index, n_classes)
 
-        if cfg.window is None:
-            logits = whole_image(resized, encode, self.model.patch_size)
+        if cfg.window is None:  # sizes differ, so one image per forward
+            coarse = [whole_image(image, encode, self.model.patch_size) for image in resized]
         else:
-            logits = sliding_window(resized, encode, cfg.window, cfg.stride, cfg.batch_size)
+            coarse = sliding_window_many(resized, encode, cfg.window, cfg.stride, cfg.batch_size)
+        return [self._to_input_size(logits, image) for logits, image in zip(coarse, pixels)]
+
+    def _to_input_size(self, logits: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
         if cfg.pamr:
             return pamr.refine(pixels[None], logits[None], cfg.pamr_iterations, cfg.pamr_dilations)[0]
         return F.interpolate(logits[None], size=pixels.shape[-2:], mode="bilinear", align_corners=False)[0]

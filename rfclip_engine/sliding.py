@@ -1,7 +1,9 @@
-"""Sliding-window inference: overlapping crops, encoded in batches, averaged where they overlap."""
+"""Sliding-window inference: overlapping crops of one or several images, encoded together in
+batches, averaged where they overlap."""
 from __future__ import annotations
 
-from typing import Callable, List, Tuple
+from dataclasses import dataclass
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,29 +25,56 @@ def crop_boxes(height: int, width: int, window: int, stride: int) -> List[Tuple[
     return [(y, x) for y in window_starts(height, window, stride) for x in window_starts(width, window, stride)]
 
 
+@dataclass
+class _Canvas:
+    """One image's windows and the running sum of their outputs."""
+
+    padded: torch.Tensor  # (3, Hp, Wp): zero-padded (the mean colour, after normalization) to >= window
+    size: Tuple[int, int]
+    boxes: List[Tuple[int, int]]
+    total: torch.Tensor = None  # type: ignore[assignment]
+    count: torch.Tensor = None  # type: ignore[assignment]
+
+    def add(self, box: Tuple[int, int], output: torch.Tensor, window: int) -> None:
+        if self.total is None:
+            self.total = output.new_zeros((output.shape[0], *self.padded.shape[-2:]))
+            self.count = output.new_zeros(self.padded.shape[-2:])
+        y, x = box
+        self.total[:, y:y + window, x:x + window] += output
+        self.count[y:y + window, x:x + window] += 1
+
+    def result(self) -> torch.Tensor:
+        height, width = self.size
+        return (self.total / self.count)[:, :height, :width]
+
+
+def sliding_window_many(
+    images: Sequence[torch.Tensor], encode: CropEncoder, window: int, stride: int, batch_size: int
+) -> List[torch.Tensor]:
+    """Per-pixel outputs (C, H, W) of `encode` over window x window crops of each image (3, H, W).
+
+    Crops of all images share the batches, so several small images cost one forward. An image
+    smaller than the window is zero-padded and the padding cut from its result.
+    """
+    canvases = []
+    for image in images:
+        height, width = image.shape[-2:]
+        padded = F.pad(image, (0, max(width, window) - width, 0, max(height, window) - height))
+        canvases.append(_Canvas(padded, (height, width), crop_boxes(*padded.shape[-2:], window, stride)))
+    jobs = [(canvas, box) for canvas in canvases for box in canvas.boxes]
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        crops = torch.stack([canvas.padded[:, y:y + window, x:x + window] for canvas, (y, x) in chunk])
+        for (canvas, box), output in zip(chunk, encode(crops).float()):
+            canvas.add(box, output, window)
+    return [canvas.result() for canvas in canvases]
+
+
 def sliding_window(
     image: torch.Tensor, encode: CropEncoder, window: int, stride: int, batch_size: int
 ) -> torch.Tensor:
-    """Per-pixel outputs (C, H, W) of `encode` over window x window crops of image (3, H, W).
-
-    An image smaller than the window is zero-padded (the mean colour, after normalization) and
-    the padding cut from the result.
-    """
-    _, height, width = image.shape
-    padded = F.pad(image, (0, max(width, window) - width, 0, max(height, window) - height))
-    boxes = crop_boxes(padded.shape[-2], padded.shape[-1], window, stride)
-    total = None
-    count = torch.zeros(padded.shape[-2:], device=image.device)
-    for start in range(0, len(boxes), batch_size):
-        chunk = boxes[start:start + batch_size]
-        crops = torch.stack([padded[:, y:y + window, x:x + window] for y, x in chunk])
-        outputs = encode(crops).float()
-        if total is None:
-            total = outputs.new_zeros((outputs.shape[1], *padded.shape[-2:]))
-        for (y, x), out in zip(chunk, outputs):
-            total[:, y:y + window, x:x + window] += out
-            count[y:y + window, x:x + window] += 1
-    return (total / count)[:, :height, :width]
+    """`sliding_window_many` for one image."""
+    return sliding_window_many([image], encode, window, stride, batch_size)[0]
 
 
 def whole_image(image: torch.Tensor, encode: CropEncoder, multiple: int) -> torch.Tensor:

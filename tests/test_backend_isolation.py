@@ -64,6 +64,30 @@ def test_bad_tasks_get_empty_entries_and_one_log_line_each(tiny_model, tmp_path,
         assert len(matching) == 1 and reason in matching[0], (task_id, matching)
 
 
+def test_a_task_that_breaks_the_model_does_not_take_its_batch_down(tiny_model, tmp_path, fake_ls, monkeypatch, caplog):
+    from rfclip_engine import predictor
+
+    original = predictor.Segmenter.logits_many
+    batches = []
+
+    def fragile(self, rgbs, vocabulary):
+        batches.append(len(rgbs))
+        if any(rgb.shape[:2] == (33, 33) for rgb in rgbs):
+            raise RuntimeError("simulated model failure")
+        return original(self, rgbs, vocabulary)
+
+    monkeypatch.setattr(predictor.Segmenter, "logits_many", fragile)
+    for name, size in [("a.png", (64, 64)), ("bad.png", (33, 33)), ("c.png", (50, 70))]:
+        fake_ls.public[name] = png(*size)
+    caplog.set_level(logging.WARNING)
+    client = make_app(tiny_model, tmp_path).test_client()
+    tasks = [{"id": i, "data": {"image": f"{fake_ls.url}/img/{name}"}} for i, name in enumerate(["a.png", "bad.png", "c.png"], 1)]
+    results = predict(client, tasks)
+    assert results[0]["result"] and results[1] == [] and results[2]["result"]
+    assert batches[0] == 3  # first tried together
+    assert any(r.getMessage() == "task 2: prediction failed" for r in caplog.records)
+
+
 def test_slow_host_times_out(tiny_model, tmp_path, fake_ls, caplog):
     caplog.set_level(logging.WARNING)
     app = make_app(tiny_model, tmp_path, fetch_timeout_s=1.0)

@@ -121,14 +121,14 @@ def test_polygons_rasterize_back_to_the_mask(client, fake_ls, monkeypatch):
 
     from rfclip_engine import predictor
 
-    def halves(self, rgb, vocabulary):
-        h, w = rgb.shape[:2]
+    def halves(self, rgbs, vocabulary):
+        h, w = rgbs[0].shape[:2]
         logits = torch.zeros(len(vocabulary), h, w)
         logits[0, :, : w // 3] = 1
         logits[1, :, w // 3:] = 1
-        return logits
+        return [logits]
 
-    monkeypatch.setattr(predictor.Segmenter, "logits", halves)
+    monkeypatch.setattr(predictor.Segmenter, "logits_many", halves)
     fake_ls.public["p.png"] = png(90, 150)
     response = client.post("/predict", json={"tasks": [{"id": 7, "data": {"image": f"{fake_ls.url}/img/p.png"}}],
                                              "label_config": POLYGON_CONFIG})

@@ -36,10 +36,32 @@ def test_synonyms_take_the_max_over_queries(tiny_model):
     assert vocab.names == ("cat", "dog") and vocab.queries == ("cat", "kitten", "dog")
     separate = Vocabulary.from_names(["cat", "kitten", "dog"])
     text = seg.text.embed(separate)
-    per_query = seg.class_logits(image, text, separate.query_class, 3)
-    grouped = seg.class_logits(image, text, vocab.query_class, 2)
+    (per_query,) = seg.class_logits([image], text, separate.query_class, 3)
+    (grouped,) = seg.class_logits([image], text, vocab.query_class, 2)
     torch.testing.assert_close(grouped[0], torch.maximum(per_query[0], per_query[1]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grouped[1], per_query[2])
+
+
+@pytest.mark.parametrize("window", [64, None])
+def test_many_images_in_shared_batches_equal_one_by_one(tiny_model, window, monkeypatch):
+    config = SegmenterConfig(short_side=80, window=window, stride=32, batch_size=5, encoder=RFCLIPConfig(sigma=1.5))
+    seg = Segmenter(tiny_model, config)
+    images = [rgb(81, 123, seed=1), rgb(40, 40, seed=2), rgb(64, 300, seed=3)]
+    together = seg.predict_many(images, ["cat", "dog"])
+    for image, joint in zip(images, together):
+        alone = seg.predict(image, ["cat", "dog"])
+        torch.testing.assert_close(joint.probs, alone.probs, rtol=1e-4, atol=1e-5)
+    sizes = []
+    original = tiny_model.encode_dense
+
+    def counting(pixels, config):
+        sizes.append(pixels.shape[0])
+        return original(pixels, config)
+
+    monkeypatch.setattr(tiny_model, "encode_dense", counting)
+    seg.predict_many(images, ["cat", "dog"])
+    if window is not None:
+        assert max(sizes) == 5 and sum(sizes) > 5  # crops of different images share a forward
 
 
 def test_probability_threshold_leaves_pixels_unlabeled(tiny_model):
@@ -61,8 +83,8 @@ def test_pamr_changes_logits_and_keeps_size(tiny_model):
     image = rgb(70, 90)
     seg, plain = Segmenter(tiny_model, config), Segmenter(tiny_model, SMALL)
     text = seg.text.embed(Vocabulary.from_names(["a", "b"]))
-    refined = seg.class_logits(image, text, (0, 1), 2)
-    unrefined = plain.class_logits(image, text, (0, 1), 2)
+    (refined,) = seg.class_logits([image], text, (0, 1), 2)
+    (unrefined,) = plain.class_logits([image], text, (0, 1), 2)
     assert refined.shape == unrefined.shape == (2, 70, 90)
     assert not torch.allclose(refined, unrefined)
 
