@@ -2,6 +2,7 @@
 redis-server, both on loopback."""
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -21,8 +22,10 @@ def free_port() -> int:
 class FakeLabelStudio:
     """Serves uploads (token required, as LS does), public images, a 404, a slow and a huge file."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, personal_access_token: Optional[str] = None, access_token: Optional[str] = None) -> None:
         self.token = token
+        self.personal_access_token = personal_access_token  # exchanged at /api/token/refresh/
+        self.access_token = access_token
         self.uploads: Dict[str, bytes] = {}  # "1/cat.png" -> bytes
         self.public: Dict[str, bytes] = {}  # "cat.png" -> bytes
         self.requests: List[dict] = []
@@ -61,8 +64,23 @@ class FakeLabelStudio:
                     return None
                 self.send_error(404)
 
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                fake.requests.append({"path": self.path, "headers": dict(self.headers)})
+                if self.path.rstrip("/") == "/api/token/refresh" and fake.personal_access_token \
+                        and body.get("refresh") == fake.personal_access_token:
+                    data = json.dumps({"access": fake.access_token}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return None
+                self.send_error(401)
+
             def _private(self, key):
-                if self.headers.get("Authorization") != f"Token {fake.token}":
+                allowed = {f"Token {fake.token}", f"Bearer {fake.access_token}" if fake.access_token else None}
+                if self.headers.get("Authorization") not in allowed:
                     return self.send_error(401)
                 if key not in fake.uploads:
                     return self.send_error(404)

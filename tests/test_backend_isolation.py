@@ -159,6 +159,27 @@ def test_setup_credentials_are_the_fallback(tiny_model, tmp_path, fake_ls):
     assert entry["result"]
 
 
+def test_personal_access_token_is_exchanged(tiny_model, tmp_path):
+    import jwt
+
+    from .fakes import FakeLabelStudio
+
+    now = int(time.time())
+    pat = jwt.encode({"token_type": "refresh", "exp": now + 3600, "user_id": 1}, "a-test-signing-key-of-32-bytes-or-more", algorithm="HS256")
+    access = jwt.encode({"token_type": "access", "exp": now + 300, "user_id": 1}, "a-test-signing-key-of-32-bytes-or-more", algorithm="HS256")
+    server = FakeLabelStudio(token="legacy-not-used", personal_access_token=pat, access_token=access)
+    try:
+        server.uploads["1/x.png"] = png(30, 40)
+        client = make_app(tiny_model, tmp_path, label_studio_url=server.url, label_studio_api_key=pat).test_client()
+        (entry,) = predict(client, [{"id": 1, "data": {"image": "/data/upload/1/x.png"}}])
+        assert entry["result"]
+        media = [r for r in server.requests if "upload" in r["path"]]
+        assert media and all(r["headers"]["Authorization"] == f"Bearer {access}" for r in media)
+        assert any(r["path"].startswith("/api/token/refresh") for r in server.requests)
+    finally:
+        server.close()
+
+
 def test_local_paths_stay_inside_the_allowed_folder(tiny_model, tmp_path):
     allowed = tmp_path / "allowed"
     (allowed / "sub").mkdir(parents=True)
