@@ -2,12 +2,14 @@
 
     rfclip segment IMAGE_OR_DIR --labels "cat,dog,grass" --out OUT [--pamr] [--checkpoint PATH]
     rfclip calibrate --model NAME --checkpoint PATH --images DIR --out dims.json
+    rfclip eval --dataset voc21 --root data/VOCdevkit/VOC2012 [--pamr] [--limit N] [--out results.json]
 
 Exit status: 0 when every image was processed, 1 when some could not be read, 2 on bad usage.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -21,6 +23,7 @@ from tqdm import tqdm
 
 from .calibrate import calibrate
 from .config import MODES, PRECISIONS, RFCLIPConfig, SegmenterConfig
+from .evaluation import SegmentationDataset, dataset_specs, evaluate, format_table
 from .imageio import ImageError, load_rgb
 from .loading import load_model
 from .predictor import Segmenter
@@ -46,6 +49,53 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                                              "to pick their preset and activation; OpenAI .pt files need no tag")
     group.add_argument("--distraction-dims", help="calibration file from `rfclip calibrate`, or comma-separated indices")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+
+
+def _add_method_arguments(parser: argparse.ArgumentParser, short_side: Optional[int],
+                          prob_threshold: Optional[float]) -> None:
+    """Method and pre/post-processing switches shared by `segment` and `eval` (None: the dataset's)."""
+    parser.add_argument("--mode", choices=MODES, default="rfclip")
+    method = parser.add_argument_group("RF-CLIP method (defaults: the paper's)")
+    method.add_argument("--sigma", type=float, default=5.0, help="distraction threshold, in multiples of 1/width")
+    method.add_argument("--beta", type=float, default=0.4, help="fraction of attention moved off distraction tokens")
+    method.add_argument("--no-embedding-redistribution", action="store_true", help="ablation: skip step 2")
+    method.add_argument("--no-attention-redistribution", action="store_true", help="ablation: skip step 4")
+    method.add_argument("--no-defocus-localization", action="store_true",
+                        help="ablation: give the attention to all non-distraction tokens instead of the Fiedler cut")
+    per_dataset = "the dataset's"
+    parser.add_argument("--pamr", action="store_true", help="refine with PAMR (slower, sharper edges)")
+    parser.add_argument("--short-side", type=int, default=short_side,
+                        help=f"resize so the short side has this size (default {short_side or per_dataset})")
+    parser.add_argument("--window", type=int, default=224, help="sliding-window size (default 224)")
+    parser.add_argument("--stride", type=int, default=112, help="sliding-window stride (default 112)")
+    parser.add_argument("--whole-image", action="store_true", help="encode the whole image at once instead of windows")
+    parser.add_argument("--prob-threshold", type=float, default=prob_threshold,
+                        help="leave pixels below this probability unlabeled (default "
+                             f"{per_dataset if prob_threshold is None else prob_threshold})")
+    parser.add_argument("--batch-size", type=int, default=8, help="crops per forward pass (default 8)")
+    parser.add_argument("--precision", choices=("auto",) + PRECISIONS, default="auto",
+                        help="auto: fp16 autocast on CUDA, fp32 on CPU")
+
+
+def _segmenter_config(args: argparse.Namespace, device: torch.device) -> SegmenterConfig:
+    precision = args.precision if args.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    return SegmenterConfig(
+        encoder=RFCLIPConfig(
+            mode=args.mode,
+            sigma=args.sigma,
+            beta=args.beta,
+            embedding_redistribution=not args.no_embedding_redistribution,
+            attention_redistribution=not args.no_attention_redistribution,
+            defocus_localization=not args.no_defocus_localization,
+        ),
+        short_side=args.short_side,
+        window=None if args.whole_image else args.window,
+        stride=args.stride,
+        pamr=args.pamr,
+        prob_threshold=args.prob_threshold,
+        batch_size=args.batch_size,
+        precision=precision,
+    )
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -109,24 +159,7 @@ def segment_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = _load(args)
-    precision = args.precision if args.precision != "auto" else ("fp16" if model.device.type == "cuda" else "fp32")
-    config = SegmenterConfig(
-        encoder=RFCLIPConfig(
-            mode=args.mode,
-            sigma=args.sigma,
-            beta=args.beta,
-            embedding_redistribution=not args.no_embedding_redistribution,
-            attention_redistribution=not args.no_attention_redistribution,
-            defocus_localization=not args.no_defocus_localization,
-        ),
-        short_side=args.short_side,
-        window=None if args.whole_image else args.window,
-        stride=args.stride,
-        pamr=args.pamr,
-        prob_threshold=args.prob_threshold,
-        batch_size=args.batch_size,
-        precision=precision,
-    )
+    config = _segmenter_config(args, model.device)
     segmenter = Segmenter(model, config, max_pixels=args.max_pixels)
     colors = palette(len(vocabulary))
     (out / "classes.json").write_text(json.dumps(
@@ -186,6 +219,31 @@ def calibrate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_command(args: argparse.Namespace) -> int:
+    dataset = SegmentationDataset.open(args.dataset, Path(args.root))
+    if args.short_side is None:
+        args.short_side = dataset.spec["short_side"]
+    if args.prob_threshold is None:
+        args.prob_threshold = dataset.spec["prob_threshold"]
+    model = _load(args)
+    config = _segmenter_config(args, model.device)
+    segmenter = Segmenter(model, config)
+    vocabulary = dataset.vocabulary
+
+    def predict(rgb: np.ndarray) -> np.ndarray:
+        return segmenter.predict(rgb, vocabulary).label_map.numpy()
+
+    summary = evaluate(predict, dataset, args.limit, progress=not args.quiet)
+    print(format_table(summary))
+    if args.out:
+        summary["settings"] = {"model": model.model_name, "weights": model.weights_id,
+                               "config": dataclasses.asdict(config)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rfclip", description="Training-free open-vocabulary segmentation with RF-CLIP")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,28 +255,24 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--labels", help='comma-separated classes; synonyms with "|": "person|man|woman,dog,grass"')
     seg.add_argument("--labels-file", help="one class per line, synonyms comma-separated: person, man, woman")
     seg.add_argument("--out", required=True, help="output folder")
-    seg.add_argument("--mode", choices=MODES, default="rfclip")
-    method = seg.add_argument_group("RF-CLIP method (defaults: the paper's)")
-    method.add_argument("--sigma", type=float, default=5.0, help="distraction threshold, in multiples of 1/width")
-    method.add_argument("--beta", type=float, default=0.4, help="fraction of attention moved off distraction tokens")
-    method.add_argument("--no-embedding-redistribution", action="store_true", help="ablation: skip step 2")
-    method.add_argument("--no-attention-redistribution", action="store_true", help="ablation: skip step 4")
-    method.add_argument("--no-defocus-localization", action="store_true",
-                        help="ablation: give the attention to all non-distraction tokens instead of the Fiedler cut")
-    seg.add_argument("--pamr", action="store_true", help="refine with PAMR (slower, sharper edges)")
-    seg.add_argument("--short-side", type=int, default=336, help="resize so the short side has this size (default 336)")
-    seg.add_argument("--window", type=int, default=224, help="sliding-window size (default 224)")
-    seg.add_argument("--stride", type=int, default=112, help="sliding-window stride (default 112)")
-    seg.add_argument("--whole-image", action="store_true", help="encode the whole image at once instead of windows")
-    seg.add_argument("--prob-threshold", type=float, default=0.0, help="leave pixels below this probability unlabeled")
-    seg.add_argument("--batch-size", type=int, default=8, help="crops per forward pass (default 8)")
-    seg.add_argument("--precision", choices=("auto",) + PRECISIONS, default="auto",
-                     help="auto: fp16 autocast on CUDA, fp32 on CPU")
+    _add_method_arguments(seg, short_side=336, prob_threshold=0.0)
     seg.add_argument("--raw", action="store_true", help="also write the raw label map")
     seg.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse larger images (default 1e8)")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_arguments(seg)
     seg.set_defaults(run=segment_command)
+
+    ev = sub.add_parser("eval", help="mIoU on a standard benchmark",
+                        description="Per-class IoU, mIoU and aAcc (MMSegmentation's IoUMetric) on a dataset in its "
+                                    "standard layout; --root is the dataset folder (e.g. data/VOCdevkit/VOC2012).")
+    ev.add_argument("--dataset", required=True, choices=sorted(dataset_specs()))
+    ev.add_argument("--root", required=True, help="the dataset folder")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    ev.add_argument("--out", help="write the results as JSON here")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_method_arguments(ev, short_side=None, prob_threshold=None)
+    _add_model_arguments(ev)
+    ev.set_defaults(run=eval_command)
 
     cal = sub.add_parser("calibrate", help="find the distraction dimensions of a backbone without a preset")
     cal.add_argument("--images", required=True, help="a folder of images (a few hundred of any kind)")

@@ -1,0 +1,144 @@
+"""Evaluation: the metric against a hand-built confusion matrix, every dataset layout read from
+a synthetic copy, and `rfclip eval` end to end."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rfclip_engine import load_model
+from rfclip_engine.cli import main
+from rfclip_engine.evaluation import IGNORE_INDEX, IoUAccumulator, SegmentationDataset, dataset_specs, evaluate
+
+from .conftest import TINY_CONFIG
+
+
+def confusion_reference(preds, labels, n):
+    """IoU from a confusion matrix with an extra column for predictions outside the classes."""
+    cm = np.zeros((n, n + 1), np.int64)
+    for pred, label in zip(preds, labels):
+        keep = label != IGNORE_INDEX
+        p, t = pred[keep], label[keep]
+        p = np.where((p >= 0) & (p < n), p, n)
+        np.add.at(cm, (t, p), 1)
+    inter = np.diag(cm[:, :n])
+    union = cm.sum(1) + cm[:, :n].sum(0) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = inter / union
+    return iou, inter.sum() / cm.sum()
+
+
+def test_metric_matches_confusion_matrix():
+    rng = np.random.default_rng(0)
+    n = 6
+    preds, labels = [], []
+    acc = IoUAccumulator(n)
+    for _ in range(4):
+        label = rng.integers(0, n - 1, (30, 40))  # class 5 never in the labels
+        label[rng.random(label.shape) < 0.1] = IGNORE_INDEX
+        pred = np.where(rng.random(label.shape) < 0.6, label, rng.integers(-1, n, label.shape))
+        pred[label == IGNORE_INDEX] = 3  # predictions on ignored pixels never count
+        acc.add(pred, label)
+        preds.append(pred)
+        labels.append(label)
+    iou, aacc = confusion_reference(preds, labels, n)
+    summary = acc.summary(tuple("abcdef"))
+    got = np.array([summary["per_class"][c]["IoU"] if summary["per_class"][c]["IoU"] is not None else np.nan
+                    for c in "abcdef"])
+    np.testing.assert_allclose(got, np.round(iou * 100, 4), atol=1e-4)
+    assert summary["mIoU"] == pytest.approx(np.nanmean(iou) * 100)
+    assert summary["aAcc"] == pytest.approx(aacc * 100)
+
+
+def test_class_absent_everywhere_is_nan_and_left_out_of_miou():
+    acc = IoUAccumulator(3)
+    acc.add(np.array([[0, 1]]), np.array([[0, 1]]))
+    summary = acc.summary(("a", "b", "c"))
+    assert summary["per_class"]["c"]["IoU"] is None and summary["mIoU"] == 100.0
+
+
+def write_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.astype(np.uint8)).save(path, format="PNG")  # PNG bytes even under .jpg: lossless
+
+
+def build_dataset(root, name, raw_labels):
+    """Files in the dataset's layout; each image's red channel holds its raw label values."""
+    spec = dataset_specs()[name]
+    stems = []
+    for i, raw in enumerate(raw_labels):
+        stem = f"frankfurt/img{i}" if name == "cityscapes" else f"img{i}"
+        image = np.zeros((*raw.shape, 3), np.uint8)
+        image[..., 0] = raw
+        write_png(root / spec["images"] / f"{stem}{spec['image_suffix']}", image)
+        write_png(root / spec["labels"] / f"{stem}{spec['label_suffix']}", raw)
+        stems.append(stem)
+    if "split" in spec:
+        (root / spec["split"]).parent.mkdir(parents=True, exist_ok=True)
+        (root / spec["split"]).write_text("\n".join(stems) + "\n")
+    return SegmentationDataset.open(name, root)
+
+
+@pytest.mark.parametrize("name", sorted(dataset_specs()))
+def test_every_layout_reads_and_scores(tmp_path, name):
+    spec = dataset_specs()[name]
+    n = len(build_dataset(tmp_path / "probe", name, [np.zeros((2, 2), np.uint8)]).vocabulary)
+    rng = np.random.default_rng(1)
+    top = n + 1 if spec["reduce_zero_label"] else n  # raw values 0..top-1 are classes (0 = ignore when reduced)
+    raws = [rng.integers(0, top, (12, 17)).astype(np.uint8) for _ in range(3)]
+    raws[0][0, :5] = 255  # ignored pixels
+    dataset = build_dataset(tmp_path / name, name, raws)
+    assert len(dataset) == 3
+
+    def to_classes(raw):
+        raw = raw.astype(np.int64)
+        if spec["reduce_zero_label"]:
+            return np.where((raw == 0) | (raw == 255), IGNORE_INDEX, raw - 1)
+        return raw
+
+    # an oracle that reads the label back from the red channel scores 100 on every present class
+    perfect = evaluate(lambda rgb: np.where(to_classes(rgb[..., 0]) == 255, 0, to_classes(rgb[..., 0])),
+                       dataset, progress=False)
+    present = {int(c) for raw in raws for c in np.unique(to_classes(raw)) if c != IGNORE_INDEX}
+    ious = {i: v["IoU"] for i, v in enumerate(perfect["per_class"].values())}
+    assert all(ious[c] == 100.0 for c in present)
+    assert all(ious[c] is None for c in set(range(n)) - present)
+    assert perfect["mIoU"] == 100.0 and perfect["images"] == 3
+
+    # a constant prediction of class 0, against the hand-built reference
+    const = evaluate(lambda rgb: np.zeros(rgb.shape[:2], np.int64), dataset, progress=False, limit=2)
+    iou, aacc = confusion_reference([np.zeros_like(r, np.int64) for r in raws[:2]], [to_classes(r) for r in raws[:2]], n)
+    assert const["images"] == 2
+    assert const["aAcc"] == pytest.approx(aacc * 100)
+    assert const["mIoU"] == pytest.approx(np.nanmean(iou) * 100)
+
+
+def test_unlabeled_pixels_become_background_where_the_dataset_has_one(tmp_path):
+    raw = np.array([[0, 1], [2, 0]], np.uint8)
+    dataset = build_dataset(tmp_path, "voc21", [raw])
+    result = evaluate(lambda rgb: np.array([[-1, 1], [2, -1]]), dataset, progress=False)
+    assert result["mIoU"] == 100.0
+
+
+def test_missing_layout_is_explained(tmp_path):
+    with pytest.raises(FileNotFoundError, match="JPEGImages/ and SegmentationClass/"):
+        SegmentationDataset.open("voc21", tmp_path)
+
+
+def test_eval_command_on_a_synthetic_dataset(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    build_dataset(tmp_path / "voc", "voc21", [rng.integers(0, 21, (40, 60)).astype(np.uint8) for _ in range(3)])
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(load_model(TINY_CONFIG, pretrained=None).clip.state_dict(), ckpt)
+    out = tmp_path / "results.json"
+    code = main(["eval", "--dataset", "voc21", "--root", str(tmp_path / "voc"), "--model", TINY_CONFIG,
+                 "--checkpoint", str(ckpt), "--distraction-dims", "1,2,3", "--window", "64", "--stride", "32",
+                 "--short-side", "64", "--limit", "2", "--out", str(out), "--quiet"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 2 and len(result["per_class"]) == 21
+    assert result["settings"]["config"]["prob_threshold"] == 0.1  # the dataset's default
+    assert 0 <= result["mIoU"] <= 100
+    assert "mIoU" in capsys.readouterr().out
