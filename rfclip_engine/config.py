@@ -26,6 +26,8 @@ class RFCLIPConfig:
     attention_test: also require a large received-attention share (the ViT-L/14 rule);
         None takes the preset's rule.
     attention_threshold: the received-attention share above which that test passes.
+    fiedler_solver: "lanczos" (only the Fiedler vector, warm-started across blocks; the default)
+        or "exact" (a full eigendecomposition per block); they give the same partitions.
     """
 
     mode: str = "rfclip"
@@ -37,8 +39,11 @@ class RFCLIPConfig:
     embedding_redistribution: bool = True
     attention_redistribution: bool = True
     defocus_localization: bool = True
+    fiedler_solver: str = "lanczos"
 
     def __post_init__(self) -> None:
+        if self.fiedler_solver not in ("exact", "lanczos"):
+            raise ValueError(f"fiedler_solver must be 'exact' or 'lanczos', got {self.fiedler_solver!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.sigma <= 0:

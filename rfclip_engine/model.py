@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transformer import VisionTransformer
 from torch import nn
+from torch.profiler import record_function
 
 from .config import RFCLIPConfig
 from .presets import DistractionPreset
@@ -22,8 +23,8 @@ from .steps import (
     find_defocused_tokens,
     find_distraction_tokens,
     received_attention,
-    redistribute_attention,
     redistribute_embeddings,
+    redistributed_attention_output,
 )
 
 BlockObserver = Callable[[int, torch.Tensor], None]
@@ -57,9 +58,9 @@ def _qkv(block: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
     return tuple(_split_heads(part, attn.num_heads) for part in qkv.chunk(3, dim=-1))  # type: ignore[return-value]
 
 
-def _attend(block: nn.Module, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """out_proj of the heads' attention-weighted values."""
-    return block.attn.out_proj(_merge_heads(attn @ v))
+def _project_heads(block: nn.Module, heads: torch.Tensor) -> torch.Tensor:
+    """out_proj of per-head outputs (B, H, T, d)."""
+    return block.attn.out_proj(_merge_heads(heads))
 
 
 class RFCLIPModel(nn.Module):
@@ -171,28 +172,35 @@ class RFCLIPModel(nn.Module):
         blocks = self.visual.transformer.resblocks
         n_blocks = len(blocks)
         key_key_sum: Optional[torch.Tensor] = None  # running sum of K_j[:, :, 1:, 1:] over blocks
+        fiedler: Optional[torch.Tensor] = None  # the previous block's, to warm-start the solver
 
         for index, block in enumerate(blocks):
             if on_block_input is not None:
                 on_block_input(index, x)
             distraction = None
             if preset is not None:
-                x, distraction = self._repair(block, x, grid, dims, preset, config)
+                with record_function("rfclip.distractors"):
+                    x, distraction = self._repair(block, x, grid, dims, preset, config)
             q, k, v = _qkv(block, x)
             if config.mode in ("kk-proxy", "rfclip"):
-                key_key = attention_probs(k, k)[:, :, 1:, 1:].float()
-                key_key_sum = key_key if key_key_sum is None else key_key_sum + key_key
+                with record_function("rfclip.key_key"):
+                    key_key = attention_probs(k, k)[:, :, 1:, 1:].float()
+                    key_key_sum = key_key if key_key_sum is None else key_key_sum + key_key
             if index == n_blocks - 1 and config.mode != "clip":
                 return self._dense_head(block, v, key_key_sum, n_blocks, config.mode, grid)
-            attn = attention_probs(q, k)
             if distraction is not None and config.attention_redistribution:
                 if config.defocus_localization:
-                    similarity = key_key_sum.mean(dim=1) / (index + 1)
-                    defocused = find_defocused_tokens(similarity, distraction)
+                    with record_function("rfclip.fiedler"):
+                        similarity = key_key_sum.mean(dim=1) / (index + 1)
+                        defocused, fiedler = find_defocused_tokens(
+                            similarity, distraction, config.fiedler_solver, fiedler)
                 else:
                     defocused = ~distraction
-                attn = redistribute_attention(attn, distraction, defocused, config.beta)
-            x = x + block.ls_1(_attend(block, attn.to(v.dtype), v))
+                with record_function("rfclip.redistribution"):
+                    heads = redistributed_attention_output(q, k, v, distraction, defocused, config.beta)
+            else:
+                heads = F.scaled_dot_product_attention(q, k, v)
+            x = x + block.ls_1(_project_heads(block, heads))
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
         return self._project(x[:, 1:], grid)
 
@@ -215,7 +223,7 @@ class RFCLIPModel(nn.Module):
         if mode == "maskclip":
             z = block.attn.out_proj(_merge_heads(values))
         else:
-            z = _attend(block, (key_key_sum / n_blocks).to(values.dtype), values)
+            z = _project_heads(block, (key_key_sum / n_blocks).to(values.dtype) @ values)
         return self._project(z, grid)
 
     def _project(self, patch_tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:

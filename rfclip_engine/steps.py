@@ -69,18 +69,64 @@ def redistribute_embeddings(
     return patch_tokens.index_copy(-1, dims, repaired)
 
 
-def fiedler_vector(similarity: torch.Tensor) -> torch.Tensor:
+FIEDLER_SOLVERS = ("exact", "lanczos")
+
+
+def fiedler_vector(
+    similarity: torch.Tensor, solver: str = "exact", start: Optional[torch.Tensor] = None,
+    steps: int = 16, restarts: int = 2,
+) -> torch.Tensor:
     """The generalized eigenvector y of (D - W) y = lambda D y for the second-smallest lambda,
-    scaled as D^{-1/2} u with u a unit eigenvector of D^{-1/2} W D^{-1/2}. Sign is arbitrary.
+    scaled as D^{-1/2} u with u a unit eigenvector of M = D^{-1/2} W D^{-1/2}. Sign is arbitrary.
+
+    solver "exact": a full symmetric eigendecomposition. "lanczos": only that vector, by Lanczos
+    with full reorthogonalization on M deflated of its known top eigenvector D^{1/2} 1, restarted
+    from the Ritz vector; `start` (B, N), e.g. the previous block's result, warm-starts it.
 
     similarity (B, N, N), symmetric and non-negative -> (B, N) float32.
     """
     weights = similarity.float()
     inv_sqrt_degree = weights.sum(dim=-1).clamp_min(torch.finfo(torch.float32).tiny).rsqrt()
     normalized = inv_sqrt_degree.unsqueeze(-1) * weights * inv_sqrt_degree.unsqueeze(-2)
-    # The smallest eigenvalues of I - M are the largest of M; eigh sorts ascending.
-    _, vectors = torch.linalg.eigh(normalized)
-    return vectors[..., -2] * inv_sqrt_degree
+    if solver == "exact":
+        # The smallest eigenvalues of I - M are the largest of M; eigh sorts ascending.
+        _, vectors = torch.linalg.eigh(normalized)
+        return vectors[..., -2] * inv_sqrt_degree
+    if solver != "lanczos":
+        raise ValueError(f"fiedler solver must be one of {FIEDLER_SOLVERS}, got {solver!r}")
+    top = F.normalize(inv_sqrt_degree.reciprocal(), dim=-1)  # D^{1/2} 1: eigenvalue 1 of M
+    if start is None:
+        n = weights.shape[-1]
+        u = torch.linspace(-1.0, 1.0, n, device=weights.device).expand_as(top)
+    else:
+        u = start.float() / inv_sqrt_degree  # back from y = D^{-1/2} u
+    for _ in range(restarts):
+        u = _ritz_vector(normalized, top, u, steps)
+    return u * inv_sqrt_degree
+
+
+def _orthonormalize(vector: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """vector (B, N) made orthogonal to the columns of basis (B, N, k), twice for stability, unit length."""
+    for _ in range(2):
+        vector = vector - (basis @ (basis.transpose(1, 2) @ vector.unsqueeze(-1))).squeeze(-1)
+    return F.normalize(vector, dim=-1)
+
+
+def _ritz_vector(matrix: torch.Tensor, top: torch.Tensor, start: torch.Tensor, steps: int) -> torch.Tensor:
+    """Largest-eigenvalue Ritz vector of `matrix` in the Krylov space of `start`, orthogonal to `top`."""
+    basis = top.unsqueeze(-1)
+    q = _orthonormalize(start, basis)
+    columns, images = [], []
+    for _ in range(steps):
+        columns.append(q)
+        product = (matrix @ q.unsqueeze(-1)).squeeze(-1)
+        images.append(product)
+        basis = torch.cat([basis, q.unsqueeze(-1)], dim=-1)
+        q = _orthonormalize(product, basis)
+    krylov = torch.stack(columns, dim=-1)  # (B, N, steps), orthonormal and orthogonal to top
+    projected = krylov.transpose(1, 2) @ torch.stack(images, dim=-1)
+    _, vectors = torch.linalg.eigh((projected + projected.transpose(1, 2)) / 2)
+    return F.normalize((krylov @ vectors[..., -1:]).squeeze(-1), dim=-1)
 
 
 def bipartition(fiedler: torch.Tensor) -> torch.Tensor:
@@ -93,15 +139,19 @@ def bipartition(fiedler: torch.Tensor) -> torch.Tensor:
     return oriented > oriented.mean(dim=-1, keepdim=True)
 
 
-def find_defocused_tokens(similarity: torch.Tensor, distraction: torch.Tensor) -> torch.Tensor:
+def find_defocused_tokens(
+    similarity: torch.Tensor, distraction: torch.Tensor, solver: str = "exact", start: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Step 3: the normalized-cut foreground of the (symmetrized) patch similarity, minus the
     distraction tokens; where that is empty, every non-distraction token.
 
-    similarity (B, N, N), distraction (B, N) -> (B, N) bool.
+    similarity (B, N, N), distraction (B, N) -> defocused (B, N) bool, and the Fiedler vector
+    (B, N) (to warm-start the next block's solver).
     """
     symmetric = (similarity + similarity.transpose(-1, -2)) / 2
-    defocused = bipartition(fiedler_vector(symmetric)) & ~distraction
-    return torch.where(defocused.any(dim=-1, keepdim=True), defocused, ~distraction)
+    fiedler = fiedler_vector(symmetric, solver, start)
+    defocused = bipartition(fiedler) & ~distraction
+    return torch.where(defocused.any(dim=-1, keepdim=True), defocused, ~distraction), fiedler
 
 
 def redistribute_attention(
@@ -125,3 +175,32 @@ def redistribute_attention(
     out = attn.clone()
     out[:, :, 1:, 1:] = moved
     return out
+
+
+def redistributed_attention_output(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, distraction: torch.Tensor, defocused: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """`redistribute_attention(attention_probs(q, k), ...) @ v`, computed as the plain fused
+    attention plus a correction, without building a modified attention matrix:
+
+        A'v = Av - beta A (v on Dis) + g A (v on Def),   g_i = beta (A 1_Dis)_i / (A 1_Def)_i
+
+    for patch query rows; the four products come from one matmul of A with masked values. With
+    no distraction token the correction is exactly zero, so the result is exactly plain
+    attention. q, k, v (B, H, T, d) -> (B, H, T, d).
+    """
+    d = v.shape[-1]
+    plain = F.scaled_dot_product_attention(q, k, v)
+    attn = attention_probs(q, k)
+    dis = F.pad(distraction, (1, 0)).to(attn.dtype)[:, None, :, None]  # the CLS key is in neither set
+    dfc = F.pad(defocused, (1, 0)).to(attn.dtype)[:, None, :, None]
+    values = v.to(attn.dtype)
+    ones = torch.ones_like(values[..., :1])
+    products = attn @ torch.cat([values * dis, values * dfc, ones * dis, ones * dfc], dim=-1)
+    on_dis, on_dfc = products[..., :d], products[..., d:2 * d]
+    mass_dis, mass_dfc = products[..., 2 * d:2 * d + 1], products[..., 2 * d + 1:]
+    patch_rows = torch.arange(v.shape[-2], device=v.device)[:, None] > 0
+    applies = (defocused.any(dim=-1)[:, None, None, None] & patch_rows).to(attn.dtype)
+    gain = beta * mass_dis / mass_dfc.clamp_min(torch.finfo(attn.dtype).tiny)
+    return plain + (applies * (gain * on_dfc - beta * on_dis)).to(plain.dtype)
