@@ -85,7 +85,12 @@ def fiedler_vector(
 
     similarity (B, N, N), symmetric and non-negative -> (B, N) float32.
     """
-    weights = similarity.float()
+    with torch.autocast(similarity.device.type, enabled=False):  # eigenvectors need float32 throughout
+        return _fiedler_vector(similarity.float(), solver, start, steps, restarts)
+
+
+def _fiedler_vector(weights: torch.Tensor, solver: str, start: Optional[torch.Tensor], steps: int,
+                    restarts: int) -> torch.Tensor:
     inv_sqrt_degree = weights.sum(dim=-1).clamp_min(torch.finfo(torch.float32).tiny).rsqrt()
     normalized = inv_sqrt_degree.unsqueeze(-1) * weights * inv_sqrt_degree.unsqueeze(-2)
     if solver == "exact":
