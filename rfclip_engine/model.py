@@ -184,8 +184,8 @@ class RFCLIPModel(nn.Module):
             q, k, v = _qkv(block, x)
             if config.mode in ("kk-proxy", "rfclip"):
                 with record_function("rfclip.key_key"):
-                    key_key = attention_probs(k, k)[:, :, 1:, 1:].float()
-                    key_key_sum = key_key if key_key_sum is None else key_key_sum + key_key
+                    key_key = attention_probs(k[:, :, 1:], k)[..., 1:].float()  # patch rows only
+                    key_key_sum = key_key if key_key_sum is None else key_key_sum.add_(key_key)
             if index == n_blocks - 1 and config.mode != "clip":
                 return self._dense_head(block, v, key_key_sum, n_blocks, config.mode, grid)
             if distraction is not None and config.attention_redistribution:

@@ -28,14 +28,23 @@ def affinities(image: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
     """Softmax-normalized affinities (B, 8 * len(dilations), H, W) of each pixel to its
     neighbours, in the order of `_neighbour_offsets`."""
     image = image.float()
-    # One unbiased std per pixel and channel over all dilations' 3x3 windows, centre included.
+    # One unbiased std per pixel and channel over all dilations' 3x3 windows, centre included,
+    # accumulated in two passes over views (no stacked copies).
     window = _shifts(image, [(dy * d, dx * d) for d in dilations for dy, dx in _OFFSETS])
-    scale = 1e-8 + 0.1 * torch.stack(window, dim=2).std(dim=2)
+    mean = torch.zeros_like(image)
+    for sample in window:
+        mean.add_(sample)
+    mean.div_(len(window))
+    squares = torch.zeros_like(image)
+    for sample in window:
+        deviation = sample - mean
+        squares.addcmul_(deviation, deviation)
+    inv_scale = (squares.div_(len(window) - 1).sqrt_().mul_(0.1).add_(1e-8)).reciprocal_()
     logits = torch.stack([
-        -(image - neighbour).abs().div(scale).mean(dim=1)
+        (image - neighbour).abs_().mul_(inv_scale).mean(dim=1)
         for neighbour in _shifts(image, _neighbour_offsets(dilations))
     ], dim=1)
-    return torch.softmax(logits, dim=1)
+    return torch.softmax(logits.neg_(), dim=1)
 
 
 def refine(
@@ -54,5 +63,8 @@ def refine(
     weights = affinities(image, dilations)
     offsets = _neighbour_offsets(dilations)
     for _ in range(iterations):
-        mask = sum(weights[:, i: i + 1] * neighbour for i, neighbour in enumerate(_shifts(mask, offsets)))
+        refined = torch.zeros_like(mask)
+        for i, neighbour in enumerate(_shifts(mask, offsets)):
+            refined.addcmul_(weights[:, i: i + 1], neighbour)
+        mask = refined
     return mask

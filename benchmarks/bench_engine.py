@@ -1,0 +1,126 @@
+"""Speed and memory of the RF-CLIP engine per mode, as ratios to plain CLIP measured in the same run.
+
+    python benchmarks/bench_engine.py [--model ViT-B-16] [--repeats 3] [--device cpu] [--quick]
+
+Cases: one 336x448 image (short side 336: 6 crops), one 560x1120 image at short side 560 (the
+Cityscapes setting: 36 crops), and a batch of 8 336x448 images (48 crops in shared batches).
+Modes: clip, maskclip, kk-proxy, rfclip, rfclip+PAMR. Weights are random (time does not depend on
+them; the distraction dimensions are the OpenAI preset's). Runs are interleaved across modes and
+the median is reported; peak memory is the RSS growth during a run, sampled every 5 ms. A profile
+of one rfclip run shows where its extra time goes. Writes a JSON file beside the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import machine, markdown_table, run_with_peak_rss  # noqa: E402
+from rfclip_engine import RFCLIPConfig, Segmenter, SegmenterConfig, Vocabulary, load_model  # noqa: E402
+from rfclip_engine.presets import find_preset  # noqa: E402
+from rfclip_engine.sliding import crop_boxes  # noqa: E402
+
+MODES = {
+    "clip": dict(mode="clip"),
+    "maskclip": dict(mode="maskclip"),
+    "kk-proxy": dict(mode="kk-proxy"),
+    "rfclip": dict(mode="rfclip"),
+    "rfclip+PAMR": dict(mode="rfclip", pamr=True),
+}
+CASES = {  # name: (image size, number of images, short side)
+    "336x448": ((336, 448), 1, 336),
+    "560x1120": ((560, 1120), 1, 560),
+    "8 x 336x448": ((336, 448), 8, 336),
+}
+STEP_LABELS = ("rfclip.distractors", "rfclip.key_key", "rfclip.fiedler", "rfclip.redistribution")
+
+
+def segmenter(model, mode: dict, short_side: int, precision: str) -> Segmenter:
+    pamr = mode.get("pamr", False)
+    config = SegmenterConfig(encoder=RFCLIPConfig(mode=mode["mode"]), short_side=short_side, pamr=pamr,
+                             batch_size=8, precision=precision)
+    return Segmenter(model, config)
+
+
+def crops(size, count, short_side) -> int:
+    scale = short_side / min(size)
+    h, w = round(size[0] * scale), round(size[1] * scale)
+    return count * len(crop_boxes(h, w, 224, 112))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="only the 336x448 case, 2 repeats")
+    parser.add_argument("--json", default=str(Path(__file__).with_name("bench_engine.json")))
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    preset = find_preset(args.model, "openai")
+    model = load_model(args.model, pretrained=None, device=args.device,
+                       distraction_dims=list(preset.dims) if preset else None)
+    vocabulary = Vocabulary.from_names([f"class {i}" for i in range(args.classes)])
+    rng = np.random.default_rng(0)
+    cases = {"336x448": CASES["336x448"]} if args.quick else CASES
+    repeats = 2 if args.quick else args.repeats
+
+    results = {}
+    for case, (size, count, short_side) in cases.items():
+        images = [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(count)]
+        runners = {name: segmenter(model, mode, short_side, args.precision) for name, mode in MODES.items()}
+        for runner in runners.values():
+            runner.logits_many(images[:1], vocabulary)  # warm-up, text embeddings cached
+        times = {name: [] for name in MODES}
+        peaks = {name: 0 for name in MODES}
+        for _ in range(repeats):
+            for name, runner in runners.items():
+                seconds, peak = run_with_peak_rss(lambda: runner.logits_many(images, vocabulary))
+                times[name].append(seconds)
+                peaks[name] = max(peaks[name], peak)
+        n_crops = crops(size, count, short_side)
+        base = statistics.median(times["clip"])
+        results[case] = {
+            name: {"seconds": statistics.median(t), "images_per_s": count / statistics.median(t),
+                   "crops_per_s": n_crops / statistics.median(t), "ratio_to_clip": statistics.median(t) / base,
+                   "peak_rss_mb": peaks[name] / 2 ** 20, "runs": t}
+            for name, t in times.items()
+        }
+        print(f"\n{case} ({count} image(s), {n_crops} crops, {args.classes} classes, {repeats} runs, median)")
+        print(markdown_table(
+            ["mode", "s / batch", "images/s", "crops/s", "x clip", "peak RSS MB"],
+            [[name, f"{r['seconds']:.3f}", f"{r['images_per_s']:.2f}", f"{r['crops_per_s']:.1f}",
+              f"{r['ratio_to_clip']:.2f}", f"{r['peak_rss_mb']:.0f}"] for name, r in results[case].items()]))
+
+    size, count, short_side = CASES["336x448"]
+    image = [rng.integers(0, 256, (*size, 3), dtype=np.uint8)]
+    runner = segmenter(model, MODES["rfclip"], short_side, args.precision)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        runner.logits_many(image, vocabulary)
+    totals = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages() if e.key in STEP_LABELS}
+    clip_ms = results["336x448"]["clip"]["seconds"] * 1e3
+    breakdown = {label: {"ms": totals.get(label, 0.0), "percent_of_clip": 100 * totals.get(label, 0.0) / clip_ms}
+                 for label in STEP_LABELS}
+    print("\nwhere rfclip's extra time goes (one 336x448 image, profiled, so slower than above)")
+    print(markdown_table(["step", "ms", "% of a clip run"],
+                         [[k, f"{v['ms']:.1f}", f"{v['percent_of_clip']:.1f}"] for k, v in breakdown.items()]))
+
+    report = {"machine": machine(), "model": args.model, "device": args.device, "precision": args.precision,
+              "classes": args.classes, "results": results, "rfclip_breakdown": breakdown}
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

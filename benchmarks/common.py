@@ -1,0 +1,58 @@
+"""Shared helpers of the benchmark scripts: peak-RSS sampling, machine facts, tables."""
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def run_with_peak_rss(work: Callable[[], object], interval_s: float = 0.005) -> Tuple[float, int]:
+    """(seconds, peak RSS above the RSS at the start in bytes) of one call, sampled in a thread."""
+    start_rss = rss_bytes()
+    peak = start_rss
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_bytes())
+            time.sleep(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    try:
+        work()
+    finally:
+        seconds = time.perf_counter() - started
+        done.set()
+        sampler.join()
+    return seconds, max(peak, rss_bytes()) - start_rss
+
+
+def machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def markdown_table(header: Sequence[str], rows: List[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
