@@ -51,6 +51,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
 
 
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {raw}")
+    return value
+
+
 def _add_method_arguments(parser: argparse.ArgumentParser, short_side: Optional[int],
                           prob_threshold: Optional[float]) -> None:
     """Method and pre/post-processing switches shared by `segment` and `eval` (None: the dataset's)."""
@@ -72,7 +79,7 @@ def _add_method_arguments(parser: argparse.ArgumentParser, short_side: Optional[
     parser.add_argument("--prob-threshold", type=float, default=prob_threshold,
                         help="leave pixels below this probability unlabeled (default "
                              f"{per_dataset if prob_threshold is None else prob_threshold})")
-    parser.add_argument("--batch-size", type=int, default=8, help="crops per forward pass (default 8)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="crops per forward pass (default 8)")
     parser.add_argument("--precision", choices=("auto",) + PRECISIONS, default="auto",
                         help="auto: fp16 autocast on CUDA, fp32 on CPU")
 
@@ -167,21 +174,28 @@ def segment_command(args: argparse.Namespace) -> int:
          for i, (n, q) in enumerate(zip(vocabulary.names, vocabulary.classes))], indent=2) + "\n")
 
     failed: List[Tuple[Path, str]] = []
-    progress = tqdm(list(zip(files, _output_stems(files))), unit="image", disable=len(files) == 1 or args.quiet)
-    for path, stem in progress:
-        progress.set_postfix_str(path.name)
-        try:
-            rgb = load_rgb(path, args.max_pixels)
-        except (ImageError, OSError) as err:
-            failed.append((path, str(err)))
-            tqdm.write(f"error: {path}: {err}", file=sys.stderr)
-            continue
-        prediction = segmenter.predict(rgb, vocabulary)
-        label_map = prediction.label_map.numpy()
-        colorize(label_map, colors).save(out / f"{stem}_labels.png")
-        overlay(rgb, label_map, vocabulary.names, colors).save(out / f"{stem}_overlay.png")
-        if args.raw:
-            _save_label_map(out / f"{stem}_labelmap.png", label_map, len(vocabulary))
+    jobs = list(zip(files, _output_stems(files)))
+    progress = tqdm(total=len(jobs), unit="image", disable=len(files) == 1 or args.quiet)
+    for start in range(0, len(jobs), args.images_per_batch):
+        readable = []
+        for path, stem in jobs[start:start + args.images_per_batch]:
+            try:
+                readable.append((path, stem, load_rgb(path, args.max_pixels)))
+            except (ImageError, OSError) as err:
+                failed.append((path, str(err)))
+                tqdm.write(f"error: {path}: {err}", file=sys.stderr)
+                progress.update(1)
+        # the crops of these images share the encoder's batches
+        logits = segmenter.logits_many([rgb for _, _, rgb in readable], vocabulary) if readable else []
+        for (path, stem, rgb), image_logits in zip(readable, logits):
+            label_map = segmenter.decide(image_logits, vocabulary.names).label_map.numpy()
+            colorize(label_map, colors).save(out / f"{stem}_labels.png")
+            overlay(rgb, label_map, vocabulary.names, colors).save(out / f"{stem}_overlay.png")
+            if args.raw:
+                _save_label_map(out / f"{stem}_labelmap.png", label_map, len(vocabulary))
+            progress.set_postfix_str(path.name)
+            progress.update(1)
+    progress.close()
 
     done = len(files) - len(failed)
     print(f"segmented {done} of {len(files)} image(s) into {out}", file=sys.stderr)
@@ -256,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--labels-file", help="one class per line, synonyms comma-separated: person, man, woman")
     seg.add_argument("--out", required=True, help="output folder")
     _add_method_arguments(seg, short_side=336, prob_threshold=0.0)
+    seg.add_argument("--images-per-batch", type=_positive_int, default=4,
+                     help="images whose crops share forward passes (default 4)")
     seg.add_argument("--raw", action="store_true", help="also write the raw label map")
     seg.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse larger images (default 1e8)")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")

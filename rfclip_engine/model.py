@@ -24,7 +24,7 @@ from .steps import (
     find_distraction_tokens,
     received_attention,
     redistribute_embeddings,
-    redistributed_attention_output,
+    redistribution_correction,
 )
 
 BlockObserver = Callable[[int, torch.Tensor], None]
@@ -188,16 +188,20 @@ class RFCLIPModel(nn.Module):
                     key_key_sum = key_key if key_key_sum is None else key_key_sum.add_(key_key)
             if index == n_blocks - 1 and config.mode != "clip":
                 return self._dense_head(block, v, key_key_sum, n_blocks, config.mode, grid)
-            if distraction is not None and config.attention_redistribution:
-                if config.defocus_localization:
-                    with record_function("rfclip.fiedler"):
-                        similarity = key_key_sum.mean(dim=1) / (index + 1)
-                        defocused, fiedler = find_defocused_tokens(
-                            similarity, distraction, config.fiedler_solver, fiedler)
-                else:
-                    defocused = ~distraction
-                with record_function("rfclip.redistribution"):
-                    heads = redistributed_attention_output(q, k, v, distraction, defocused, config.beta)
+            if config.mode in ("kk-proxy", "rfclip"):
+                # one explicit attention path for both, so rfclip without distraction tokens is kk-proxy
+                attn = attention_probs(q, k)
+                heads = attn.to(v.dtype) @ v
+                if distraction is not None and config.attention_redistribution:
+                    if config.defocus_localization:
+                        with record_function("rfclip.fiedler"):
+                            similarity = key_key_sum.mean(dim=1) / (index + 1)
+                            defocused, fiedler = find_defocused_tokens(
+                                similarity, distraction, config.fiedler_solver, fiedler)
+                    else:
+                        defocused = ~distraction
+                    with record_function("rfclip.redistribution"):
+                        heads = heads + redistribution_correction(attn, v, distraction, defocused, config.beta)
             else:
                 heads = F.scaled_dot_product_attention(q, k, v)
             x = x + block.ls_1(_project_heads(block, heads))

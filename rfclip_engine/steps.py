@@ -40,11 +40,13 @@ def find_distraction_tokens(
     patch_tokens (B, N, C), dims (K,) long -> (B, N) bool.
     """
     x = patch_tokens.float()
-    shifted = x - x.amin(dim=-1, keepdim=True)
-    # A constant token has no over-activated channel; clamping keeps it at p = 0 instead of NaN.
-    p = shifted / shifted.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-    peak = p.index_select(-1, dims).amax(dim=-1)
-    distraction = peak > sigma / x.shape[-1]
+    channels = x.shape[-1]
+    low = x.amin(dim=-1, keepdim=True)
+    # sum_c (x_c - min) = sum_c x_c - C min; only the distraction channels need dividing.
+    mass = (x.sum(dim=-1, keepdim=True) - channels * low).clamp_min(torch.finfo(x.dtype).tiny)
+    # A constant token has no over-activated channel; the clamp keeps it at p = 0 instead of NaN.
+    peak = ((x.index_select(-1, dims) - low) / mass).amax(dim=-1)
+    distraction = peak > sigma / channels
     if attention_share is not None:
         distraction = distraction & (attention_share > attention_threshold)
     return distraction
@@ -182,22 +184,19 @@ def redistribute_attention(
     return out
 
 
-def redistributed_attention_output(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, distraction: torch.Tensor, defocused: torch.Tensor,
-    beta: float,
+def redistribution_correction(
+    attn: torch.Tensor, v: torch.Tensor, distraction: torch.Tensor, defocused: torch.Tensor, beta: float,
 ) -> torch.Tensor:
-    """`redistribute_attention(attention_probs(q, k), ...) @ v`, computed as the plain fused
-    attention plus a correction, without building a modified attention matrix:
+    """What step 4 adds to the block's attention output: `redistribute_attention(attn, ...) @ v`
+    equals `attn @ v + redistribution_correction(attn, v, ...)`, where for patch query rows
 
-        A'v = Av - beta A (v on Dis) + g A (v on Def),   g_i = beta (A 1_Dis)_i / (A 1_Def)_i
+        correction = g A (v on Def) - beta A (v on Dis),   g_i = beta (A 1_Dis)_i / (A 1_Def)_i,
 
-    for patch query rows; the four products come from one matmul of A with masked values. With
-    no distraction token the correction is exactly zero, so the result is exactly plain
-    attention. q, k, v (B, H, T, d) -> (B, H, T, d).
+    all four products from one matmul of A with masked values, so no modified attention matrix
+    is built. With no distraction token the correction is exactly zero.
+    attn (B, H, T, T), v (B, H, T, d) -> (B, H, T, d).
     """
     d = v.shape[-1]
-    plain = F.scaled_dot_product_attention(q, k, v)
-    attn = attention_probs(q, k)
     dis = F.pad(distraction, (1, 0)).to(attn.dtype)[:, None, :, None]  # the CLS key is in neither set
     dfc = F.pad(defocused, (1, 0)).to(attn.dtype)[:, None, :, None]
     values = v.to(attn.dtype)
@@ -208,4 +207,4 @@ def redistributed_attention_output(
     patch_rows = torch.arange(v.shape[-2], device=v.device)[:, None] > 0
     applies = (defocused.any(dim=-1)[:, None, None, None] & patch_rows).to(attn.dtype)
     gain = beta * mass_dis / mass_dfc.clamp_min(torch.finfo(attn.dtype).tiny)
-    return plain + (applies * (gain * on_dfc - beta * on_dis)).to(plain.dtype)
+    return (applies * (gain * on_dfc - beta * on_dis)).to(v.dtype)
