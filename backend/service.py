@@ -26,7 +26,7 @@ from label_studio_sdk.label_interface import LabelInterface
 
 from rfclip_engine import __version__ as engine_version
 from rfclip_engine.config import RFCLIPConfig, SegmenterConfig
-from rfclip_engine.predictor import UNLABELED, Segmenter
+from rfclip_engine.predictor import Segmenter
 from rfclip_engine.text import TEMPLATE_SET, Vocabulary
 
 from .label_config import ControlTarget, parse_label_config, targets_by_image
@@ -219,11 +219,13 @@ class PredictionService:
         probability_sums = [0.0] * len(ready)
         for key, targets in groups.items():
             union = Vocabulary(tuple(c for target in targets for c in target.vocabulary.classes))
-            for n, logits in enumerate(segmenter.logits_many([images[key] for _, images in ready], union)):
+            rgbs = [images[key] for _, images in ready]
+            for n, (rgb, logits) in enumerate(zip(rgbs, segmenter.logits_many(rgbs, union))):
                 start = 0
                 for target in targets:
                     classes = len(target.vocabulary)
-                    found, pixels, probability = self._target_regions(segmenter, logits[start:start + classes], target)
+                    found, pixels, probability = self._target_regions(
+                        segmenter, logits[start:start + classes], rgb.shape[:2], target)
                     start += classes
                     regions[n].extend(found)
                     labeled_pixels[n] += pixels
@@ -241,20 +243,20 @@ class PredictionService:
             entries.append({"result": valid, "score": round(score, 4), "model_version": self.model_version})
         return entries
 
-    def _target_regions(self, segmenter: Segmenter, logits, target: ControlTarget) -> Tuple[List[dict], int, float]:
-        """One control's regions in one image, with its labeled pixel count and probability sum."""
-        prediction = segmenter.decide(logits, target.vocabulary.names, target.score_threshold)
+    def _target_regions(self, segmenter: Segmenter, logits, size, target: ControlTarget) -> Tuple[List[dict], int, float]:
+        """One control's regions in one image, with its labeled pixel count and probability sum.
+        A region's score is the mean probability of its label inside it (its pixels' top one)."""
+        prediction = segmenter.decide(logits, target.vocabulary.names, size, target.score_threshold)
         label_map = prediction.label_map.numpy()
-        label_map[label_map >= len(target.labels)] = UNLABELED  # background queries
-        top = prediction.probs.max(dim=0).values.numpy()
         regions, pixels, probability = [], 0, 0.0
-        for c, label in enumerate(target.labels):
-            mask = label_map == c
-            if not mask.any():
+        for c, label in enumerate(target.labels):  # classes past the labels are background queries
+            count = int(prediction.pixel_counts[c])
+            if count == 0:
                 continue
-            pixels += int(mask.sum())
-            probability += float(top[mask].sum())
-            regions.extend(self._regions(mask, label, target, float(prediction.probs[c].numpy()[mask].mean())))
+            score = float(prediction.confidence[c])
+            pixels += count
+            probability += score * count
+            regions.extend(self._regions(label_map == c, label, target, score))
         return regions, pixels, probability
 
     @staticmethod

@@ -101,7 +101,8 @@ def main() -> int:
     fetcher = ImageFetcher(Path(tempfile.mkdtemp(prefix="rfclip-bench-fetch-")), None, 64 << 20, 20, 50_000_000)
     segmenter = Segmenter(model, SegmenterConfig(encoder=RFCLIPConfig()))
     (target,) = parse_label_config(config_xml)
-    stages = {name: [] for name in ("fetch + decode", "model", "PAMR", "regions (RLE/polygons)", "JSON")}
+    stages = {name: [] for name in ("fetch + decode", "model", "PAMR", "labels at full size",
+                                    "regions (RLE/polygons)", "JSON")}
     for i in range(3):
         started = time.perf_counter()
         rgb = fetcher.fetch(f"{media.url}/img/{i}.jpg", i, Credentials(None, None))
@@ -109,13 +110,14 @@ def main() -> int:
         started = time.perf_counter()
         (logits,) = segmenter.logits_many([rgb], target.vocabulary)
         stages["model"].append(time.perf_counter() - started)
-        if args.pamr:
-            pixels = segmenter.normalize(rgb)[None]
-            coarse = torch.nn.functional.interpolate(logits[None], scale_factor=336 / 768, mode="bilinear")
+        if args.pamr:  # at the working resolution, as the segmenter runs it
+            pixels = segmenter.resize(segmenter.normalize(rgb))[None]
             started = time.perf_counter()
-            refine(pixels, coarse, 10, (8, 16))
+            refine(pixels, logits[None], 10, (8, 16))
             stages["PAMR"].append(time.perf_counter() - started)
-        prediction = segmenter.decide(logits, target.vocabulary.names)
+        started = time.perf_counter()
+        prediction = segmenter.decide(logits, target.vocabulary.names, rgb.shape[:2])
+        stages["labels at full size"].append(time.perf_counter() - started)
         started = time.perf_counter()
         label_map = prediction.label_map.numpy()
         regions = []

@@ -6,7 +6,7 @@ Cases: one 336x448 image (short side 336: 6 crops), one 560x1120 image at short 
 Cityscapes setting: 36 crops), and a batch of 8 336x448 images (48 crops in shared batches).
 Modes: clip, maskclip, kk-proxy, rfclip, rfclip+PAMR. Weights are random (time does not depend on
 them; the distraction dimensions are the OpenAI preset's). Runs are interleaved across modes and
-the median is reported; peak memory is the RSS growth during a run, sampled every 5 ms. A profile
+the best run is reported (and the median); peak memory is the RSS growth during a run, sampled every 5 ms. A profile
 of one rfclip run shows where its extra time goes. Writes a JSON file beside the table.
 """
 from __future__ import annotations
@@ -89,18 +89,22 @@ def main() -> int:
                 times[name].append(seconds)
                 peaks[name] = max(peaks[name], peak)
         n_crops = crops(size, count, short_side)
-        base = statistics.median(times["clip"])
+        # The fastest of the interleaved runs estimates the cost best on a shared, noisy machine;
+        # the median is kept beside it.
+        base = min(times["clip"])
         results[case] = {
-            name: {"seconds": statistics.median(t), "images_per_s": count / statistics.median(t),
-                   "crops_per_s": n_crops / statistics.median(t), "ratio_to_clip": statistics.median(t) / base,
+            name: {"seconds": min(t), "median_seconds": statistics.median(t), "images_per_s": count / min(t),
+                   "crops_per_s": n_crops / min(t), "ratio_to_clip": min(t) / base,
+                   "median_ratio_to_clip": statistics.median(t) / statistics.median(times["clip"]),
                    "peak_rss_mb": peaks[name] / 2 ** 20, "runs": t}
             for name, t in times.items()
         }
-        print(f"\n{case} ({count} image(s), {n_crops} crops, {args.classes} classes, {repeats} runs, median)")
+        print(f"\n{case} ({count} image(s), {n_crops} crops, {args.classes} classes, best of {repeats} runs)")
         print(markdown_table(
-            ["mode", "s / batch", "images/s", "crops/s", "x clip", "peak RSS MB"],
+            ["mode", "s / batch", "images/s", "crops/s", "x clip", "x clip (median)", "peak RSS MB"],
             [[name, f"{r['seconds']:.3f}", f"{r['images_per_s']:.2f}", f"{r['crops_per_s']:.1f}",
-              f"{r['ratio_to_clip']:.2f}", f"{r['peak_rss_mb']:.0f}"] for name, r in results[case].items()]))
+              f"{r['ratio_to_clip']:.2f}", f"{r['median_ratio_to_clip']:.2f}", f"{r['peak_rss_mb']:.0f}"]
+             for name, r in results[case].items()]))
 
     size, count, short_side = CASES["336x448"]
     image = [rng.integers(0, 256, (*size, 3), dtype=np.uint8)]

@@ -188,7 +188,7 @@ def segment_command(args: argparse.Namespace) -> int:
         # the crops of these images share the encoder's batches
         logits = segmenter.logits_many([rgb for _, _, rgb in readable], vocabulary) if readable else []
         for (path, stem, rgb), image_logits in zip(readable, logits):
-            label_map = segmenter.decide(image_logits, vocabulary.names).label_map.numpy()
+            label_map = segmenter.decide(image_logits, vocabulary.names, rgb.shape[:2]).label_map.numpy()
             colorize(label_map, colors).save(out / f"{stem}_labels.png")
             overlay(rgb, label_map, vocabulary.names, colors).save(out / f"{stem}_overlay.png")
             if args.raw:

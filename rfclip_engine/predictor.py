@@ -19,6 +19,7 @@ from . import pamr
 from .config import SegmenterConfig
 from .imageio import ImageSource, load_rgb
 from .model import RFCLIPModel
+from .postprocess import label_map_tiled, probabilities
 from .sliding import sliding_window_many, whole_image
 from .text import ClassSpec, EmbeddingCache, TextEmbedder, Vocabulary
 
@@ -30,16 +31,29 @@ _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 class Prediction:
     """The segmentation of one image, at the input image's size.
 
-    probs: (C, H, W) float32 class probabilities.
-    label_map: (H, W) int64 class index, UNLABELED (-1) where the top probability is below the
+    label_map: (H, W) int32 class index, UNLABELED (-1) where the top probability is below the
         threshold.
     confidence: (C,) mean probability of class c over the pixels labeled c (0 where none are).
+    pixel_counts: (C,) number of pixels labeled c.
+    logits: (C, h, w) class logits at the working resolution, behind `probs`.
     """
 
     class_names: Tuple[str, ...]
-    probs: torch.Tensor
     label_map: torch.Tensor
     confidence: torch.Tensor
+    pixel_counts: torch.Tensor
+    logits: torch.Tensor
+    logit_scale: float
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        return tuple(self.label_map.shape)  # type: ignore[return-value]
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """(C, H, W) float32 class probabilities, computed on demand (C x H x W floats: for a large
+        image with many classes prefer `label_map`, `confidence` and `mask`)."""
+        return probabilities(self.logits, self.size, self.logit_scale)
 
     def mask(self, class_index: int) -> torch.Tensor:
         """(H, W) bool mask of one class."""
@@ -47,7 +61,7 @@ class Prediction:
 
     @property
     def present_classes(self) -> List[int]:
-        return [int(c) for c in torch.unique(self.label_map) if c != UNLABELED]
+        return [int(c) for c in torch.nonzero(self.pixel_counts).flatten()]
 
 
 class Segmenter:
@@ -70,8 +84,7 @@ class Segmenter:
     def predict(self, image: ImageSource, class_names: Union[Vocabulary, Iterable[ClassSpec]]) -> Prediction:
         """Segment one image. `class_names`: a Vocabulary, or strings where "person, man, woman"
         is one class with synonyms."""
-        vocabulary = as_vocabulary(class_names)
-        return self.decide(self.logits(load_rgb(image, self.max_pixels), vocabulary), vocabulary.names)
+        return self.predict_many([image], class_names)[0]
 
     def predict_many(
         self, images: Sequence[ImageSource], class_names: Union[Vocabulary, Iterable[ClassSpec]]
@@ -79,14 +92,13 @@ class Segmenter:
         """Segment several images; their crops share the encoder's batches."""
         vocabulary = as_vocabulary(class_names)
         rgbs = [load_rgb(image, self.max_pixels) for image in images]
-        return [self.decide(logits, vocabulary.names) for logits in self.logits_many(rgbs, vocabulary)]
-
-    def logits(self, rgb: np.ndarray, vocabulary: Vocabulary) -> torch.Tensor:
-        """(C, H, W) class logits of an (H, W, 3) uint8 image, before the softmax."""
-        return self.logits_many([rgb], vocabulary)[0]
+        logits = self.logits_many(rgbs, vocabulary)
+        return [self.decide(lg, vocabulary.names, rgb.shape[:2]) for lg, rgb in zip(logits, rgbs)]
 
     def logits_many(self, rgbs: Sequence[np.ndarray], vocabulary: Vocabulary) -> List[torch.Tensor]:
-        """`logits` of several images, encoded in shared batches."""
+        """(C, h, w) class logits (cosine similarities, after PAMR if on) of each (H, W, 3) uint8
+        image at the working resolution (short side `config.short_side`); their crops share the
+        encoder's batches. `decide` takes them to the image size."""
         text = self.text.embed(vocabulary)
         return self.class_logits(rgbs, text, vocabulary.query_class, len(vocabulary))
 
@@ -110,11 +122,10 @@ class Segmenter:
     def class_logits(
         self, rgbs: Sequence[np.ndarray], text: torch.Tensor, query_class: Sequence[int], n_classes: int
     ) -> List[torch.Tensor]:
-        """(C, H, W) class logits (cosine similarities) of each image at its input size, after
-        PAMR if on."""
+        """(C, h, w) class logits of each image at the working resolution. PAMR, when on, runs
+        there too (as the sliding-window codebases do), so its cost does not grow with the photo."""
         cfg = self.config
-        pixels = [self.normalize(rgb) for rgb in rgbs]
-        resized = [self.resize(p) for p in pixels]
+        resized = [self.resize(self.normalize(rgb)) for rgb in rgbs]
         index = torch.tensor(query_class, device=text.device)
 
         def encode(crops: torch.Tensor) -> torch.Tensor:
@@ -124,13 +135,10 @@ class Segmenter:
             coarse = [whole_image(image, encode, self.model.patch_size) for image in resized]
         else:
             coarse = sliding_window_many(resized, encode, cfg.window, cfg.stride, cfg.batch_size)
-        return [self._to_input_size(logits, image) for logits, image in zip(coarse, pixels)]
-
-    def _to_input_size(self, logits: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
         if cfg.pamr:
-            return pamr.refine(pixels[None], logits[None], cfg.pamr_iterations, cfg.pamr_dilations)[0]
-        return F.interpolate(logits[None], size=pixels.shape[-2:], mode="bilinear", align_corners=False)[0]
+            coarse = [pamr.refine(image[None], logits[None], cfg.pamr_iterations, cfg.pamr_dilations)[0]
+                      for image, logits in zip(resized, coarse)]
+        return coarse
 
     def _crop_logits(self, crops: torch.Tensor, text: torch.Tensor, query_class: torch.Tensor, n_classes: int):
         precision = self.config.precision
@@ -146,19 +154,16 @@ class Segmenter:
         index = query_class.view(1, -1, 1, 1).expand_as(query_logits)
         return query_logits.new_full(shape, float("-inf")).scatter_reduce(1, index, query_logits, "amax")
 
-    def decide(self, logits: torch.Tensor, names: Sequence[str], prob_threshold: Optional[float] = None) -> Prediction:
-        """Probabilities, labels and confidences from (C, H, W) logits; `prob_threshold`
-        overrides the config's."""
+    def decide(self, logits: torch.Tensor, names: Sequence[str], size: Optional[Tuple[int, int]] = None,
+               prob_threshold: Optional[float] = None) -> Prediction:
+        """Labels at `size` (default: the logits' own) from (C, h, w) logits, in row tiles;
+        `prob_threshold` overrides the config's."""
         threshold = self.config.prob_threshold if prob_threshold is None else prob_threshold
-        probs = torch.softmax(self.config.logit_scale * logits, dim=0)
-        top, label_map = probs.max(dim=0)
-        label_map = torch.where(top < threshold, torch.full_like(label_map, UNLABELED), label_map)
-        n_classes = probs.shape[0]
-        labeled = label_map != UNLABELED
-        counts = torch.bincount(label_map[labeled], minlength=n_classes).float()
-        sums = torch.bincount(label_map[labeled], weights=top[labeled], minlength=n_classes)
-        confidence = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
-        return Prediction(tuple(names), probs.cpu(), label_map.cpu(), confidence.cpu())
+        size = tuple(size) if size is not None else tuple(logits.shape[-2:])
+        labels, counts, sums = label_map_tiled(logits, size, self.config.logit_scale, threshold, UNLABELED)
+        confidence = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums)).float()
+        return Prediction(tuple(names), labels.cpu(), confidence.cpu(), counts.long().cpu(), logits.cpu(),
+                          self.config.logit_scale)
 
 
 def as_vocabulary(class_names: Union[Vocabulary, Iterable[ClassSpec]]) -> Vocabulary:

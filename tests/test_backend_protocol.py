@@ -9,7 +9,7 @@ from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.regions import rasterize_polygon
-from rfclip_engine import Segmenter, Vocabulary
+from rfclip_engine import Segmenter
 from rfclip_engine.imageio import load_rgb
 
 from .backend_support import BRUSH_CONFIG, SAMPLES, TEST_CONFIG, make_app, png
@@ -39,10 +39,7 @@ def recorded_predict_body(fake_ls):
 
 
 def expected_label_map(tiny_model, image_bytes, labels):
-    segmenter = Segmenter(tiny_model, TEST_CONFIG)
-    rgb = load_rgb(image_bytes)
-    vocab = Vocabulary.from_names(labels)
-    return segmenter.decide(segmenter.logits(rgb, vocab), vocab.names).label_map.numpy()
+    return Segmenter(tiny_model, TEST_CONFIG).predict(load_rgb(image_bytes), labels).label_map.numpy()
 
 
 def decode_brush(region):
