@@ -86,7 +86,7 @@ def main() -> int:
         peaks = {name: 0 for name in MODES}
         for _ in range(repeats):
             for name, runner in runners.items():
-                seconds, peak = run_with_peak_rss(lambda: runner.logits_many(images, vocabulary))
+                seconds, peak = run_with_peak_rss(lambda r=runner, i=images: r.logits_many(i, vocabulary))
                 times[name].append(seconds)
                 peaks[name] = max(peaks[name], peak)
         n_crops = crops(size, count, short_side)

@@ -117,7 +117,7 @@ def _load(args: argparse.Namespace):
         try:
             dims = [int(d) for d in dims.split(",") if d.strip()]
         except ValueError:
-            raise UsageError(f"--distraction-dims: {dims!r} is neither a file nor comma-separated integers")
+            raise UsageError(f"--distraction-dims: {dims!r} is neither a file nor comma-separated integers") from None
     return load_model(args.model, pretrained=args.checkpoint or args.pretrained, device=_resolve_device(args.device),
                       distraction_dims=dims, weights_tag=args.weights_tag)
 
@@ -150,7 +150,7 @@ def _vocabulary(args: argparse.Namespace) -> Vocabulary:
     try:
         return Vocabulary.from_names(specs)
     except ValueError as err:
-        raise UsageError(str(err))
+        raise UsageError(str(err)) from None
 
 
 def _save_label_map(path: Path, label_map: np.ndarray, n_classes: int) -> None:

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -156,7 +156,7 @@ def evaluate(predict: Predictor, dataset: SegmentationDataset, limit: Optional[i
     accumulator = IoUAccumulator(len(names))
     total = min(len(dataset), limit) if limit else len(dataset)
     count = 0
-    for image_path, rgb, label in tqdm(dataset, total=total, unit="image", disable=not progress):
+    for _, rgb, label in tqdm(dataset, total=total, unit="image", disable=not progress):
         if count == total:
             break
         pred = predict(rgb)

@@ -3,7 +3,6 @@ import logging
 import os
 import time
 
-import pytest
 
 from backend.media import ImageFetcher
 from rfclip_engine.text import TextEmbedder

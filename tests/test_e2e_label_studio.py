@@ -5,7 +5,6 @@ Outside CI, without LABEL_STUDIO_BIN, this test is skipped with that reason; in 
 """
 import io
 import os
-import shutil
 import signal
 import subprocess
 import sys
