@@ -65,7 +65,7 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
     text_cache = RedisEmbeddingCache(settings.redis_url)
     holder = ModelHolder(lambda: segmenter_loader(settings, text_cache))
     fetcher = ImageFetcher(settings.cache_dir, settings.allowed_local_dir, settings.max_download_bytes,
-                           settings.fetch_timeout_s, settings.max_image_pixels)
+                           settings.fetch_timeout_s, settings.max_image_pixels, settings.image_cache_mb << 20)
     service = PredictionService(settings, holder, fetcher)
     projects = ProjectStore()
 

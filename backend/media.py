@@ -107,8 +107,35 @@ def _without_query(url: str) -> str:
     return url.split("?", 1)[0] if "://" in url else url.split("&", 1)[0]
 
 
+def prune_cache(folder: Path, max_bytes: int, keep_fraction: float = 0.8) -> int:
+    """Delete the least recently used files of `folder` until it holds at most keep_fraction *
+    max_bytes, once it holds more than max_bytes. Returns how many files were deleted."""
+    entries = []
+    for path in folder.iterdir():
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        if path.is_file():
+            entries.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    if total <= max_bytes:
+        return 0
+    removed = 0
+    for _, size, path in sorted(entries):
+        path.unlink(missing_ok=True)
+        removed += 1
+        total -= size
+        if total <= keep_fraction * max_bytes:
+            break
+    return removed
+
+
 class ImageFetcher:
-    """Turns a task's image reference into an RGB array, with a disk cache of downloads."""
+    """Turns a task's image reference into an RGB array, with a disk cache of downloads that
+    keeps the most recently used images within `cache_bytes`."""
+
+    PRUNE_EVERY = 50  # fetches between looks at the cache size
 
     def __init__(
         self,
@@ -117,9 +144,12 @@ class ImageFetcher:
         max_bytes: int,
         timeout_s: float,
         max_pixels: int,
+        cache_bytes: int = 2 << 30,
     ) -> None:
         self.cache_dir = Path(cache_dir) / "images"
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.cache_bytes = cache_bytes
+        self._fetches = 0
         self.allowed_local_dir = allowed_local_dir.resolve() if allowed_local_dir else None
         self.max_pixels = max_pixels
         self.session = BoundedSession(max_bytes, timeout_s)
@@ -140,6 +170,7 @@ class ImageFetcher:
         reference = reference.strip()
         with self._lock_for(reference):
             path = self._local_file(reference, task_id, credentials)
+            self._note_use(Path(path))
             try:
                 return load_rgb(path, self.max_pixels)
             except ImageError as err:
@@ -186,6 +217,19 @@ class ImageFetcher:
                 message = ("this image is served by Label Studio, but the backend knows no Label Studio URL "
                            "and token: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
             raise MediaError(message) from None
+
+    def _note_use(self, path: Path) -> None:
+        """Mark a cached file as recently used; now and then trim the cache to its size."""
+        if path.parent != self.cache_dir:
+            return
+        path.touch(exist_ok=True)
+        with self._locks_guard:
+            self._fetches += 1
+            due = self._fetches % self.PRUNE_EVERY == 0
+        if due:
+            removed = prune_cache(self.cache_dir, self.cache_bytes)
+            if removed:
+                log.info("image cache: removed %d least recently used files", removed)
 
     @staticmethod
     def _absolute(reference: str, credentials: Credentials) -> str:

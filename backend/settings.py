@@ -40,6 +40,7 @@ class Settings:
     predict_budget_s: float = 80.0
     max_request_bytes: int = 32 * 1024 * 1024
     cache_dir: Path = Path.home() / ".cache" / "rfclip"
+    image_cache_mb: int = 2048
     log_level: str = "INFO"
 
     @property
@@ -85,6 +86,7 @@ class Settings:
             predict_budget_s=get("RFCLIP_PREDICT_BUDGET_S", _parse_budget, defaults.predict_budget_s),
             max_request_bytes=get("RFCLIP_MAX_REQUEST_BYTES", _positive(int), defaults.max_request_bytes),
             cache_dir=get("RFCLIP_CACHE_DIR", lambda raw: Path(raw).expanduser(), defaults.cache_dir),
+            image_cache_mb=get("RFCLIP_IMAGE_CACHE_MB", _positive(int), defaults.image_cache_mb),
             log_level=get("LOG_LEVEL", _choice(("DEBUG", "INFO", "WARNING", "ERROR"), upper=True), defaults.log_level),
         )
         return settings

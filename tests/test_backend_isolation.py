@@ -254,3 +254,20 @@ def test_redis_shares_embeddings_and_survives_outages(tiny_model, tmp_path, fake
     fourth.test_client().post("/predict", json={"tasks": tasks, "label_config": config})
     assert fourth.extensions["rfclip"]["text_cache"].hits >= 1
     assert computed.count("horse") == 1
+
+
+def test_image_cache_keeps_recent_files_within_its_size(tmp_path, fake_ls):
+    from backend.media import Credentials, prune_cache
+
+    fetcher = ImageFetcher(tmp_path, None, 10 << 20, 10, 10 ** 8, cache_bytes=60_000)
+    fetcher.PRUNE_EVERY = 1
+    for i in range(12):
+        fake_ls.public[f"{i}.png"] = png(64, 64, seed=i)  # ~12 KB each
+    for i in range(12):
+        fetcher.fetch(f"{fake_ls.url}/img/{i}.png", i, Credentials(None, None))
+        time.sleep(0.01)
+    files = list(fetcher.cache_dir.iterdir())
+    assert sum(f.stat().st_size for f in files) <= 60_000
+    assert any(f.name.endswith("__11.png") for f in files)  # the newest stays
+    assert not any(f.name.endswith("__0.png") for f in files)  # the oldest went
+    assert prune_cache(fetcher.cache_dir, 10 ** 9) == 0
