@@ -14,11 +14,12 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import BadRequest, HTTPException
 
 from rfclip_engine import Segmenter, load_model
+from rfclip_engine.loading import resolve_device
 from rfclip_engine.text import EmbeddingCache
 
 from .label_config import LabelConfigError
 from .media import Credentials, ImageFetcher
-from .service import ModelHolder, PredictionService, resolve_device, segmenter_config
+from .service import ModelHolder, PredictionService, segmenter_config
 from .settings import Settings
 from .text_cache import RedisEmbeddingCache
 

@@ -25,7 +25,7 @@ import torch
 from label_studio_sdk.label_interface import LabelInterface
 
 from rfclip_engine import __version__ as engine_version
-from rfclip_engine.config import RFCLIPConfig, SegmenterConfig
+from rfclip_engine.config import RFCLIPConfig, SegmenterConfig, default_precision
 from rfclip_engine.predictor import Segmenter
 from rfclip_engine.text import TEMPLATE_SET, Vocabulary
 
@@ -90,13 +90,7 @@ class ModelHolder:
 
 def segmenter_config(settings: Settings, device: torch.device) -> SegmenterConfig:
     return SegmenterConfig(encoder=RFCLIPConfig(mode=settings.mode), pamr=settings.pamr,
-                           precision="fp16" if device.type == "cuda" else "fp32")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+                           precision=default_precision(device.type))
 
 
 def model_version(settings: Settings) -> str:

@@ -22,10 +22,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from .calibrate import calibrate
-from .config import MODES, PRECISIONS, RFCLIPConfig, SegmenterConfig
+from .config import MODES, PRECISIONS, RFCLIPConfig, SegmenterConfig, default_precision
 from .evaluation import SegmentationDataset, dataset_specs, evaluate, format_table
 from .imageio import ImageError, load_rgb
-from .loading import load_model
+from .loading import load_model, resolve_device
 from .predictor import Segmenter
 from .presets import save_preset_file
 from .text import Vocabulary
@@ -85,7 +85,7 @@ def _add_method_arguments(parser: argparse.ArgumentParser, short_side: Optional[
 
 
 def _segmenter_config(args: argparse.Namespace, device: torch.device) -> SegmenterConfig:
-    precision = args.precision if args.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+    precision = args.precision if args.precision != "auto" else default_precision(device.type)
     return SegmenterConfig(
         encoder=RFCLIPConfig(
             mode=args.mode,
@@ -105,12 +105,6 @@ def _segmenter_config(args: argparse.Namespace, device: torch.device) -> Segment
     )
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _load(args: argparse.Namespace):
     dims = args.distraction_dims
     if dims and not Path(dims).is_file():
@@ -118,7 +112,7 @@ def _load(args: argparse.Namespace):
             dims = [int(d) for d in dims.split(",") if d.strip()]
         except ValueError:
             raise UsageError(f"--distraction-dims: {dims!r} is neither a file nor comma-separated integers") from None
-    return load_model(args.model, pretrained=args.checkpoint or args.pretrained, device=_resolve_device(args.device),
+    return load_model(args.model, pretrained=args.checkpoint or args.pretrained, device=resolve_device(args.device),
                       distraction_dims=dims, weights_tag=args.weights_tag)
 
 

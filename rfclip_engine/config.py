@@ -12,6 +12,11 @@ MODES = ("clip", "maskclip", "kk-proxy", "rfclip")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
+def default_precision(device_type: str) -> str:
+    """fp16 autocast on CUDA, full precision elsewhere."""
+    return "fp16" if device_type == "cuda" else "fp32"
+
+
 @dataclass(frozen=True)
 class RFCLIPConfig:
     """How the vision encoder turns pixels into dense patch embeddings.

@@ -23,6 +23,13 @@ _NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_ma
 OPENAI_TAG = "openai"
 
 
+def resolve_device(name: Union[str, torch.device]) -> torch.device:
+    """"auto" is CUDA when available, else the CPU; anything else as torch reads it."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 class WeightsUnavailableError(RuntimeError):
     """The pretrained weights could not be downloaded (typically: no network)."""
 
