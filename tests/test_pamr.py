@@ -15,34 +15,23 @@ def naive_pamr(image, logits, iterations, dilations):
     def at(a, y, x):
         return a[:, min(max(y, 0), h - 1), min(max(x, 0), w - 1)]
 
-    aff = np.zeros((8 * len(dilations), h, w))
+    window = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    neighbours = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    aff = np.zeros((len(neighbours), h, w))
     for y in range(h):
         for x in range(w):
-            samples = [at(img, y + dy * d, x + dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-            std = np.std(np.stack(samples), axis=0, ddof=1)
-            k = 0
-            for d in dilations:
-                for dy in (-1, 0, 1):
-                    for dx in (-1, 0, 1):
-                        if dy == dx == 0:
-                            continue
-                        diff = np.abs(img[:, y, x] - at(img, y + dy * d, x + dx * d))
-                        aff[k, y, x] = np.mean(-diff / (1e-8 + 0.1 * std))
-                        k += 1
+            std = np.std(np.stack([at(img, y + dy, x + dx) for dy, dx in window]), axis=0, ddof=1)
+            for k, (dy, dx) in enumerate(neighbours):
+                diff = np.abs(img[:, y, x] - at(img, y + dy, x + dx))
+                aff[k, y, x] = np.mean(-diff / (1e-8 + 0.1 * std))
     aff = np.exp(aff - aff.max(axis=0))
     aff /= aff.sum(axis=0)
     for _ in range(iterations):
         new = np.zeros_like(mask)
         for y in range(h):
             for x in range(w):
-                k = 0
-                for d in dilations:
-                    for dy in (-1, 0, 1):
-                        for dx in (-1, 0, 1):
-                            if dy == dx == 0:
-                                continue
-                            new[:, y, x] += aff[k, y, x] * at(mask, y + dy * d, x + dx * d)
-                            k += 1
+                for k, (dy, dx) in enumerate(neighbours):
+                    new[:, y, x] += aff[k, y, x] * at(mask, y + dy, x + dx)
         mask = new
     return mask
 
