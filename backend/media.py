@@ -30,6 +30,10 @@ _CLOUD_SCHEMES = ("s3:", "gs:", "azure-blob:")
 _NO_LOCAL_UPLOADS = "/nonexistent/rfclip-no-local-uploads"
 
 
+_NO_LABEL_STUDIO = ("this image is served by Label Studio, but the backend knows no Label Studio URL and "
+                    "token: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+
+
 class MediaError(Exception):
     """A task's image cannot be used; the message says why (and holds no credentials)."""
 
@@ -213,10 +217,8 @@ class ImageFetcher:
             raise MediaError(f"cannot fetch {_without_query(reference)}: {type(err).__name__}") from None
         except (FileNotFoundError, ValueError) as err:
             message = str(err)
-            if "LABEL_STUDIO" in message or "hostname" in message:
-                message = ("this image is served by Label Studio, but the backend knows no Label Studio URL "
-                           "and token: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-            raise MediaError(message) from None
+            raise MediaError(_NO_LABEL_STUDIO if "LABEL_STUDIO" in message or "hostname" in message
+                             else message) from None
 
     def _note_use(self, path: Path) -> None:
         """Mark a cached file as recently used; now and then trim the cache to its size."""
@@ -234,8 +236,7 @@ class ImageFetcher:
     @staticmethod
     def _absolute(reference: str, credentials: Credentials) -> str:
         if not credentials.url:
-            raise MediaError("this image is served by Label Studio, but the backend knows no Label Studio URL: "
-                             "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+            raise MediaError(_NO_LABEL_STUDIO)
         return credentials.url.rstrip("/") + "/" + reference.lstrip("/")
 
     def _inside_allowed(self, path: Path) -> Optional[Path]:
