@@ -114,24 +114,25 @@ def _fiedler_vector(weights: torch.Tensor, solver: str, start: Optional[torch.Te
 
 def _orthonormalize(vector: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """vector (B, N) made orthogonal to the columns of basis (B, N, k), twice for stability, unit length."""
+    vector = vector.unsqueeze(-1)
     for _ in range(2):
-        vector = vector - (basis @ (basis.transpose(1, 2) @ vector.unsqueeze(-1))).squeeze(-1)
-    return F.normalize(vector, dim=-1)
+        vector = vector - basis @ (basis.transpose(1, 2) @ vector)
+    return F.normalize(vector.squeeze(-1), dim=-1)
 
 
 def _ritz_vector(matrix: torch.Tensor, top: torch.Tensor, start: torch.Tensor, steps: int) -> torch.Tensor:
     """Largest-eigenvalue Ritz vector of `matrix` in the Krylov space of `start`, orthogonal to `top`."""
-    basis = top.unsqueeze(-1)
-    q = _orthonormalize(start, basis)
-    columns, images = [], []
-    for _ in range(steps):
-        columns.append(q)
-        product = (matrix @ q.unsqueeze(-1)).squeeze(-1)
-        images.append(product)
-        basis = torch.cat([basis, q.unsqueeze(-1)], dim=-1)
-        q = _orthonormalize(product, basis)
-    krylov = torch.stack(columns, dim=-1)  # (B, N, steps), orthonormal and orthogonal to top
-    projected = krylov.transpose(1, 2) @ torch.stack(images, dim=-1)
+    # column 0 holds `top`, columns 1.. the Krylov vectors, filled in place
+    basis = top.new_empty((*top.shape, steps + 1))
+    basis[..., 0] = top
+    images = top.new_empty((*top.shape, steps))
+    q = _orthonormalize(start, basis[..., :1])
+    for j in range(steps):
+        basis[..., j + 1] = q
+        images[..., j] = (matrix @ q.unsqueeze(-1)).squeeze(-1)
+        q = _orthonormalize(images[..., j], basis[..., :j + 2])
+    krylov = basis[..., 1:]  # (B, N, steps), orthonormal and orthogonal to top
+    projected = krylov.transpose(1, 2) @ images
     _, vectors = torch.linalg.eigh((projected + projected.transpose(1, 2)) / 2)
     return F.normalize((krylov @ vectors[..., -1:]).squeeze(-1), dim=-1)
 
@@ -192,18 +193,19 @@ def redistribution_correction(
 
         correction = g A (v on Def) - beta A (v on Dis),   g_i = beta (A 1_Dis)_i / (A 1_Def)_i,
 
-    all four products from one matmul of A with masked values, so no modified attention matrix
-    is built. With no distraction token the correction is exactly zero.
+    from matmuls of A with masked values, so no modified attention matrix is built. With no
+    distraction token the correction is exactly zero.
     attn (B, H, T, T), v (B, H, T, d) -> (B, H, T, d).
     """
     d = v.shape[-1]
     dis = F.pad(distraction, (1, 0)).to(attn.dtype)[:, None, :, None]  # the CLS key is in neither set
     dfc = F.pad(defocused, (1, 0)).to(attn.dtype)[:, None, :, None]
     values = v.to(attn.dtype)
-    ones = torch.ones_like(values[..., :1])
-    products = attn @ torch.cat([values * dis, values * dfc, ones * dis, ones * dfc], dim=-1)
-    on_dis, on_dfc = products[..., :d], products[..., d:2 * d]
-    mass_dis, mass_dfc = products[..., 2 * d:2 * d + 1], products[..., 2 * d + 1:]
+    # masked values in one matmul of width 2d (a fast GEMM shape), the two masses in a thin one
+    on = attn @ torch.cat([values * dis, values * dfc], dim=-1)
+    masses = attn @ torch.cat([dis, dfc], dim=-1)
+    on_dis, on_dfc = on[..., :d], on[..., d:]
+    mass_dis, mass_dfc = masses[..., :1], masses[..., 1:]
     patch_rows = torch.arange(v.shape[-2], device=v.device)[:, None] > 0
     applies = (defocused.any(dim=-1)[:, None, None, None] & patch_rows).to(attn.dtype)
     gain = beta * mass_dis / mass_dfc.clamp_min(torch.finfo(attn.dtype).tiny)
