@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+from .steps import FIEDLER_SOLVERS
+
 MODES = ("clip", "maskclip", "kk-proxy", "rfclip")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -47,8 +49,8 @@ class RFCLIPConfig:
     fiedler_solver: str = "lanczos"
 
     def __post_init__(self) -> None:
-        if self.fiedler_solver not in ("exact", "lanczos"):
-            raise ValueError(f"fiedler_solver must be 'exact' or 'lanczos', got {self.fiedler_solver!r}")
+        if self.fiedler_solver not in FIEDLER_SOLVERS:
+            raise ValueError(f"fiedler_solver must be one of {FIEDLER_SOLVERS}, got {self.fiedler_solver!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.sigma <= 0:
