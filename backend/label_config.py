@@ -68,6 +68,11 @@ def parse_label_config(config: str) -> List[ControlTarget]:
 
     Raises LabelConfigError, with an example of a usable config, when there is none.
     """
+    return read_label_config(config)[0]
+
+
+def read_label_config(config: str) -> Tuple[List[ControlTarget], LabelInterface]:
+    """The predictable controls and the SDK's interface of the config (for validating regions)."""
     if not config or not config.strip():
         raise LabelConfigError(f"the labeling config is empty; the backend needs one like:\n{EXAMPLE_CONFIG}")
     try:
@@ -112,7 +117,7 @@ def parse_label_config(config: str) -> List[ControlTarget]:
             "the labeling config has no BrushLabels or PolygonLabels control with labels tied to an "
             f"<Image value=\"$...\"> tag, so there is nothing to pre-annotate. A config the backend can use:\n"
             f"{EXAMPLE_CONFIG}")
-    return targets
+    return targets, interface
 
 
 def targets_by_image(targets: List[ControlTarget]) -> Dict[str, List[ControlTarget]]:

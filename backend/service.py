@@ -29,7 +29,7 @@ from rfclip_engine.config import RFCLIPConfig, SegmenterConfig, default_precisio
 from rfclip_engine.predictor import Segmenter
 from rfclip_engine.text import TEMPLATE_SET, Vocabulary
 
-from .label_config import ControlTarget, parse_label_config, targets_by_image
+from .label_config import ControlTarget, read_label_config, targets_by_image
 from .media import Credentials, ImageFetcher, MediaError
 from .regions import brush_region, polygon_regions
 from .settings import Settings
@@ -111,7 +111,8 @@ def model_version(settings: Settings) -> str:
 
 @lru_cache(maxsize=64)
 def _parsed_config(label_config: str) -> Tuple[Tuple[ControlTarget, ...], LabelInterface]:
-    return tuple(parse_label_config(label_config)), LabelInterface(label_config)
+    targets, interface = read_label_config(label_config)
+    return tuple(targets), interface
 
 
 class PredictionService:
@@ -142,8 +143,15 @@ class PredictionService:
             log.error("tasks %s not predicted: %s", _ids(tasks), err)
             return [NOT_PREDICTED for _ in tasks]
 
-        with self._lock:
+        # Another request may hold the model; waiting must not outlast the budget either.
+        if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            log.warning("tasks %s not reached within the %.0f s budget (the model was busy); Label Studio "
+                        "will ask for them again", _ids(tasks), self.settings.predict_budget_s)
+            return [NOT_PREDICTED for _ in tasks]
+        try:
             return self._predict_in_order(tasks, groups, interface, segmenter, credentials, deadline)
+        finally:
+            self._lock.release()
 
     def _predict_in_order(self, tasks, groups, interface, segmenter, credentials, deadline) -> List[object]:
         """Tasks in groups of `images_per_batch` (their crops share the encoder's batches), the next
