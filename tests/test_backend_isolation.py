@@ -271,3 +271,17 @@ def test_image_cache_keeps_recent_files_within_its_size(tmp_path, fake_ls):
     assert any(f.name.endswith("__11.png") for f in files)  # the newest stays
     assert not any(f.name.endswith("__0.png") for f in files)  # the oldest went
     assert prune_cache(fetcher.cache_dir, 10 ** 9) == 0
+
+
+def test_a_busy_model_does_not_outlast_the_budget(tiny_model, tmp_path, fake_ls):
+    fake_ls.public["a.png"] = png(64, 64)
+    app = make_app(tiny_model, tmp_path, predict_budget_s=1.0)
+    app.extensions["rfclip"]["holder"].get(30)
+    service = app.extensions["rfclip"]["service"]
+    service._lock.acquire()  # another request is using the model
+    try:
+        started = time.monotonic()
+        results = predict(app.test_client(), [{"id": 1, "data": {"image": f"{fake_ls.url}/img/a.png"}}])
+        assert results == [[]] and time.monotonic() - started < 2.0
+    finally:
+        service._lock.release()
