@@ -19,12 +19,12 @@ from torch.profiler import record_function
 from .config import RFCLIPConfig
 from .presets import DistractionPreset
 from .steps import (
+    attend_redistributed,
     attention_probs,
     find_defocused_tokens,
     find_distraction_tokens,
     received_attention,
     redistribute_embeddings,
-    redistribution_correction,
 )
 
 BlockObserver = Callable[[int, torch.Tensor], None]
@@ -188,20 +188,16 @@ class RFCLIPModel(nn.Module):
                     key_key_sum = key_key if key_key_sum is None else key_key_sum.add_(key_key)
             if index == n_blocks - 1 and config.mode != "clip":
                 return self._dense_head(block, v, key_key_sum, n_blocks, config.mode, grid)
-            if config.mode in ("kk-proxy", "rfclip"):
-                # one explicit attention path for both, so rfclip without distraction tokens is kk-proxy
-                attn = attention_probs(q, k)
-                heads = attn.to(v.dtype) @ v
-                if distraction is not None and config.attention_redistribution:
-                    if config.defocus_localization:
-                        with record_function("rfclip.fiedler"):
-                            similarity = key_key_sum.mean(dim=1) / (index + 1)
-                            defocused, fiedler = find_defocused_tokens(
-                                similarity, distraction, config.fiedler_solver, fiedler)
-                    else:
-                        defocused = ~distraction
-                    with record_function("rfclip.redistribution"):
-                        heads = heads + redistribution_correction(attn, v, distraction, defocused, config.beta)
+            if distraction is not None and config.attention_redistribution:
+                if config.defocus_localization:
+                    with record_function("rfclip.fiedler"):
+                        similarity = key_key_sum.mean(dim=1) / (index + 1)
+                        defocused, fiedler = find_defocused_tokens(
+                            similarity, distraction, config.fiedler_solver, fiedler)
+                else:
+                    defocused = ~distraction
+                with record_function("rfclip.redistribution"):
+                    heads = attend_redistributed(attention_probs(q, k), v, distraction, defocused, config.beta)
             else:
                 heads = F.scaled_dot_product_attention(q, k, v)
             x = x + block.ls_1(_project_heads(block, heads))

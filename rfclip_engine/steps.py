@@ -75,24 +75,22 @@ FIEDLER_SOLVERS = ("exact", "lanczos")
 
 
 def fiedler_vector(
-    similarity: torch.Tensor, solver: str = "exact", start: Optional[torch.Tensor] = None,
-    steps: int = 16, restarts: int = 2,
+    similarity: torch.Tensor, solver: str = "exact", start: Optional[torch.Tensor] = None, steps: int = 24,
 ) -> torch.Tensor:
     """The generalized eigenvector y of (D - W) y = lambda D y for the second-smallest lambda,
     scaled as D^{-1/2} u with u a unit eigenvector of M = D^{-1/2} W D^{-1/2}. Sign is arbitrary.
 
-    solver "exact": a full symmetric eigendecomposition. "lanczos": only that vector, by Lanczos
-    with full reorthogonalization on M deflated of its known top eigenvector D^{1/2} 1, restarted
-    from the Ritz vector; `start` (B, N), e.g. the previous block's result, warm-starts it.
+    solver "exact": a full symmetric eigendecomposition. "lanczos": only that vector, by `steps`
+    Lanczos steps with full reorthogonalization on M deflated of its known top eigenvector
+    D^{1/2} 1; `start` (B, N), e.g. the previous block's result, warm-starts it.
 
     similarity (B, N, N), symmetric and non-negative -> (B, N) float32.
     """
     with torch.autocast(similarity.device.type, enabled=False):  # eigenvectors need float32 throughout
-        return _fiedler_vector(similarity.float(), solver, start, steps, restarts)
+        return _fiedler_vector(similarity.float(), solver, start, steps)
 
 
-def _fiedler_vector(weights: torch.Tensor, solver: str, start: Optional[torch.Tensor], steps: int,
-                    restarts: int) -> torch.Tensor:
+def _fiedler_vector(weights: torch.Tensor, solver: str, start: Optional[torch.Tensor], steps: int) -> torch.Tensor:
     inv_sqrt_degree = weights.sum(dim=-1).clamp_min(torch.finfo(torch.float32).tiny).rsqrt()
     normalized = inv_sqrt_degree.unsqueeze(-1) * weights * inv_sqrt_degree.unsqueeze(-2)
     if solver == "exact":
@@ -101,40 +99,34 @@ def _fiedler_vector(weights: torch.Tensor, solver: str, start: Optional[torch.Te
         return vectors[..., -2] * inv_sqrt_degree
     if solver != "lanczos":
         raise ValueError(f"fiedler solver must be one of {FIEDLER_SOLVERS}, got {solver!r}")
-    top = F.normalize(inv_sqrt_degree.reciprocal(), dim=-1)  # D^{1/2} 1: eigenvalue 1 of M
+    return _lanczos_second_vector(normalized, inv_sqrt_degree, start, steps) * inv_sqrt_degree
+
+
+def _lanczos_second_vector(matrix: torch.Tensor, inv_sqrt_degree: torch.Tensor, start: Optional[torch.Tensor],
+                           steps: int) -> torch.Tensor:
+    """Unit eigenvector of the second-largest eigenvalue of the normalized similarity `matrix`:
+    the largest Ritz vector of its Krylov space kept orthogonal to the top eigenvector D^{1/2} 1."""
+    b, n, _ = matrix.shape
+    # Vectors are rows, so each step is a few batched matmuls on (B, 1, N) rows: the solver's cost
+    # is per-op overhead, not arithmetic. Row 0 holds the top eigenvector, rows 1.. the Krylov basis.
+    basis = matrix.new_empty((b, steps + 1, n))
+    basis[:, 0] = F.normalize(inv_sqrt_degree.reciprocal(), dim=-1)
     if start is None:
-        n = weights.shape[-1]
-        u = torch.linspace(-1.0, 1.0, n, device=weights.device).expand_as(top)
+        row = torch.linspace(-1.0, 1.0, n, device=matrix.device).expand(b, n)
     else:
-        u = start.float() / inv_sqrt_degree  # back from y = D^{-1/2} u
-    for _ in range(restarts):
-        u = _ritz_vector(normalized, top, u, steps)
-    return u * inv_sqrt_degree
-
-
-def _orthonormalize(vector: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """vector (B, N) made orthogonal to the columns of basis (B, N, k), twice for stability, unit length."""
-    vector = vector.unsqueeze(-1)
-    for _ in range(2):
-        vector = vector - basis @ (basis.transpose(1, 2) @ vector)
-    return F.normalize(vector.squeeze(-1), dim=-1)
-
-
-def _ritz_vector(matrix: torch.Tensor, top: torch.Tensor, start: torch.Tensor, steps: int) -> torch.Tensor:
-    """Largest-eigenvalue Ritz vector of `matrix` in the Krylov space of `start`, orthogonal to `top`."""
-    # column 0 holds `top`, columns 1.. the Krylov vectors, filled in place
-    basis = top.new_empty((*top.shape, steps + 1))
-    basis[..., 0] = top
-    images = top.new_empty((*top.shape, steps))
-    q = _orthonormalize(start, basis[..., :1])
+        row = start.float() / inv_sqrt_degree  # back from y = D^{-1/2} u
+    row = row.unsqueeze(1)
     for j in range(steps):
-        basis[..., j + 1] = q
-        images[..., j] = (matrix @ q.unsqueeze(-1)).squeeze(-1)
-        q = _orthonormalize(images[..., j], basis[..., :j + 2])
-    krylov = basis[..., 1:]  # (B, N, steps), orthonormal and orthogonal to top
-    projected = krylov.transpose(1, 2) @ images
+        done = basis[:, :j + 1]
+        for _ in range(2):  # classical Gram-Schmidt twice keeps float32 Krylov vectors orthogonal
+            row = torch.baddbmm(row, row @ done.transpose(1, 2), done, alpha=-1)
+        row = row / torch.linalg.vector_norm(row, dim=-1, keepdim=True).clamp_min(torch.finfo(row.dtype).tiny)
+        basis[:, j + 1:j + 2] = row
+        row = row @ matrix  # M is symmetric: the row form of M u
+    krylov = basis[:, 1:]
+    projected = krylov @ matrix @ krylov.transpose(1, 2)
     _, vectors = torch.linalg.eigh((projected + projected.transpose(1, 2)) / 2)
-    return F.normalize((krylov @ vectors[..., -1:]).squeeze(-1), dim=-1)
+    return (vectors[..., -1:].transpose(1, 2) @ krylov).squeeze(1)
 
 
 def bipartition(fiedler: torch.Tensor) -> torch.Tensor:
@@ -185,28 +177,27 @@ def redistribute_attention(
     return out
 
 
-def redistribution_correction(
+def attend_redistributed(
     attn: torch.Tensor, v: torch.Tensor, distraction: torch.Tensor, defocused: torch.Tensor, beta: float,
 ) -> torch.Tensor:
-    """What step 4 adds to the block's attention output: `redistribute_attention(attn, ...) @ v`
-    equals `attn @ v + redistribution_correction(attn, v, ...)`, where for patch query rows
+    """Step 4 applied: `redistribute_attention(attn, ...) @ v` without building the modified
+    matrix. For a patch query row i the modified row is A_i scaled by (1 - beta) on Dis and by
+    (1 + g_i) on Def, with g_i = beta (A 1_Dis)_i / (A 1_Def)_i, so its output is
 
-        correction = g A (v on Def) - beta A (v on Dis),   g_i = beta (A 1_Dis)_i / (A 1_Def)_i,
+        A_i (v * (1 - beta 1_Dis)) + g_i A_i (v * 1_Def)
 
-    from matmuls of A with masked values, so no modified attention matrix is built. With no
-    distraction token the correction is exactly zero.
+    from one matmul of A with both value sets side by side (width 2d, a fast GEMM shape) and a
+    thin one for the two masses. The CLS row is the plain A_0 v.
     attn (B, H, T, T), v (B, H, T, d) -> (B, H, T, d).
     """
     d = v.shape[-1]
     dis = F.pad(distraction, (1, 0)).to(attn.dtype)[:, None, :, None]  # the CLS key is in neither set
     dfc = F.pad(defocused, (1, 0)).to(attn.dtype)[:, None, :, None]
+    # a batch item with no defocused token keeps its attention
+    applies = defocused.any(dim=-1).to(attn.dtype)[:, None, None, None]
     values = v.to(attn.dtype)
-    # masked values in one matmul of width 2d (a fast GEMM shape), the two masses in a thin one
-    on = attn @ torch.cat([values * dis, values * dfc], dim=-1)
-    masses = attn @ torch.cat([dis, dfc], dim=-1)
-    on_dis, on_dfc = on[..., :d], on[..., d:]
-    mass_dis, mass_dfc = masses[..., :1], masses[..., 1:]
-    patch_rows = torch.arange(v.shape[-2], device=v.device)[:, None] > 0
-    applies = (defocused.any(dim=-1)[:, None, None, None] & patch_rows).to(attn.dtype)
-    gain = beta * mass_dis / mass_dfc.clamp_min(torch.finfo(attn.dtype).tiny)
-    return (applies * (gain * on_dfc - beta * on_dis)).to(v.dtype)
+    both = attn @ torch.cat([values * (1 - beta * applies * dis), values * dfc], dim=-1)
+    masses = attn[:, :, 1:] @ torch.cat([dis, dfc], dim=-1)
+    gain = beta * applies * masses[..., :1] / masses[..., 1:].clamp_min(torch.finfo(attn.dtype).tiny)
+    patch_rows = torch.addcmul(both[:, :, 1:, :d], gain, both[:, :, 1:, d:])
+    return torch.cat([attn[:, :, :1] @ values, patch_rows], dim=2).to(v.dtype)

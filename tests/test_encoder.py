@@ -106,7 +106,8 @@ def test_rfclip_without_distraction_tokens_is_kk_proxy(tiny_model):
     pixels = torch.randn(2, 3, 64, 64)
     kk = tiny_model.encode_dense(pixels, RFCLIPConfig(mode="kk-proxy"))
     rf = tiny_model.encode_dense(pixels, RFCLIPConfig(mode="rfclip", sigma=1e9))
-    assert torch.equal(rf, kk)
+    # the same arithmetic up to GEMM blocking: rfclip's attention is explicit, kk-proxy's fused
+    torch.testing.assert_close(rf, kk, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
@@ -156,7 +157,7 @@ def test_attention_test_wiring(tiny_model):
     kk = tiny_model.encode_dense(pixels, RFCLIPConfig(mode="kk-proxy"))
     # no token can receive more than all of the attention: nothing is a distraction token
     gated = RFCLIPConfig(mode="rfclip", sigma=1.5, attention_test=True, attention_threshold=1.0)
-    assert torch.equal(tiny_model.encode_dense(pixels, gated), kk)
+    torch.testing.assert_close(tiny_model.encode_dense(pixels, gated), kk, rtol=1e-5, atol=1e-5)
     ungated = RFCLIPConfig(mode="rfclip", sigma=1.5, attention_test=False)
     assert not torch.allclose(tiny_model.encode_dense(pixels, ungated), kk)
 
