@@ -19,11 +19,11 @@ from torch.profiler import record_function
 from .config import RFCLIPConfig
 from .presets import DistractionPreset
 from .steps import (
-    attend_redistributed,
     attention_probs,
     find_defocused_tokens,
     find_distraction_tokens,
     received_attention,
+    redistribute_attention,
     redistribute_embeddings,
 )
 
@@ -197,7 +197,9 @@ class RFCLIPModel(nn.Module):
                 else:
                     defocused = ~distraction
                 with record_function("rfclip.redistribution"):
-                    heads = attend_redistributed(attention_probs(q, k), v, distraction, defocused, config.beta)
+                    attn = redistribute_attention(attention_probs(q, k), distraction, defocused, config.beta,
+                                                  in_place=True)
+                heads = attn.to(v.dtype) @ v
             else:
                 heads = F.scaled_dot_product_attention(q, k, v)
             x = x + block.ls_1(_project_heads(block, heads))

@@ -155,49 +155,25 @@ def find_defocused_tokens(
 
 
 def redistribute_attention(
-    attn: torch.Tensor, distraction: torch.Tensor, defocused: torch.Tensor, beta: float
+    attn: torch.Tensor, distraction: torch.Tensor, defocused: torch.Tensor, beta: float, in_place: bool = False,
 ) -> torch.Tensor:
     """Step 4: in every head and every patch query row, scale the attention on distraction
     tokens by (1 - beta) and give the removed mass to the defocused tokens in proportion to
     their attention. The CLS row and column are untouched; rows keep their sums. A batch item
     with no defocused token is left unchanged. `defocused` must not overlap `distraction`.
 
+    Row i is multiplied entrywise by (1 - beta) on Dis, (1 + g_i) on Def and 1 elsewhere, with
+    g_i = beta (A 1_Dis)_i / (A 1_Def)_i. `in_place` writes into `attn` (the encoder owns its
+    freshly computed attention: a second (B, H, T, T) buffer would cost more than the arithmetic).
+
     attn (B, H, T, T), distraction / defocused (B, N) -> (B, H, T, T).
     """
-    patch = attn[:, :, 1:, 1:]
-    dis = distraction[:, None, None, :].to(patch.dtype)
-    dfc = defocused[:, None, None, :].to(patch.dtype)
-    budget = beta * (patch * dis).sum(dim=-1, keepdim=True)
-    defocused_mass = (patch * dfc).sum(dim=-1, keepdim=True)
-    gain = budget / defocused_mass.clamp_min(torch.finfo(patch.dtype).tiny)
-    moved = patch * (1 - beta * dis) + patch * dfc * gain
-    moved = torch.where(defocused.any(dim=-1)[:, None, None, None], moved, patch)
-    out = attn.clone()
-    out[:, :, 1:, 1:] = moved
-    return out
-
-
-def attend_redistributed(
-    attn: torch.Tensor, v: torch.Tensor, distraction: torch.Tensor, defocused: torch.Tensor, beta: float,
-) -> torch.Tensor:
-    """Step 4 applied: `redistribute_attention(attn, ...) @ v` without building the modified
-    matrix. For a patch query row i the modified row is A_i scaled by (1 - beta) on Dis and by
-    (1 + g_i) on Def, with g_i = beta (A 1_Dis)_i / (A 1_Def)_i, so its output is
-
-        A_i (v * (1 - beta 1_Dis)) + g_i A_i (v * 1_Def)
-
-    from one matmul of A with both value sets side by side (width 2d, a fast GEMM shape) and a
-    thin one for the two masses. The CLS row is the plain A_0 v.
-    attn (B, H, T, T), v (B, H, T, d) -> (B, H, T, d).
-    """
-    d = v.shape[-1]
-    dis = F.pad(distraction, (1, 0)).to(attn.dtype)[:, None, :, None]  # the CLS key is in neither set
-    dfc = F.pad(defocused, (1, 0)).to(attn.dtype)[:, None, :, None]
-    # a batch item with no defocused token keeps its attention
+    out = attn if in_place else attn.clone()
+    patch_rows = out[:, :, 1:]
+    dis = F.pad(distraction, (1, 0)).to(attn.dtype)[:, None, None, :]  # the CLS key is in neither set
+    dfc = F.pad(defocused, (1, 0)).to(attn.dtype)[:, None, None, :]
     applies = defocused.any(dim=-1).to(attn.dtype)[:, None, None, None]
-    values = v.to(attn.dtype)
-    both = attn @ torch.cat([values * (1 - beta * applies * dis), values * dfc], dim=-1)
-    masses = attn[:, :, 1:] @ torch.cat([dis, dfc], dim=-1)
+    masses = patch_rows @ torch.cat([dis, dfc], dim=-2).transpose(-1, -2)  # (B, H, N, 2)
     gain = beta * applies * masses[..., :1] / masses[..., 1:].clamp_min(torch.finfo(attn.dtype).tiny)
-    patch_rows = torch.addcmul(both[:, :, 1:, :d], gain, both[:, :, 1:, d:])
-    return torch.cat([attn[:, :, :1] @ values, patch_rows], dim=2).to(v.dtype)
+    patch_rows.mul_(torch.addcmul(1 - beta * applies * dis, gain, dfc))
+    return out

@@ -5,7 +5,6 @@ import scipy.linalg
 import torch
 
 from rfclip_engine.steps import (
-    attend_redistributed,
     attention_probs,
     bipartition,
     find_defocused_tokens,
@@ -231,19 +230,16 @@ def test_attention_probs_rows_sum_to_one():
     torch.testing.assert_close(a, ref)
 
 
-def test_attend_redistributed_equals_explicit_attention():
-    g = torch.Generator().manual_seed(3)
-    q, k, v = torch.randn(3, 2, 3, 11, 8, generator=g, dtype=torch.float64).unbind(0)
+def test_attention_redistribution_in_place_writes_the_same_result():
+    attn = make_attention()
     dis, dfc = masks()
     dfc[1] = False  # an item without defocused tokens keeps plain attention
-    attn = attention_probs(q, k)
-    expected = redistribute_attention(attn, dis, dfc, 0.4) @ v
-    got = attend_redistributed(attn, v, dis, dfc, 0.4)
-    torch.testing.assert_close(got, expected)
-    assert not torch.allclose(got, attn @ v)  # the items with both sets did change
-    torch.testing.assert_close(got[1], (attn @ v)[1], rtol=0, atol=1e-12)
-    none = torch.zeros_like(dis)
-    torch.testing.assert_close(attend_redistributed(attn, v, none, dfc, 0.4), attn @ v, rtol=0, atol=1e-12)
+    expected = redistribute_attention(attn, dis, dfc, 0.4)
+    assert not torch.equal(expected[0], attn[0]) and torch.equal(expected[1], attn[1])
+    buffer = attn.clone()
+    got = redistribute_attention(buffer, dis, dfc, 0.4, in_place=True)
+    assert got.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(buffer, expected, rtol=0, atol=0)
 
 
 def attention_like(n, seed, batch=1):
