@@ -6,7 +6,8 @@ Cases: one 336x448 image (short side 336: 6 crops), one 560x1120 image at short 
 Cityscapes setting: 36 crops), and a batch of 8 336x448 images (48 crops in shared batches).
 Modes: clip, maskclip, kk-proxy, rfclip, rfclip+PAMR. Weights are random (time does not depend on
 them; the distraction dimensions are the OpenAI preset's). Runs are interleaved across modes and
-the best run is reported (and the median); peak memory is the RSS growth during a run, sampled every 5 ms. A profile
+the best run is reported (and the median); peak memory is the RSS growth during one more run of
+each mode, sampled every 5 ms (not during the timed runs). A profile
 of one rfclip run shows where its extra time goes, and a 4000x3000 photo with 50 classes and PAMR
 shows the peak memory above the loaded model. Writes a JSON file beside the table.
 """
@@ -16,6 +17,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -83,12 +85,15 @@ def main() -> int:
         for runner in runners.values():
             runner.logits_many(images[:1], vocabulary)  # warm-up, text embeddings cached
         times = {name: [] for name in MODES}
-        peaks = {name: 0 for name in MODES}
         for _ in range(repeats):
             for name, runner in runners.items():
-                seconds, peak = run_with_peak_rss(lambda r=runner, i=images: r.logits_many(i, vocabulary))
-                times[name].append(seconds)
-                peaks[name] = max(peaks[name], peak)
+                started = time.perf_counter()
+                runner.logits_many(images, vocabulary)
+                times[name].append(time.perf_counter() - started)
+        # memory in runs of their own: the sampling thread competes for the GIL and would tax the
+        # modes with more, smaller ops in the timed runs
+        peaks = {name: run_with_peak_rss(lambda r=runner: r.logits_many(images, vocabulary))[1]
+                 for name, runner in runners.items()}
         n_crops = crops(size, count, short_side)
         # The fastest of the interleaved runs estimates the cost best on a shared, noisy machine;
         # the median is kept beside it.

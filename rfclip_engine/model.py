@@ -163,7 +163,8 @@ class RFCLIPModel(nn.Module):
 
         pixels: (B, 3, H, W), CLIP-normalized, H and W multiples of the patch size.
         on_block_input: called with (block index, residual stream entering the block) before
-            any repair; calibration uses it.
+            any repair; calibration uses it. The tensor is repaired in place after the call:
+            clone it to keep it.
         Returns (B, h, w, D) on the patch grid.
         """
         preset = self.resolve_preset(config) if config.refocuses else None
@@ -180,7 +181,7 @@ class RFCLIPModel(nn.Module):
             distraction = None
             if preset is not None:
                 with record_function("rfclip.distractors"):
-                    x, distraction = self._repair(block, x, grid, dims, preset, config)
+                    distraction = self._repair(block, x, grid, dims, preset, config)
             q, k, v = _qkv(block, x)
             if config.mode in ("kk-proxy", "rfclip"):
                 with record_function("rfclip.key_key"):
@@ -207,16 +208,16 @@ class RFCLIPModel(nn.Module):
         return self._project(x[:, 1:], grid)
 
     def _repair(self, block, x, grid, dims, preset: DistractionPreset, config: RFCLIPConfig):
-        """Steps 1-2 on the block input: find distraction tokens, repair their embeddings."""
+        """Steps 1-2 on the block input: find the distraction tokens (returned), repair their
+        embeddings in x in place."""
         share = None
         if preset.attention_test:
             q, k, _ = _qkv(block, x)
             share = received_attention(attention_probs(q, k))
         distraction = find_distraction_tokens(x[:, 1:], dims, config.sigma, share, config.attention_threshold)
-        if config.embedding_redistribution:
-            patches = redistribute_embeddings(x[:, 1:], distraction, dims, grid)
-            x = torch.cat([x[:, :1], patches], dim=1)
-        return x, distraction
+        if config.embedding_redistribution:  # x is this forward's own residual stream
+            redistribute_embeddings(x[:, 1:], distraction, dims, grid, in_place=True)
+        return distraction
 
     def _dense_head(self, block, v, key_key_sum, n_blocks: int, mode: str, grid) -> torch.Tensor:
         """The last block without residual or MLP: values through out_proj (maskclip), or

@@ -53,11 +53,14 @@ def find_distraction_tokens(
 
 
 def redistribute_embeddings(
-    patch_tokens: torch.Tensor, distraction: torch.Tensor, dims: torch.Tensor, grid: Tuple[int, int]
+    patch_tokens: torch.Tensor, distraction: torch.Tensor, dims: torch.Tensor, grid: Tuple[int, int],
+    in_place: bool = False,
 ) -> torch.Tensor:
     """Step 2: for distraction tokens only and in the distraction dimensions only, replace the
     value by the mean over the 3x3 grid neighbourhood (the token included; at the border, over
-    the neighbours that exist). Every mean reads the unrepaired values.
+    the neighbours that exist). Every mean reads the unrepaired values. `in_place` writes the
+    K repaired channels into `patch_tokens` (which may be a view of the residual stream) instead
+    of copying all C.
 
     patch_tokens (B, N, C), distraction (B, N) -> (B, N, C).
     """
@@ -68,7 +71,7 @@ def redistribute_embeddings(
     local_mean = F.avg_pool2d(as_image, 3, stride=1, padding=1, count_include_pad=False)
     local_mean = local_mean.reshape(b, -1, n).transpose(1, 2)
     repaired = torch.where(distraction.unsqueeze(-1), local_mean.to(selected.dtype), selected)
-    return patch_tokens.index_copy(-1, dims, repaired)
+    return patch_tokens.index_copy_(-1, dims, repaired) if in_place else patch_tokens.index_copy(-1, dims, repaired)
 
 
 FIEDLER_SOLVERS = ("exact", "lanczos")

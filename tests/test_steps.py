@@ -105,6 +105,18 @@ def test_embedding_redistribution_touches_only_distraction_cells():
         torch.testing.assert_close(out[0, i, DIMS], expected)
 
 
+def test_embedding_redistribution_in_place_on_a_view_of_the_stream():
+    stream = torch.randn(2, 1 + 12, C)
+    dis = torch.zeros(2, 12, dtype=torch.bool)
+    dis[0, [0, 5]] = True
+    dis[1, 11] = True
+    expected = redistribute_embeddings(stream[:, 1:], dis, DIMS, (3, 4))
+    cls = stream[:, 0].clone()
+    assert not torch.equal(expected, stream[:, 1:])
+    redistribute_embeddings(stream[:, 1:], dis, DIMS, (3, 4), in_place=True)
+    assert torch.equal(stream[:, 1:], expected) and torch.equal(stream[:, 0], cls)
+
+
 def test_embedding_redistribution_no_distraction_is_identity():
     x = torch.randn(2, 12, C)
     out = redistribute_embeddings(x, torch.zeros(2, 12, dtype=torch.bool), DIMS, (3, 4))
