@@ -14,11 +14,13 @@ import json
 import logging
 import threading
 import time
+from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -115,6 +117,27 @@ def _parsed_config(label_config: str) -> Tuple[Tuple[ControlTarget, ...], LabelI
     return tuple(targets), interface
 
 
+@dataclass
+class _Job:
+    """One /predict request on its way through the model, and where its time went."""
+
+    tasks: List[dict]
+    groups: Dict[str, List[ControlTarget]]
+    interface: LabelInterface
+    segmenter: Segmenter
+    credentials: Credentials
+    deadline: float
+    stage_seconds: Dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[stage] += time.perf_counter() - started
+
+
 class PredictionService:
     """Answers /predict requests with the model held by a `ModelHolder`."""
 
@@ -134,9 +157,9 @@ class PredictionService:
         return _parsed_config(label_config)[0]
 
     def predict(self, tasks: List[dict], label_config: str, credentials: Credentials) -> List[object]:
+        started = time.perf_counter()
         deadline = time.monotonic() + self.settings.predict_budget_s
         targets, interface = _parsed_config(label_config)
-        groups = targets_by_image(list(targets))
         try:
             segmenter = self.holder.get(deadline - time.monotonic() - 1.0)
         except ModelUnavailable as err:
@@ -148,24 +171,31 @@ class PredictionService:
             log.warning("tasks %s not reached within the %.0f s budget (the model was busy); Label Studio "
                         "will ask for them again", _ids(tasks), self.settings.predict_budget_s)
             return [NOT_PREDICTED for _ in tasks]
+        job = _Job(tasks, targets_by_image(list(targets)), interface, segmenter, credentials, deadline)
         try:
-            return self._predict_in_order(tasks, groups, interface, segmenter, credentials, deadline)
+            entries = self._predict_in_order(job)
         finally:
             self._lock.release()
+        seconds = time.perf_counter() - started
+        stages = ", ".join(f"{stage} {t:.2f} s" for stage, t in job.stage_seconds.items())
+        log.info("tasks %s: %d of %d predicted in %.2f s (%s)", _ids(tasks), sum(e is not NOT_PREDICTED for e in entries),
+                 len(tasks), seconds, stages, extra={"stage_seconds": dict(job.stage_seconds), "seconds": seconds})
+        return entries
 
-    def _predict_in_order(self, tasks, groups, interface, segmenter, credentials, deadline) -> List[object]:
+    def _predict_in_order(self, job: _Job) -> List[object]:
         """Tasks in groups of `images_per_batch` (their crops share the encoder's batches), the next
         groups' images fetched meanwhile; stops before the deadline."""
+        tasks = job.tasks
         entries: List[object] = [NOT_PREDICTED] * len(tasks)
         fetches: Dict[int, Future] = {}
 
         def fetch_until(stop: int) -> None:
             for i in range(len(fetches), min(stop, len(tasks))):
-                fetches[i] = self._pool.submit(self._fetch_images, tasks[i], groups, credentials)
+                fetches[i] = self._pool.submit(self._fetch_images, tasks[i], job.groups, job.credentials)
 
         size = self._images_per_batch
         for start in range(0, len(tasks), size):
-            if time.monotonic() + self._seconds_per_batch > deadline:
+            if time.monotonic() + self._seconds_per_batch > job.deadline:
                 for future in fetches.values():
                     future.cancel()
                 log.warning("tasks %s not reached within the %.0f s budget; Label Studio will ask for them again",
@@ -176,28 +206,29 @@ class PredictionService:
             ready = []
             for i in range(start, min(start + size, len(tasks))):
                 try:
-                    ready.append((i, fetches[i].result()))
+                    with job.timed("waiting for images"):
+                        ready.append((i, fetches[i].result()))
                 except MediaError as err:
                     log.warning("task %s: not predicted: %s", tasks[i].get("id"), err)
                 except Exception:
                     log.exception("task %s: image could not be fetched", tasks[i].get("id"))
-            for i, entry in self._predict_batch(tasks, ready, groups, interface, segmenter):
+            for i, entry in self._predict_batch(job, ready):
                 entries[i] = entry
             self._update_estimate(time.monotonic() - started)
         return entries
 
-    def _predict_batch(self, tasks, ready, groups, interface, segmenter):
+    def _predict_batch(self, job: _Job, ready):
         """(index, entry) for each fetched task; a batch that fails is retried task by task, so
         one bad task cannot take the others down."""
         if not ready:
             return []
         try:
-            return list(zip((i for i, _ in ready), self._predict_tasks(tasks, ready, groups, interface, segmenter)))
+            return list(zip((i for i, _ in ready), self._predict_tasks(job, ready)))
         except Exception:
             if len(ready) == 1:
-                log.exception("task %s: prediction failed", tasks[ready[0][0]].get("id"))
+                log.exception("task %s: prediction failed", job.tasks[ready[0][0]].get("id"))
                 return []
-        return [pair for item in ready for pair in self._predict_batch(tasks, [item], groups, interface, segmenter)]
+        return [pair for item in ready for pair in self._predict_batch(job, [item])]
 
     def _update_estimate(self, seconds: float) -> None:
         previous = self._seconds_per_batch
@@ -214,20 +245,22 @@ class PredictionService:
             images[key] = self.fetcher.fetch(data[key], task.get("id"), credentials)
         return images
 
-    def _predict_tasks(self, tasks, ready, groups, interface: LabelInterface, segmenter: Segmenter) -> List[dict]:
+    def _predict_tasks(self, job: _Job, ready) -> List[dict]:
         """Entries for the fetched tasks; each image key's images go through the model together."""
         regions: List[List[dict]] = [[] for _ in ready]
         labeled_pixels = [0] * len(ready)
         probability_sums = [0.0] * len(ready)
-        for key, targets in groups.items():
+        for key, targets in job.groups.items():
             union = Vocabulary(tuple(c for target in targets for c in target.vocabulary.classes))
             rgbs = [images[key] for _, images in ready]
-            for n, (rgb, logits) in enumerate(zip(rgbs, segmenter.logits_many(rgbs, union))):
+            with job.timed("model"):
+                all_logits = job.segmenter.logits_many(rgbs, union)
+            for n, (rgb, logits) in enumerate(zip(rgbs, all_logits)):
                 start = 0
                 for target in targets:
                     classes = len(target.vocabulary)
                     found, pixels, probability = self._target_regions(
-                        segmenter, logits[start:start + classes], rgb.shape[:2], target)
+                        job, logits[start:start + classes], rgb.shape[:2], target)
                     start += classes
                     regions[n].extend(found)
                     labeled_pixels[n] += pixels
@@ -235,30 +268,34 @@ class PredictionService:
         entries = []
         for n, (i, _) in enumerate(ready):
             valid = []
-            for region in regions[n]:
-                errors = interface.validate_prediction({"result": [region]}, return_errors=True)
-                if errors:
-                    log.error("task %s: dropped a region that does not fit the config: %s", tasks[i].get("id"), errors[0])
-                else:
-                    valid.append(region)
+            with job.timed("validation"):
+                for region in regions[n]:
+                    errors = job.interface.validate_prediction({"result": [region]}, return_errors=True)
+                    if errors:
+                        log.error("task %s: dropped a region that does not fit the config: %s",
+                                  job.tasks[i].get("id"), errors[0])
+                    else:
+                        valid.append(region)
             score = probability_sums[n] / labeled_pixels[n] if labeled_pixels[n] else 0.0
             entries.append({"result": valid, "score": round(score, 4), "model_version": self.model_version})
         return entries
 
-    def _target_regions(self, segmenter: Segmenter, logits, size, target: ControlTarget) -> Tuple[List[dict], int, float]:
+    def _target_regions(self, job: _Job, logits, size, target: ControlTarget) -> Tuple[List[dict], int, float]:
         """One control's regions in one image, with its labeled pixel count and probability sum.
         A region's score is the mean probability of its label inside it (its pixels' top one)."""
-        prediction = segmenter.decide(logits, target.vocabulary.names, size, target.score_threshold)
-        label_map = prediction.label_map.numpy()
+        with job.timed("labels at full size"):
+            prediction = job.segmenter.decide(logits, target.vocabulary.names, size, target.score_threshold)
+            label_map = prediction.label_map.numpy()
         regions, pixels, probability = [], 0, 0.0
-        for c, label in enumerate(target.labels):  # classes past the labels are background queries
-            count = int(prediction.pixel_counts[c])
-            if count == 0:
-                continue
-            score = float(prediction.confidence[c])
-            pixels += count
-            probability += score * count
-            regions.extend(self._regions(label_map == c, label, target, score))
+        with job.timed("regions"):
+            for c, label in enumerate(target.labels):  # classes past the labels are background queries
+                count = int(prediction.pixel_counts[c])
+                if count == 0:
+                    continue
+                score = float(prediction.confidence[c])
+                pixels += count
+                probability += score * count
+                regions.extend(self._regions(label_map == c, label, target, score))
         return regions, pixels, probability
 
     @staticmethod

@@ -108,6 +108,18 @@ def test_predict_with_recorded_request(client, fake_ls, tiny_model):
     assert private and all(r["headers"].get("Authorization") == f"Token {TOKEN}" for r in private)
 
 
+def test_each_request_logs_where_its_time_went(client, fake_ls, caplog):
+    body = recorded_predict_body(fake_ls)
+    with caplog.at_level("INFO", logger="rfclip.backend"):
+        assert client.post("/predict", json=body).status_code == 200
+    (record,) = [r for r in caplog.records if hasattr(r, "stage_seconds")]
+    stages = record.stage_seconds
+    assert {"model", "labels at full size", "regions", "validation"} <= set(stages)
+    assert all(t >= 0 for t in stages.values()) and stages["model"] > 0
+    assert sum(stages.values()) <= record.seconds
+    assert "4 of 4 predicted" in record.getMessage() and "model " in record.getMessage()
+
+
 POLYGON_CONFIG = ('<View><Image name="image" value="$image"/><PolygonLabels name="poly" toName="image">'
                   '<Label value="left"/><Label value="right"/></PolygonLabels></View>')
 
