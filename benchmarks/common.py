@@ -41,6 +41,32 @@ def run_with_peak_rss(work: Callable[[], object], interval_s: float = 0.005) -> 
     return seconds, max(peak, rss_bytes()) - start_rss
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(work: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call, with the device's queued work finished on both sides."""
+    synchronize(device)
+    started = time.perf_counter()
+    work()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def run_with_peak_memory(work: Callable[[], object], device: torch.device) -> Tuple[float, int]:
+    """(seconds, peak memory above the start in bytes) of one call: process RSS on the CPU,
+    allocated device memory on CUDA."""
+    if device.type != "cuda":
+        return run_with_peak_rss(work)
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    seconds = timed(work, device)
+    return seconds, torch.cuda.max_memory_allocated(device) - start
+
+
 def machine() -> dict:
     return {
         "cpu": platform.processor() or platform.machine(),
