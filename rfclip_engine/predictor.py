@@ -103,22 +103,31 @@ class Segmenter:
         text = self.text.embed(vocabulary)
         return self.class_logits(rgbs, text, vocabulary.query_class, len(vocabulary))
 
-    def normalize(self, rgb: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 -> (3, H, W) CLIP-normalized float32 on the model's device."""
-        pixels = torch.from_numpy(rgb).to(self.model.device).permute(2, 0, 1).float() / 255.0
+    def working_size(self, size: Tuple[int, int]) -> Tuple[int, int]:
+        """(H, W) scaled so the short side is `config.short_side` (aspect ratio kept)."""
+        short_side = self.config.short_side
+        height, width = size
+        if short_side is None or min(height, width) == short_side:
+            return height, width
+        scale = short_side / min(height, width)
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
+    def prepare(self, rgb: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (3, h, w) CLIP-normalized float32 at the working size, on the
+        model's device. Resized first, one channel at a time (resizing and the per-channel
+        normalization commute), so a 12-megapixel photo is never three float channels at once."""
+        size = self.working_size(rgb.shape[:2])
+        channels = []
+        for c in range(3):
+            channel = torch.from_numpy(rgb[..., c]).to(self.model.device).float()
+            if tuple(channel.shape) != size:
+                channel = F.interpolate(channel[None, None], size=size, mode="bilinear", align_corners=False,
+                                        antialias=True)[0, 0]
+            channels.append(channel)
+        pixels = torch.stack(channels) / 255.0
         mean = torch.tensor(self.model.image_mean, device=pixels.device).view(3, 1, 1)
         std = torch.tensor(self.model.image_std, device=pixels.device).view(3, 1, 1)
         return (pixels - mean) / std
-
-    def resize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Scale so the short side is `config.short_side` (aspect ratio kept)."""
-        short_side = self.config.short_side
-        height, width = pixels.shape[-2:]
-        if short_side is None or min(height, width) == short_side:
-            return pixels
-        scale = short_side / min(height, width)
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        return F.interpolate(pixels[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
 
     def class_logits(
         self, rgbs: Sequence[np.ndarray], text: torch.Tensor, query_class: Sequence[int], n_classes: int
@@ -126,7 +135,7 @@ class Segmenter:
         """(C, h, w) class logits of each image at the working resolution. PAMR, when on, runs
         there too (as the sliding-window codebases do), so its cost does not grow with the photo."""
         cfg = self.config
-        resized = [self.resize(self.normalize(rgb)) for rgb in rgbs]
+        resized = [self.prepare(rgb) for rgb in rgbs]
         index = torch.tensor(query_class, device=text.device)
 
         def encode(crops: torch.Tensor) -> torch.Tensor:

@@ -192,3 +192,18 @@ def test_memory_cache_is_lru():
     cache.get("a")
     cache.put("c", torch.ones(1))
     assert cache.get("b") is None and cache.get("a") is not None
+
+
+@pytest.mark.parametrize("size, expected", [((90, 130), (64, 92)), ((40, 30), (85, 64)), ((64, 70), (64, 70))])
+def test_prepare_equals_normalizing_at_full_size_then_resizing(tiny_model, size, expected):
+    image = rgb(*size, seed=5)
+    got = Segmenter(tiny_model, SegmenterConfig(short_side=64)).prepare(image)
+    assert got.shape == (3, *expected) and got.dtype == torch.float32
+    full = torch.from_numpy(image).permute(2, 0, 1).double() / 255.0
+    mean = torch.tensor(tiny_model.image_mean, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(tiny_model.image_std, dtype=torch.float64).view(3, 1, 1)
+    reference = (full - mean) / std
+    if expected != size:
+        reference = torch.nn.functional.interpolate(reference[None], size=expected, mode="bilinear",
+                                                    align_corners=False, antialias=True)[0]
+    torch.testing.assert_close(got.double(), reference, rtol=0, atol=5e-5)  # float32 arithmetic
