@@ -110,6 +110,7 @@ def _lanczos_second_vector(matrix: torch.Tensor, inv_sqrt_degree: torch.Tensor, 
     """Unit eigenvector of the second-largest eigenvalue of the normalized similarity `matrix`:
     the largest Ritz vector of its Krylov space kept orthogonal to the top eigenvector D^{1/2} 1."""
     b, n, _ = matrix.shape
+    steps = min(steps, n - 1)  # the space orthogonal to the top eigenvector has n - 1 dimensions
     # Vectors are rows, so each step is a few batched matmuls on (B, 1, N) rows: the solver's cost
     # is per-op overhead, not arithmetic. Row 0 holds the top eigenvector, rows 1.. the Krylov basis.
     basis = matrix.new_empty((b, steps + 1, n))

@@ -208,3 +208,12 @@ def test_lanczos_and_exact_solvers_encode_alike_on_vit_b16():
     torch.testing.assert_close(fast, exact, rtol=0, atol=1e-6)
     unfocused = model.encode_dense(pixels, RFCLIPConfig(sigma=1.5, defocus_localization=False))
     assert not torch.allclose(fast, unfocused)  # the partition does shape the output
+
+
+@torch.no_grad()
+def test_lanczos_and_exact_solvers_encode_alike_on_a_small_grid(tiny_model):
+    """A 4x4 grid has fewer tokens than the solver has steps."""
+    pixels = torch.randn(4, 3, 64, 64)
+    fast = tiny_model.encode_dense(pixels, RFCLIPConfig(sigma=1.5))
+    exact = tiny_model.encode_dense(pixels, RFCLIPConfig(sigma=1.5, fiedler_solver="exact"))
+    torch.testing.assert_close(fast, exact, rtol=0, atol=1e-6)
