@@ -1,11 +1,11 @@
 """`Segmenter`: image + class names -> per-pixel class probabilities, owning all pre- and
 post-processing around `RFCLIPModel.encode_dense` (like segment-anything's SamPredictor).
 
-Pipeline: read as RGB (EXIF applied) -> CLIP-normalize -> resize to the configured short side (the
-working resolution) -> sliding window (or whole image) -> cosine to every query, upsampled to the
-crop, max over each class's queries -> optional PAMR, at the working resolution -> at the input
-size, in row tiles: softmax(logit_scale * logits) -> argmax, with pixels below `prob_threshold`
-left unlabeled.
+Pipeline: read as RGB (EXIF applied) -> resize to the configured short side (the working
+resolution), channel by channel -> CLIP-normalize -> sliding window (or whole image) -> cosine to
+every query, upsampled to the crop, max over each class's queries -> optional PAMR, at the working
+resolution -> at the input size, in row tiles: softmax(logit_scale * logits) -> argmax, with
+pixels below `prob_threshold` left unlabeled.
 """
 from __future__ import annotations
 
