@@ -34,7 +34,8 @@ class RFCLIPConfig:
         None takes the preset's rule.
     attention_threshold: the received-attention share above which that test passes.
     fiedler_solver: "lanczos" (only the Fiedler vector, warm-started across blocks; the default)
-        or "exact" (a full eigendecomposition per block); they give the same partitions.
+        or "exact" (a full eigendecomposition per block). They give the same partition unless
+        the Fiedler eigenvalue is nearly degenerate, where both cuts are about equally good.
     """
 
     mode: str = "rfclip"
