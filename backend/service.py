@@ -253,8 +253,7 @@ class PredictionService:
         for key, targets in job.groups.items():
             union = Vocabulary(tuple(c for target in targets for c in target.vocabulary.classes))
             rgbs = [images[key] for _, images in ready]
-            with job.timed("model"):
-                all_logits = job.segmenter.logits_many(rgbs, union)
+            all_logits = job.segmenter.logits_many(rgbs, union, job.timed)
             for n, (rgb, logits) in enumerate(zip(rgbs, all_logits)):
                 start = 0
                 for target in targets:

@@ -9,8 +9,9 @@ pixels below `prob_threshold` left unlabeled.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, ContextManager, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,6 +27,15 @@ from .text import ClassSpec, EmbeddingCache, TextEmbedder, Vocabulary
 
 UNLABELED = -1
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Called with a stage name ("text embeddings", "model", "PAMR"), it returns a context manager that
+# times what runs inside it: the caller (the backend) decides where the times go.
+StageTimer = Callable[[str], ContextManager[None]]
+
+
+def untimed(stage: str) -> ContextManager[None]:
+    """The StageTimer that times nothing."""
+    return nullcontext()
 
 
 @dataclass
@@ -96,12 +106,15 @@ class Segmenter:
         logits = self.logits_many(rgbs, vocabulary)
         return [self.decide(lg, vocabulary.names, rgb.shape[:2]) for lg, rgb in zip(logits, rgbs)]
 
-    def logits_many(self, rgbs: Sequence[np.ndarray], vocabulary: Vocabulary) -> List[torch.Tensor]:
+    def logits_many(
+        self, rgbs: Sequence[np.ndarray], vocabulary: Vocabulary, timer: StageTimer = untimed,
+    ) -> List[torch.Tensor]:
         """(C, h, w) class logits (cosine similarities, after PAMR if on) of each (H, W, 3) uint8
         image at the working resolution (short side `config.short_side`); their crops share the
-        encoder's batches. `decide` takes them to the image size."""
-        text = self.text.embed(vocabulary)
-        return self.class_logits(rgbs, text, vocabulary.query_class, len(vocabulary))
+        encoder's batches. `decide` takes them to the image size. `timer` times the stages."""
+        with timer("text embeddings"):
+            text = self.text.embed(vocabulary)
+        return self.class_logits(rgbs, text, vocabulary.query_class, len(vocabulary), timer)
 
     def working_size(self, size: Tuple[int, int]) -> Tuple[int, int]:
         """(H, W) scaled so the short side is `config.short_side` (aspect ratio kept)."""
@@ -130,24 +143,27 @@ class Segmenter:
         return (pixels - mean) / std
 
     def class_logits(
-        self, rgbs: Sequence[np.ndarray], text: torch.Tensor, query_class: Sequence[int], n_classes: int
+        self, rgbs: Sequence[np.ndarray], text: torch.Tensor, query_class: Sequence[int], n_classes: int,
+        timer: StageTimer = untimed,
     ) -> List[torch.Tensor]:
         """(C, h, w) class logits of each image at the working resolution. PAMR, when on, runs
         there too (as the sliding-window codebases do), so its cost does not grow with the photo."""
         cfg = self.config
-        resized = [self.prepare(rgb) for rgb in rgbs]
         index = torch.tensor(query_class, device=text.device)
 
         def encode(crops: torch.Tensor) -> torch.Tensor:
             return self._crop_logits(crops, text, index, n_classes)
 
-        if cfg.window is None:  # sizes differ, so one image per forward
-            coarse = [whole_image(image, encode, self.model.patch_size) for image in resized]
-        else:
-            coarse = sliding_window_many(resized, encode, cfg.window, cfg.stride, cfg.batch_size)
+        with timer("model"):
+            resized = [self.prepare(rgb) for rgb in rgbs]
+            if cfg.window is None:  # sizes differ, so one image per forward
+                coarse = [whole_image(image, encode, self.model.patch_size) for image in resized]
+            else:
+                coarse = sliding_window_many(resized, encode, cfg.window, cfg.stride, cfg.batch_size)
         if cfg.pamr:
-            coarse = [pamr.refine(image[None], logits[None], cfg.pamr_iterations, cfg.pamr_dilations)[0]
-                      for image, logits in zip(resized, coarse)]
+            with timer("PAMR"):
+                coarse = [pamr.refine(image[None], logits[None], cfg.pamr_iterations, cfg.pamr_dilations)[0]
+                          for image, logits in zip(resized, coarse)]
         return coarse
 
     def _crop_logits(self, crops: torch.Tensor, text: torch.Tensor, query_class: torch.Tensor, n_classes: int):

@@ -114,7 +114,7 @@ def test_each_request_logs_where_its_time_went(client, fake_ls, caplog):
         assert client.post("/predict", json=body).status_code == 200
     (record,) = [r for r in caplog.records if hasattr(r, "stage_seconds")]
     stages = record.stage_seconds
-    assert {"model", "labels at full size", "regions", "validation"} <= set(stages)
+    assert {"text embeddings", "model", "labels at full size", "regions", "validation"} <= set(stages)
     assert all(t >= 0 for t in stages.values()) and stages["model"] > 0
     assert sum(stages.values()) <= record.seconds
     assert "4 of 4 predicted" in record.getMessage() and "model " in record.getMessage()
@@ -130,7 +130,7 @@ def test_polygons_rasterize_back_to_the_mask(client, fake_ls, monkeypatch):
 
     from rfclip_engine import predictor
 
-    def halves(self, rgbs, vocabulary):
+    def halves(self, rgbs, vocabulary, timer):
         h, w = rgbs[0].shape[:2]
         logits = torch.zeros(len(vocabulary), h, w)
         logits[0, :, : w // 3] = 1

@@ -1,5 +1,6 @@
 """Segmenter: sizes, inputs of every kind, synonyms, thresholds, precision, text cache."""
 import io
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -88,6 +89,26 @@ def test_pamr_changes_logits_and_keeps_size(tiny_model):
     (unrefined,) = plain.class_logits([image], text, (0, 1), 2)
     assert refined.shape == unrefined.shape == (2, 80, 103)  # the working resolution (short side 80)
     assert not torch.allclose(refined, unrefined)
+
+
+@pytest.mark.parametrize("use_pamr", [False, True])
+def test_stage_timer_sees_each_stage_and_changes_nothing(tiny_model, use_pamr):
+    config = SegmenterConfig(**{**SMALL.__dict__, "pamr": use_pamr, "pamr_dilations": (2,), "pamr_iterations": 2})
+    seg = Segmenter(tiny_model, config)
+    images, vocab = [rgb(70, 90), rgb(64, 64)], Vocabulary.from_names(["a", "b"])
+    entered, running = [], []
+
+    @contextmanager
+    def timer(stage):
+        entered.append(stage)
+        running.append(stage)
+        yield
+        running.remove(stage)
+
+    timed = seg.logits_many(images, vocab, timer)
+    assert entered == ["text embeddings", "model"] + (["PAMR"] if use_pamr else []) and not running
+    for got, expected in zip(timed, seg.logits_many(images, vocab)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
