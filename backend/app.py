@@ -105,7 +105,7 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
         projects.remember(body.get("project"), schema,
                           Credentials(body.get("hostname") or None, body.get("access_token") or None))
         try:
-            service.targets(schema)
+            service.warm_up(schema)
         except LabelConfigError as err:
             log.error("project %s: %s", projects.key(body.get("project")), err)
             return jsonify(error=str(err)), 400
@@ -135,6 +135,11 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
             project = body.get("project") or {}
             projects.remember(project.get("id"), project.get("label_config"), None)
             log.info("project %s: label config refreshed", project.get("id"))
+            try:
+                if project.get("label_config"):
+                    service.warm_up(project["label_config"])
+            except LabelConfigError as err:
+                log.error("project %s: %s", project.get("id"), err)
             return jsonify(status="ok")
         return jsonify(status="ignored", action=action)
 

@@ -2,7 +2,9 @@
 
 Every task is isolated: a task whose image cannot be fetched or read gets `[]` (nothing stored,
 Label Studio asks again later) and one log line with its id and the reason. Tasks not reached
-within the time budget also get `[]`. A predicted task gets `{"result": [...], "score",
+within the time budget also get `[]`, and so does every task of a request whose class names still
+need text embeddings when the budget runs out (those go on in the background, as they do after
+every /setup, so Label Studio's next request finds them cached). A predicted task gets `{"result": [...], "score",
 "model_version"}`, where the task score is the mean top-class probability over all pixels the
 backend labeled (0 when it labeled none): low means the model was unsure, so reviewers can sort
 by it.
@@ -29,7 +31,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from rfclip_engine import __version__ as engine_version
 from rfclip_engine.config import RFCLIPConfig, SegmenterConfig, default_precision
 from rfclip_engine.predictor import Segmenter
-from rfclip_engine.text import TEMPLATE_SET, Vocabulary
+from rfclip_engine.text import TEMPLATE_SET, TextEmbedder, Vocabulary
 
 from .label_config import ControlTarget, read_label_config, targets_by_image
 from .media import Credentials, ImageFetcher, MediaError
@@ -38,6 +40,7 @@ from .settings import Settings
 
 log = logging.getLogger("rfclip.backend")
 NOT_PREDICTED: list = []  # Label Studio stores nothing for this task and asks again later
+WARM_UP_MODEL_WAIT_S = 3600.0  # a first start may download the weights
 
 
 class ModelUnavailable(RuntimeError):
@@ -137,6 +140,11 @@ class _Job:
         finally:
             self.stage_seconds[stage] += time.perf_counter() - started
 
+    @property
+    def queries(self) -> Tuple[str, ...]:
+        """Every class query of every control, once each."""
+        return _config_queries(self.groups)
+
 
 class PredictionService:
     """Answers /predict requests with the model held by a `ModelHolder`."""
@@ -149,12 +157,64 @@ class PredictionService:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rfclip-fetch")
         self._images_per_batch = images_per_batch
         self._seconds_per_batch = 0.0  # running estimate, to stop before the budget runs out
+        self._seconds_per_text_batch = 0.0  # the last text-encoder batch's time, likewise
         self._lock = threading.Lock()  # one request at a time through the model in this process
+        self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rfclip-text-warm-up")
+        self._warming: set = set()  # query tuples queued or being embedded ahead
+        self._warming_lock = threading.Lock()
 
     @staticmethod
     def targets(label_config: str) -> Sequence[ControlTarget]:
         """The controls to predict; raises LabelConfigError with an explanation."""
         return _parsed_config(label_config)[0]
+
+    def warm_up(self, label_config: str) -> None:
+        """Embed the config's class queries in the background, so that the /predict that follows
+        (Label Studio sends /setup before every retrieve and task open) finds them cached. One
+        text batch at a time holds the model, so requests in between are not held up for long."""
+        self._warm_up_queries(_config_queries(targets_by_image(list(self.targets(label_config)))))
+
+    def _warm_up_queries(self, queries: Tuple[str, ...]) -> None:
+        with self._warming_lock:
+            if queries in self._warming:
+                return
+            self._warming.add(queries)
+        self._warmer.submit(self._warm, queries)
+
+    def _warm(self, queries: Tuple[str, ...]) -> None:
+        try:
+            text = self.holder.get(WARM_UP_MODEL_WAIT_S).text
+            started = time.monotonic()
+            missing = text.missing(queries)
+            for start in range(0, len(missing), text.queries_per_batch):
+                with self._lock:
+                    self._embed_text_batch(text, missing[start:start + text.queries_per_batch])
+            if missing:
+                log.info("text embeddings of %d class names computed ahead in %.1f s",
+                         len(missing), time.monotonic() - started)
+        except ModelUnavailable as err:
+            log.warning("class names not embedded ahead: %s", err)
+        except Exception:
+            log.exception("class names could not be embedded ahead")
+        finally:
+            with self._warming_lock:
+                self._warming.discard(queries)
+
+    def _embed_text_batch(self, text: TextEmbedder, queries: Sequence[str]) -> None:
+        """Embeds and caches `queries` (the caller holds the model)."""
+        started = time.monotonic()
+        text.embed_queries(queries)
+        self._seconds_per_text_batch = time.monotonic() - started
+
+    def _embed_text_until(self, job: _Job) -> List[str]:
+        """Embeds the job's uncached queries a text batch at a time while the next batch fits
+        before the deadline; returns those still missing."""
+        text = job.segmenter.text
+        missing = text.missing(job.queries)
+        while missing and time.monotonic() + self._seconds_per_text_batch <= job.deadline:
+            self._embed_text_batch(text, missing[:text.queries_per_batch])
+            missing = missing[text.queries_per_batch:]
+        return missing
 
     def predict(self, tasks: List[dict], label_config: str, credentials: Credentials) -> List[object]:
         started = time.perf_counter()
@@ -187,6 +247,14 @@ class PredictionService:
         groups' images fetched meanwhile; stops before the deadline."""
         tasks = job.tasks
         entries: List[object] = [NOT_PREDICTED] * len(tasks)
+        with job.timed("text embeddings"):
+            unembedded = self._embed_text_until(job)
+        if unembedded:
+            log.warning("tasks %s not predicted yet: %d of %d class names still need text embeddings after the "
+                        "%.0f s budget; they go on in the background and Label Studio will ask again",
+                        _ids(tasks), len(unembedded), len(job.queries), self.settings.predict_budget_s)
+            self._warm_up_queries(job.queries)
+            return entries
         fetches: Dict[int, Future] = {}
 
         def fetch_until(stop: int) -> None:
@@ -302,6 +370,11 @@ class PredictionService:
         if target.region_type == "brushlabels":
             return [brush_region(mask, label, target.from_name, target.to_name, score)]
         return polygon_regions(mask, label, target.from_name, target.to_name, score)
+
+
+def _config_queries(groups: Dict[str, List[ControlTarget]]) -> Tuple[str, ...]:
+    queries = (q for targets in groups.values() for target in targets for q in target.vocabulary.queries)
+    return tuple(dict.fromkeys(queries))
 
 
 def _ids(tasks: Sequence[dict]) -> str:

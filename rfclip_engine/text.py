@@ -115,6 +115,15 @@ class TextEmbedder:
     def cache_key(self, query: str) -> str:
         return f"rfclip:text:{self.model.model_name}:{self.model.weights_id}:{self.template_set}:{query}"
 
+    @property
+    def queries_per_batch(self) -> int:
+        """How many queries' prompts fill one text-encoder batch."""
+        return max(1, self.prompts_per_batch // len(self.templates))
+
+    def missing(self, queries: Iterable[str]) -> List[str]:
+        """The distinct queries with no cached embedding yet, in order."""
+        return [q for q in dict.fromkeys(queries) if self.cache.get(self.cache_key(q)) is None]
+
     def embed_queries(self, queries: Sequence[str]) -> torch.Tensor:
         """(len(queries), D) float32 unit vectors on the model's device."""
         found = {q: self.cache.get(self.cache_key(q)) for q in dict.fromkeys(queries)}

@@ -285,3 +285,62 @@ def test_a_busy_model_does_not_outlast_the_budget(tiny_model, tmp_path, fake_ls)
         assert results == [[]] and time.monotonic() - started < 2.0
     finally:
         service._lock.release()
+
+
+MANY_CLASSES = [f"class {i}" for i in range(12)]
+MANY_CLASSES_CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+                       + "".join(f'<Label value="{name}"/>' for name in MANY_CLASSES) + '</BrushLabels></View>')
+
+
+def wait_until_embedded(app, queries, timeout_s=60.0):
+    text = app.extensions["rfclip"]["holder"].get(30).text
+    deadline = time.monotonic() + timeout_s
+    while text.missing(queries):
+        assert time.monotonic() < deadline, f"still not embedded: {text.missing(queries)}"
+        time.sleep(0.05)
+
+
+def test_setup_embeds_the_class_names_ahead(tiny_model, tmp_path, fake_ls, monkeypatch, caplog):
+    """Label Studio sends /setup before every retrieve and task open, with a 3 s timeout."""
+    computed = count_text_computations(monkeypatch)
+    caplog.set_level(logging.INFO, logger="rfclip.backend")
+    app = make_app(tiny_model, tmp_path)
+    client = app.test_client()
+    started = time.monotonic()
+    assert client.post("/setup", json={"project": "3.1", "schema": MANY_CLASSES_CONFIG}).status_code == 200
+    assert time.monotonic() - started < 3
+    wait_until_embedded(app, MANY_CLASSES)
+    assert sorted(computed) == sorted(MANY_CLASSES)
+    assert any("text embeddings of 12 class names computed ahead" in r.getMessage() for r in caplog.records)
+    client.post("/setup", json={"project": "3.1", "schema": MANY_CLASSES_CONFIG})  # nothing left to compute
+    fake_ls.public["a.png"] = png(64, 64)
+    response = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": f"{fake_ls.url}/img/a.png"}}],
+                                             "label_config": MANY_CLASSES_CONFIG})
+    assert response.get_json()["results"][0]["result"]
+    assert sorted(computed) == sorted(MANY_CLASSES)  # /predict found every class name cached
+
+
+def test_class_names_that_outlast_the_budget_finish_in_the_background(tiny_model, tmp_path, fake_ls, monkeypatch,
+                                                                      caplog):
+    fake_ls.public["a.png"] = png(64, 64)
+    original = TextEmbedder._compute
+
+    def slow(self, queries):
+        time.sleep(0.5)  # a text batch of 5 class names on a slow CPU
+        return original(self, queries)
+
+    monkeypatch.setattr(TextEmbedder, "_compute", slow)
+    caplog.set_level(logging.WARNING)
+    app = make_app(tiny_model, tmp_path, predict_budget_s=0.8)
+    app.extensions["rfclip"]["holder"].get(30)
+    client = app.test_client()
+    body = {"tasks": [{"id": i, "data": {"image": f"{fake_ls.url}/img/a.png"}} for i in (1, 2)],
+            "label_config": MANY_CLASSES_CONFIG}
+    started = time.monotonic()
+    assert client.post("/predict", json=body).get_json()["results"] == [[], []]
+    assert time.monotonic() - started < 1.5  # one text batch fitted, the second would not have
+    (line,) = [r.getMessage() for r in caplog.records if "still need text embeddings" in r.getMessage()]
+    assert line.startswith("tasks 1, 2 not predicted yet: 7 of 12 class names")
+    wait_until_embedded(app, MANY_CLASSES)
+    results = client.post("/predict", json=body).get_json()["results"]
+    assert all(r["result"] for r in results)

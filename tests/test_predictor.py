@@ -206,6 +206,16 @@ def test_text_embeddings_are_cached_and_normalized(tiny_model, monkeypatch):
     torch.testing.assert_close(second[1], expected)
 
 
+def test_text_embedder_names_what_it_still_has_to_compute(tiny_model):
+    embedder = TextEmbedder(tiny_model, MemoryCache(), prompts_per_batch=400)
+    assert embedder.queries_per_batch == 5  # 400 prompts, 80 templates each
+    assert TextEmbedder(tiny_model, prompts_per_batch=10).queries_per_batch == 1
+    embedder.embed_queries(["dog"])
+    assert embedder.missing(["cat", "dog", "bird", "cat"]) == ["cat", "bird"]
+    embedder.embed_queries(["cat", "bird"])
+    assert embedder.missing(["cat", "dog", "bird"]) == []
+
+
 def test_memory_cache_is_lru():
     cache = MemoryCache(max_entries=2)
     cache.put("a", torch.zeros(1))
