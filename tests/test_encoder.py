@@ -273,3 +273,17 @@ def test_lanczos_cuts_as_well_as_exact_on_near_degenerate_spectra(monkeypatch):
         ratio = normalized_cut(w, bipartition(fast)) / normalized_cut(w, bipartition(exact))
         assert ratio.max() < 1.01
     assert differs > 0  # the case this test is about did occur
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "ViT-B-16"])
+@torch.no_grad()
+def test_text_encoding_cut_at_end_of_text_equals_open_clip(model_name, tiny_model):
+    model = tiny_model if model_name == "tiny" else preset_vit_b16()
+    prompts = ["a photo of a cat.", "a bad photo of the traffic light, stop light.", "dog",
+               " ".join(["a very long prompt"] * 30)]  # past the 77-token context: cut by the tokenizer
+    tokens = model.tokenizer(prompts)
+    assert tokens.argmax(dim=-1).max() == model.clip.context_length - 1
+    expected = torch.nn.functional.normalize(model.clip.encode_text(tokens), dim=-1)
+    torch.testing.assert_close(model.encode_text(prompts), expected, rtol=0, atol=2e-6)
+    # short prompts alone run a much shorter context, with the same result
+    torch.testing.assert_close(model.encode_text(prompts[:3]), expected[:3], rtol=0, atol=2e-6)
