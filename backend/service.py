@@ -2,12 +2,12 @@
 
 Every task is isolated: a task whose image cannot be fetched or read gets `[]` (nothing stored,
 Label Studio asks again later) and one log line with its id and the reason. Tasks not reached
-within the time budget also get `[]`, and so does every task of a request whose class names still
-need text embeddings when the budget runs out (those go on in the background, as they do after
-every /setup, so Label Studio's next request finds them cached). A predicted task gets `{"result": [...], "score",
-"model_version"}`, where the task score is the mean top-class probability over all pixels the
-backend labeled (0 when it labeled none): low means the model was unsure, so reviewers can sort
-by it.
+within the time budget also get `[]`, and so does every task of a request whose class names
+still need text embeddings when the budget runs out (those go on in the background, as they do
+after every /setup, so Label Studio's next request finds them cached). A predicted task gets
+`{"result": [...], "score", "model_version"}`, where the task score is the mean top-class
+probability over all pixels the backend labeled (0 when it labeled none): low means the model
+was unsure, so reviewers can sort by it.
 """
 from __future__ import annotations
 
@@ -184,14 +184,17 @@ class PredictionService:
     def _warm(self, queries: Tuple[str, ...]) -> None:
         try:
             text = self.holder.get(WARM_UP_MODEL_WAIT_S).text
-            started = time.monotonic()
-            missing = text.missing(queries)
-            for start in range(0, len(missing), text.queries_per_batch):
-                with self._lock:
-                    self._embed_text_batch(text, missing[start:start + text.queries_per_batch])
-            if missing:
+            started, computed = time.monotonic(), 0
+            while True:
+                with self._lock:  # looked up again each time: a /predict in between may have done some
+                    batch = text.missing(queries)[:text.queries_per_batch]
+                    if not batch:
+                        break
+                    self._embed_text_batch(text, batch)
+                computed += len(batch)
+            if computed:
                 log.info("text embeddings of %d class names computed ahead in %.1f s",
-                         len(missing), time.monotonic() - started)
+                         computed, time.monotonic() - started)
         except ModelUnavailable as err:
             log.warning("class names not embedded ahead: %s", err)
         except Exception:
