@@ -159,8 +159,7 @@ class PredictionService:
         self._seconds_per_batch = 0.0  # running estimate, to stop before the budget runs out
         self._seconds_per_text_batch = 0.0  # the last text-encoder batch's time, likewise
         self._lock = threading.Lock()  # one request at a time through the model in this process
-        self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rfclip-text-warm-up")
-        self._warming: set = set()  # query tuples queued or being embedded ahead
+        self._warming: set = set()  # query tuples being embedded ahead
         self._warming_lock = threading.Lock()
 
     @staticmethod
@@ -179,7 +178,8 @@ class PredictionService:
             if queries in self._warming:
                 return
             self._warming.add(queries)
-        self._warmer.submit(self._warm, queries)
+        # a daemon thread: work ahead of time must never hold up the process's exit
+        threading.Thread(target=self._warm, args=(queries,), name="rfclip-text-warm-up", daemon=True).start()
 
     def _warm(self, queries: Tuple[str, ...]) -> None:
         try:
