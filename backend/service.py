@@ -186,12 +186,11 @@ class PredictionService:
             text = self.holder.get(WARM_UP_MODEL_WAIT_S).text
             started, computed = time.monotonic(), 0
             while True:
-                with self._lock:  # looked up again each time: a /predict in between may have done some
-                    batch = text.missing(queries)[:text.queries_per_batch]
-                    if not batch:
-                        break
-                    self._embed_text_batch(text, batch)
-                computed += len(batch)
+                with self._lock:  # one batch at a time, so a /predict can take the model in between
+                    embedded = self._embed_next_text_batch(text, queries)
+                if not embedded:
+                    break
+                computed += embedded
             if computed:
                 log.info("text embeddings of %d class names computed ahead in %.1f s",
                          computed, time.monotonic() - started)
@@ -203,21 +202,24 @@ class PredictionService:
             with self._warming_lock:
                 self._warming.discard(queries)
 
-    def _embed_text_batch(self, text: TextEmbedder, queries: Sequence[str]) -> None:
-        """Embeds and caches `queries` (the caller holds the model)."""
-        started = time.monotonic()
-        text.embed_queries(queries)
-        self._seconds_per_text_batch = time.monotonic() - started
+    def _embed_next_text_batch(self, text: TextEmbedder, queries: Sequence[str]) -> int:
+        """Embeds and caches one text batch of the `queries` not cached yet, looked up now (another
+        thread may have done some); returns how many. The caller holds the model."""
+        batch = text.missing(queries)[:text.queries_per_batch]
+        if batch:
+            started = time.monotonic()
+            text.embed_queries(batch)
+            self._seconds_per_text_batch = time.monotonic() - started
+        return len(batch)
 
     def _embed_text_until(self, job: _Job) -> List[str]:
         """Embeds the job's uncached queries a text batch at a time while the next batch fits
         before the deadline; returns those still missing."""
-        text = job.segmenter.text
-        missing = text.missing(job.queries)
-        while missing and time.monotonic() + self._seconds_per_text_batch <= job.deadline:
-            self._embed_text_batch(text, missing[:text.queries_per_batch])
-            missing = missing[text.queries_per_batch:]
-        return missing
+        text, queries = job.segmenter.text, job.queries
+        while time.monotonic() + self._seconds_per_text_batch <= job.deadline:
+            if not self._embed_next_text_batch(text, queries):
+                return []
+        return text.missing(queries)
 
     def predict(self, tasks: List[dict], label_config: str, credentials: Credentials) -> List[object]:
         started = time.perf_counter()

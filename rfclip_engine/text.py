@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -122,11 +122,11 @@ class TextEmbedder:
 
     def missing(self, queries: Iterable[str]) -> List[str]:
         """The distinct queries with no cached embedding yet, in order."""
-        return [q for q in dict.fromkeys(queries) if self.cache.get(self.cache_key(q)) is None]
+        return [q for q, value in self._cached(queries).items() if value is None]
 
     def embed_queries(self, queries: Sequence[str]) -> torch.Tensor:
         """(len(queries), D) float32 unit vectors on the model's device."""
-        found = {q: self.cache.get(self.cache_key(q)) for q in dict.fromkeys(queries)}
+        found = self._cached(queries)
         missing = [q for q, v in found.items() if v is None]
         for q, value in zip(missing, self._compute(missing)):
             found[q] = value
@@ -136,6 +136,10 @@ class TextEmbedder:
     def embed(self, vocabulary: Vocabulary) -> torch.Tensor:
         """Embeddings of all the vocabulary's queries, in `vocabulary.queries` order."""
         return self.embed_queries(vocabulary.queries)
+
+    def _cached(self, queries: Iterable[str]) -> Dict[str, Optional[torch.Tensor]]:
+        """Each distinct query, in order, with its cached embedding or None."""
+        return {q: self.cache.get(self.cache_key(q)) for q in dict.fromkeys(queries)}
 
     def _compute(self, queries: List[str]) -> List[torch.Tensor]:
         if not queries:
