@@ -1,14 +1,18 @@
 """The Flask app (an app factory) speaking Label Studio's ML-backend protocol.
 
-Endpoints: GET /health (no auth; answers at once, even while the model loads), POST /setup,
-POST /predict, POST /webhook, GET /versions. Request bodies, headers and tokens are never logged.
+Endpoints: GET /health (no auth; a short state, answered at once, even while the model loads),
+GET /status (details: load errors, settings with secrets masked), POST /setup, POST /predict,
+POST /webhook, GET /versions. Request bodies, headers and tokens are never logged.
 """
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import threading
-from typing import Callable, Dict, Optional
+from collections import OrderedDict
+from typing import Callable, Optional
+from urllib.parse import urlparse
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import BadRequest, HTTPException
@@ -19,6 +23,7 @@ from rfclip_engine.text import EmbeddingCache
 
 from .label_config import LabelConfigError
 from .media import Credentials, ImageFetcher
+from .netguard import DestinationPolicy
 from .service import ModelHolder, PredictionService, segmenter_config
 from .settings import Settings
 from .text_cache import RedisEmbeddingCache
@@ -36,29 +41,40 @@ def load_segmenter(settings: Settings, text_cache: EmbeddingCache) -> Segmenter:
 
 
 class ProjectStore:
-    """Per-project label config and the credentials /setup brought (fallbacks for the env's)."""
+    """Per-project label config and the credentials /setup brought (used only when the
+    environment sets neither LABEL_STUDIO_URL nor LABEL_STUDIO_API_KEY); the `capacity` most
+    recently used projects are kept, so a stream of /setup calls cannot grow the memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 1000) -> None:
+        self.capacity = capacity
         self._lock = threading.Lock()
-        self._configs: Dict[str, str] = {}
-        self._credentials: Dict[str, Credentials] = {}
+        self._configs: "OrderedDict[str, str]" = OrderedDict()
+        self._credentials: "OrderedDict[str, Credentials]" = OrderedDict()
 
     @staticmethod
     def key(project: object) -> str:
-        return str(project or "").split(".", 1)[0]  # LS sends "<id>.<timestamp>"
+        return str(project or "").split(".", 1)[0][:64]  # LS sends "<id>.<timestamp>"
+
+    def __len__(self) -> int:
+        return len(self._configs.keys() | self._credentials.keys())
 
     def remember(self, project: object, label_config: Optional[str], credentials: Optional[Credentials]) -> None:
+        key = self.key(project)
         with self._lock:
-            if label_config:
-                self._configs[self.key(project)] = label_config
-            if credentials:
-                self._credentials[self.key(project)] = credentials
+            for store, value in ((self._configs, label_config), (self._credentials, credentials)):
+                if value:
+                    store[key] = value
+                    store.move_to_end(key)
+                    while len(store) > self.capacity:
+                        store.popitem(last=False)
 
     def config(self, project: object) -> Optional[str]:
-        return self._configs.get(self.key(project))
+        with self._lock:
+            return self._configs.get(self.key(project))
 
     def credentials(self, project: object) -> Credentials:
-        return self._credentials.get(self.key(project), Credentials(None, None))
+        with self._lock:
+            return self._credentials.get(self.key(project), Credentials(None, None))
 
 
 def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterLoader = load_segmenter) -> Flask:
@@ -66,27 +82,27 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
     text_cache = RedisEmbeddingCache(settings.redis_url)
     holder = ModelHolder(lambda: segmenter_loader(settings, text_cache))
     fetcher = ImageFetcher(settings.cache_dir, settings.allowed_local_dir, settings.max_download_bytes,
-                           settings.fetch_timeout_s, settings.max_image_pixels, settings.image_cache_mb << 20)
+                           settings.fetch_timeout_s, settings.max_image_pixels, settings.image_cache_mb << 20,
+                           destination_policy(settings))
     service = PredictionService(settings, holder, fetcher)
-    projects = ProjectStore()
+    projects = ProjectStore(settings.max_projects)
 
     app = Flask("rfclip_backend")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["rfclip"] = {"service": service, "holder": holder, "text_cache": text_cache, "projects": projects}
 
     def credentials_for(project: object) -> Credentials:
-        fallback = projects.credentials(project)
-        return Credentials(settings.label_studio_url or fallback.url, settings.label_studio_api_key or fallback.token)
+        # The environment's key goes only to the environment's URL; /setup's pair only as a pair.
+        if settings.label_studio_url or settings.label_studio_api_key:
+            return Credentials(settings.label_studio_url, settings.label_studio_api_key)
+        return projects.credentials(project)
 
     @app.before_request
     def authenticate_and_warm_up() -> Optional[Response]:
         holder.start()  # first request of this (forked) process starts loading the model
         if request.path == "/health" or settings.basic_auth is None:
             return None
-        auth = request.authorization
-        user, password = settings.basic_auth
-        if auth is None or auth.type != "basic" or not (
-                hmac.compare_digest(auth.username or "", user) and hmac.compare_digest(auth.password or "", password)):
+        if not _authorized(request.authorization, settings.basic_auth):
             return Response('{"error": "authentication required"}', 401, mimetype="application/json",
                             headers={"WWW-Authenticate": 'Basic realm="rfclip"'})
         return None
@@ -94,21 +110,30 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
     @app.get("/")
     @app.get("/health")
     def health():
+        # Unauthenticated: a short state only, and nothing that waits on the model or on Redis.
         return jsonify(status="UP", model_class="RFCLIP", model_version=service.model_version,
+                       model={"name": settings.model, "state": holder.state},
+                       device=str(resolve_device(settings.device)), redis=text_cache.state)
+
+    @app.get("/status")
+    def status():
+        return jsonify(model_version=service.model_version,
                        model={"name": settings.model, "state": holder.state, "error": holder.error},
-                       device=str(resolve_device(settings.device)), redis=text_cache.ping())
+                       device=str(resolve_device(settings.device)), redis=text_cache.ping(),
+                       settings=settings.describe())
 
     @app.post("/setup")
     def setup():
         body = _json_body()
-        schema = body.get("schema") or ""
-        projects.remember(body.get("project"), schema,
-                          Credentials(body.get("hostname") or None, body.get("access_token") or None))
+        project = body.get("project")
+        schema = _text_field(body, "schema")
         try:
-            service.warm_up(schema)
+            service.warm_up(schema)  # a config the backend cannot use is refused before anything is kept
         except LabelConfigError as err:
-            log.error("project %s: %s", projects.key(body.get("project")), err)
+            log.error("project %s: %s", projects.key(project), err)
             return jsonify(error=str(err)), 400
+        projects.remember(project, schema, Credentials(_text_field(body, "hostname") or None,
+                                                       _text_field(body, "access_token") or None))
         return jsonify(model_version=service.model_version)
 
     @app.post("/predict")
@@ -118,7 +143,7 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
         if not isinstance(tasks, list):
             return jsonify(error="the body needs a 'tasks' list"), 400
         project = body.get("project")
-        label_config = body.get("label_config") or projects.config(project)
+        label_config = _text_field(body, "label_config") or projects.config(project)
         try:
             service.targets(label_config or "")
         except LabelConfigError as err:
@@ -133,15 +158,19 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
         action = body.get("action")
         if action == "PROJECT_UPDATED":
             project = body.get("project") or {}
-            projects.remember(project.get("id"), project.get("label_config"), None)
-            log.info("project %s: label config refreshed", project.get("id"))
+            if not isinstance(project, dict):
+                raise BadRequest("'project' must be a JSON object")
+            label_config = _text_field(project, "label_config")
             try:
-                if project.get("label_config"):
-                    service.warm_up(project["label_config"])
+                if label_config:
+                    service.warm_up(label_config)
             except LabelConfigError as err:
-                log.error("project %s: %s", project.get("id"), err)
+                log.error("project %s: %s", projects.key(project.get("id")), err)
+                return jsonify(error=str(err)), 400
+            projects.remember(project.get("id"), label_config, None)
+            log.info("project %s: label config refreshed", projects.key(project.get("id")))
             return jsonify(status="ok")
-        return jsonify(status="ignored", action=action)
+        return jsonify(status="ignored", action=action if isinstance(action, str) else None)
 
     @app.get("/versions")
     def versions():
@@ -159,8 +188,41 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
     return app
 
 
+def destination_policy(settings: Settings) -> DestinationPolicy:
+    """Private addresses are fetched when the operator allows them, and from LABEL_STUDIO_URL's host."""
+    own = urlparse(settings.label_studio_url).hostname if settings.label_studio_url else None
+    return DestinationPolicy(settings.allow_private_urls, frozenset({own.lower()} if own else ()))
+
+
+def _authorized(auth, expected: Optional[tuple]) -> bool:
+    if expected is None:
+        return True
+    if auth is None or auth.type != "basic":
+        return False
+    user, password = (value.encode("utf-8", "surrogateescape") for value in expected)
+    given_user, given_password = ((value or "").encode("utf-8", "surrogateescape")
+                                  for value in (auth.username, auth.password))
+    # both compared, always: the time taken says nothing about which one was wrong
+    return hmac.compare_digest(given_user, user) & hmac.compare_digest(given_password, password)
+
+
 def _json_body() -> dict:
-    body = request.get_json(silent=True)
+    try:
+        body = json.loads(request.get_data(cache=True) or b"null")
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply") from None
+    except ValueError:
+        body = None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     return body
+
+
+def _text_field(body: dict, name: str) -> str:
+    """A string field of a request body ("" when absent); 400 when it holds anything else."""
+    value = body.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadRequest(f"'{name}' must be a string, not {type(value).__name__}")
+    return value

@@ -5,16 +5,34 @@ Settings come from the environment (see README); a wrong value stops here, namin
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
 from typing import Optional, Sequence
 
+from . import redaction
 from .settings import Settings, SettingsError
+
+# import name -> distribution, for the backend's own dependencies (the `backend` extra)
+BACKEND_MODULES = {"flask": "Flask", "gunicorn": "gunicorn", "redis": "redis", "label_studio_sdk": "label-studio-sdk",
+                   "defusedxml": "defusedxml", "requests": "requests"}
+
+
+def missing_backend_modules() -> list:
+    missing = []
+    for module, distribution in BACKEND_MODULES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(distribution)
+    return missing
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redaction.install(level)
     # The SDK warns about "localhost" on every download and logs URLs at INFO; our own lines say
     # what matters, once per task.
     logging.getLogger("label_studio_sdk").setLevel(logging.ERROR)
@@ -39,6 +57,7 @@ def serve(settings: Settings, host: str, port: int, workers: int, threads: int, 
             self.cfg.set("accesslog", None)
 
         def load(self):
+            configure_logging(settings.log_level)  # gunicorn set up its own handlers by now
             return create_app(settings)
 
     Server().run()
@@ -57,6 +76,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run.add_argument("--timeout", type=int, default=120, help="gunicorn worker timeout in seconds")
     run.add_argument("--dev", action="store_true", help="Flask's threaded development server instead of gunicorn")
     args = parser.parse_args(argv)
+    missing = missing_backend_modules()
+    if missing:
+        print(f"rfclip-backend: the backend's dependencies are not installed ({', '.join(missing)}); "
+              "install them with: pip install 'rfclip[backend]'", file=sys.stderr)
+        return 2
     try:
         settings = Settings.from_env()
     except SettingsError as err:

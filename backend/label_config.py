@@ -4,17 +4,25 @@ Every BrushLabels / PolygonLabels control tied to an Image is predicted. Each of
 (named by alias-or-value, as LabelInterface lists them) is a class; `predicted_values="cat,
 kitten"` gives the text queries (synonyms); `model_skip="true"` leaves a label out. Control
 attributes: `model_score_threshold` (pixels below stay unlabeled) and `model_background="sky,
-wall"` (extra queries whose pixels stay unlabeled).
+wall"` (extra queries whose pixels stay unlabeled). A label with an empty name is skipped
+with a warning.
+
+The config comes from whoever can reach the backend: it is parsed first with defusedxml,
+which refuses DTDs and entities (XXE, entity expansion), whatever lxml's defaults are.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
+import defusedxml.ElementTree
+from defusedxml import DefusedXmlException
 from label_studio_sdk.label_interface import LabelInterface
 
 from rfclip_engine.text import Vocabulary
 
+log = logging.getLogger("rfclip.backend")
 REGION_TYPES = {"BrushLabels": "brushlabels", "PolygonLabels": "polygonlabels"}
 EXAMPLE_CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -76,6 +84,12 @@ def read_label_config(config: str) -> Tuple[List[ControlTarget], LabelInterface]
     if not config or not config.strip():
         raise LabelConfigError(f"the labeling config is empty; the backend needs one like:\n{EXAMPLE_CONFIG}")
     try:
+        defusedxml.ElementTree.fromstring(config, forbid_dtd=True)
+    except DefusedXmlException as err:
+        raise LabelConfigError(f"the labeling config declares a DTD or entities, which are not accepted ({err})") from None
+    except Exception as err:
+        raise LabelConfigError(f"the labeling config is not valid XML ({err}); expected e.g.:\n{EXAMPLE_CONFIG}") from None
+    try:
         interface = LabelInterface(config)
     except Exception as err:
         raise LabelConfigError(f"the labeling config is not valid XML ({err}); expected e.g.:\n{EXAMPLE_CONFIG}") from err
@@ -95,6 +109,9 @@ def read_label_config(config: str) -> Tuple[List[ControlTarget], LabelInterface]
             labels, queries = [], []
             for label, tag in control.labels_attrs.items():
                 if str(tag.attr.get("model_skip", "")).lower() == "true":
+                    continue
+                if not str(label).strip():
+                    log.warning('control "%s": a <Label> with an empty value is skipped', control.name)
                     continue
                 labels.append(label)
                 queries.append(_split(tag.attr.get("predicted_values", "")) or (label,))

@@ -2,14 +2,18 @@
 through Label Studio) and http(s) URLs, through the Label Studio SDK's media helper.
 
 What is never done: reading `file://` URLs or local paths outside the operator's
-RFCLIP_ALLOWED_LOCAL_DIR (resolved, so neither `..` nor symlinks escape it); downloading more
-than the byte limit, or for longer than the timeout; decoding more than the pixel limit.
+RFCLIP_ALLOWED_LOCAL_DIR (resolved, so neither `..` nor symlinks escape it); connecting to
+addresses the destination policy refuses (`netguard`); downloading more than the byte limit,
+or for longer than the timeout, connect to last byte; decoding more than the pixel limit;
+serving one project's cached download for another's URL or credentials.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +25,8 @@ import requests
 from label_studio_sdk._extensions.label_studio_tools.core.utils.io import get_local_path, http_session
 
 from rfclip_engine.imageio import ImageError, load_rgb
+
+from .netguard import DestinationPolicy, DownloadRefused, GuardedSession
 
 log = logging.getLogger("rfclip.backend.media")
 _LS_PATH_PREFIXES = ("/data/upload", "upload/", "/upload/", "/storage-data/", "data/upload")
@@ -48,6 +54,11 @@ class Credentials:
     def __repr__(self) -> str:
         return f"Credentials(url={self.url!r}, token={'***' if self.token else None})"
 
+    @property
+    def identity(self) -> str:
+        """A digest naming these credentials, for cache keys (the token itself is never stored)."""
+        return hashlib.sha256(f"{self.url}\0{self.token}".encode()).hexdigest()
+
 
 @lru_cache(maxsize=16)
 def _ls_client(url: str, token: str):
@@ -68,42 +79,6 @@ def access_token(credentials: Credentials) -> str:
         raise MediaError(f"Label Studio refused LABEL_STUDIO_API_KEY ({type(err).__name__}); "
                          "a personal access token may have expired") from None
     return header.split(" ", 1)[1]
-
-
-class BoundedSession(requests.Session):
-    """A session whose GETs time out and stop at a byte limit (the SDK reads `.content`)."""
-
-    def __init__(self, max_bytes: int, timeout_s: float) -> None:
-        super().__init__()
-        self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
-
-    def get(self, url, **kwargs):  # type: ignore[override]
-        kwargs["stream"] = True
-        kwargs["timeout"] = (min(5.0, self.timeout_s), self.timeout_s)
-        started = time.monotonic()
-        response = super().get(url, **kwargs)
-        try:
-            declared = int(response.headers.get("Content-Length") or 0)
-            if declared > self.max_bytes:
-                raise MediaError(f"image is {declared} bytes, more than the limit of {self.max_bytes}")
-            body = bytearray()
-            while True:
-                # read1 returns what one receive brings, so a host that drips bytes cannot stall the clock
-                chunk = response.raw.read1(1 << 16, decode_content=True)
-                if not chunk:
-                    break
-                body += chunk
-                if len(body) > self.max_bytes:
-                    raise MediaError(f"image is larger than the download limit of {self.max_bytes} bytes")
-                if time.monotonic() - started > self.timeout_s:
-                    raise MediaError(f"download took longer than {self.timeout_s:g} s")
-        except BaseException:
-            response.close()
-            raise
-        response._content = bytes(body)
-        response._content_consumed = True
-        return response
 
 
 def _without_query(url: str) -> str:
@@ -149,15 +124,18 @@ class ImageFetcher:
         timeout_s: float,
         max_pixels: int,
         cache_bytes: int = 2 << 30,
+        policy: Optional[DestinationPolicy] = None,
     ) -> None:
         self.cache_dir = Path(cache_dir) / "images"
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._incoming = Path(cache_dir) / "incoming"
+        self._incoming.mkdir(parents=True, exist_ok=True)
         self.cache_bytes = cache_bytes
         self._fetches = 0
         self.allowed_local_dir = allowed_local_dir.resolve() if allowed_local_dir else None
         self.max_pixels = max_pixels
-        self.session = BoundedSession(max_bytes, timeout_s)
-        # The SDK writes its cache file in place: two threads fetching one URL must not overlap.
+        self.session = GuardedSession(policy or DestinationPolicy(), max_bytes, timeout_s)
+        # Two threads fetching one URL must not both download it.
         self._locks: Dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -172,7 +150,7 @@ class ImageFetcher:
         if not isinstance(reference, str) or not reference.strip():
             raise MediaError(f"task data holds no image reference ({type(reference).__name__})")
         reference = reference.strip()
-        with self._lock_for(reference):
+        with self._lock_for(f"{credentials.identity}\0{reference}"):
             path = self._local_file(reference, task_id, credentials)
             self._note_use(Path(path))
             try:
@@ -197,18 +175,27 @@ class ImageFetcher:
         elif parsed.scheme not in ("http", "https") and not reference.startswith(_LS_PATH_PREFIXES) \
                 and not reference.startswith(_CLOUD_SCHEMES):
             raise MediaError(f"unsupported image reference scheme {parsed.scheme!r}")
+        cached = self.cache_dir / hashlib.sha256(f"{credentials.identity}\0{reference}".encode()).hexdigest()
+        if cached.is_file():
+            return str(cached)
         try:
-            with http_session(self.session):
-                return get_local_path(
+            # The SDK's own cache names files by 8 hex digits of the URL alone; it downloads into
+            # a folder of its own each time, and the file is kept under the full key.
+            with tempfile.TemporaryDirectory(dir=self._incoming) as incoming, http_session(self.session):
+                downloaded = get_local_path(
                     reference,
-                    cache_dir=str(self.cache_dir),
+                    cache_dir=incoming,
                     hostname=credentials.url or "",
                     access_token=access_token(credentials),
                     task_id=task_id,
                     image_dir=_NO_LOCAL_UPLOADS,
                 )
+                os.replace(downloaded, cached)
+            return str(cached)
         except MediaError:
             raise
+        except DownloadRefused as err:
+            raise MediaError(f"{_without_query(reference)}: {err}") from None
         except requests.HTTPError as err:
             status = err.response.status_code if err.response is not None else "?"
             hint = " (check LABEL_STUDIO_API_KEY)" if status in (401, 403) else ""

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -33,8 +34,9 @@ from rfclip_engine.config import RFCLIPConfig, SegmenterConfig, default_precisio
 from rfclip_engine.predictor import Segmenter
 from rfclip_engine.text import TEMPLATE_SET, TextEmbedder, Vocabulary
 
-from .label_config import ControlTarget, read_label_config, targets_by_image
+from .label_config import ControlTarget, LabelConfigError, read_label_config, targets_by_image
 from .media import Credentials, ImageFetcher, MediaError
+from .model_lock import ModelLock
 from .regions import brush_region, polygon_regions
 from .settings import Settings
 
@@ -131,6 +133,17 @@ class _Job:
     credentials: Credentials
     deadline: float
     stage_seconds: Dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    fetches: Dict[int, Future] = field(default_factory=dict)
+    created: float = field(default_factory=time.monotonic)
+
+    def fetch_until(self, stop: int, pool: ThreadPoolExecutor, fetch: Callable) -> None:
+        """Start fetching the images of every task before `stop` not started yet."""
+        for i in range(len(self.fetches), min(stop, len(self.tasks))):
+            self.fetches[i] = pool.submit(fetch, self.tasks[i], self.groups, self.credentials)
+
+    def cancel_fetches(self) -> None:
+        for future in self.fetches.values():
+            future.cancel()
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -158,14 +171,19 @@ class PredictionService:
         self._images_per_batch = images_per_batch
         self._seconds_per_batch = 0.0  # running estimate, to stop before the budget runs out
         self._seconds_per_text_batch = 0.0  # the last text-encoder batch's time, likewise
-        self._lock = threading.Lock()  # one request at a time through the model in this process
+        self._lock = ModelLock()  # one request at a time through the model in this process
         self._warming: set = set()  # query tuples being embedded ahead
         self._warming_lock = threading.Lock()
 
-    @staticmethod
-    def targets(label_config: str) -> Sequence[ControlTarget]:
-        """The controls to predict; raises LabelConfigError with an explanation."""
-        return _parsed_config(label_config)[0]
+    def targets(self, label_config: str) -> Sequence[ControlTarget]:
+        """The controls to predict; raises LabelConfigError with an explanation, also when the
+        config asks for more text queries than RFCLIP_MAX_QUERIES."""
+        targets = _parsed_config(label_config)[0]
+        count = len(_config_queries(targets_by_image(list(targets))))
+        if count > self.settings.max_queries:
+            raise LabelConfigError(f"the labeling config has {count} class names and synonyms, more than the "
+                                   f"limit of {self.settings.max_queries} (RFCLIP_MAX_QUERIES)")
+        return targets
 
     def warm_up(self, label_config: str) -> None:
         """Embed the config's class queries in the background, so that the /predict that follows
@@ -186,7 +204,7 @@ class PredictionService:
             text = self.holder.get(WARM_UP_MODEL_WAIT_S).text
             started, computed = time.monotonic(), 0
             while True:
-                with self._lock:  # one batch at a time, so a /predict can take the model in between
+                with self._lock.background():  # one batch at a time; a waiting /predict goes first
                     embedded = self._embed_next_text_batch(text, queries)
                 if not embedded:
                     break
@@ -221,74 +239,93 @@ class PredictionService:
                 return []
         return text.missing(queries)
 
-    def predict(self, tasks: List[dict], label_config: str, credentials: Credentials) -> List[object]:
+    def predict(self, tasks: List[object], label_config: str, credentials: Credentials) -> List[object]:
+        """One entry per task, in order; a task that is not a JSON object gets `[]`."""
         started = time.perf_counter()
         deadline = time.monotonic() + self.settings.predict_budget_s
+        entries: List[object] = [NOT_PREDICTED] * len(tasks)
+        usable = []
+        for n, item in enumerate(tasks):
+            if isinstance(item, dict):
+                usable.append(n)
+            else:
+                log.warning("task #%d of the request: not predicted: not a JSON object (%s)", n, type(item).__name__)
         targets, interface = _parsed_config(label_config)
+        job_tasks = [tasks[n] for n in usable]
         try:
             segmenter = self.holder.get(deadline - time.monotonic() - 1.0)
         except ModelUnavailable as err:
-            log.error("tasks %s not predicted: %s", _ids(tasks), err)
-            return [NOT_PREDICTED for _ in tasks]
-
+            log.error("tasks %s not predicted: %s", _ids(job_tasks), err)
+            return entries
+        job = _Job(job_tasks, targets_by_image(list(targets)), interface, segmenter, credentials, deadline)
+        # Images are on their way before the model is waited for: a slow host never holds it.
+        job.fetch_until(2 * self._images_per_batch, self._pool, self._fetch_images)
         # Another request may hold the model; waiting must not outlast the budget either.
         if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            job.cancel_fetches()
             log.warning("tasks %s not reached within the %.0f s budget (the model was busy); Label Studio "
-                        "will ask for them again", _ids(tasks), self.settings.predict_budget_s)
-            return [NOT_PREDICTED for _ in tasks]
-        job = _Job(tasks, targets_by_image(list(targets)), interface, segmenter, credentials, deadline)
+                        "will ask for them again", _ids(job_tasks), self.settings.predict_budget_s)
+            return entries
         try:
-            entries = self._predict_in_order(job)
+            for n, entry in zip(usable, self._predict_in_order(job)):
+                entries[n] = entry
         finally:
             self._lock.release()
         seconds = time.perf_counter() - started
         stages = ", ".join(f"{stage} {t:.2f} s" for stage, t in job.stage_seconds.items())
-        log.info("tasks %s: %d of %d predicted in %.2f s (%s)", _ids(tasks), sum(e is not NOT_PREDICTED for e in entries),
+        log.info("tasks %s: %d of %d predicted in %.2f s (%s)", _ids(job_tasks), sum(e is not NOT_PREDICTED for e in entries),
                  len(tasks), seconds, stages, extra={"stage_seconds": dict(job.stage_seconds), "seconds": seconds})
         return entries
 
     def _predict_in_order(self, job: _Job) -> List[object]:
         """Tasks in groups of `images_per_batch` (their crops share the encoder's batches), the next
-        groups' images fetched meanwhile; stops before the deadline."""
+        groups' images fetched meanwhile. Every request runs its first group; later groups only
+        while the estimate says they fit before the deadline."""
         tasks = job.tasks
         entries: List[object] = [NOT_PREDICTED] * len(tasks)
         with job.timed("text embeddings"):
             unembedded = self._embed_text_until(job)
         if unembedded:
+            job.cancel_fetches()
             log.warning("tasks %s not predicted yet: %d of %d class names still need text embeddings after the "
                         "%.0f s budget; they go on in the background and Label Studio will ask again",
                         _ids(tasks), len(unembedded), len(job.queries), self.settings.predict_budget_s)
             self._warm_up_queries(job.queries)
             return entries
-        fetches: Dict[int, Future] = {}
-
-        def fetch_until(stop: int) -> None:
-            for i in range(len(fetches), min(stop, len(tasks))):
-                fetches[i] = self._pool.submit(self._fetch_images, tasks[i], job.groups, job.credentials)
-
         size = self._images_per_batch
         for start in range(0, len(tasks), size):
-            if time.monotonic() + self._seconds_per_batch > job.deadline:
-                for future in fetches.values():
-                    future.cancel()
+            if start and time.monotonic() + self._seconds_per_batch > job.deadline:
+                job.cancel_fetches()
                 log.warning("tasks %s not reached within the %.0f s budget; Label Studio will ask for them again",
                             _ids(tasks[start:]), self.settings.predict_budget_s)
                 break
-            fetch_until(start + 2 * size)
-            started = time.monotonic()
+            job.fetch_until(start + 2 * size, self._pool, self._fetch_images)
             ready = []
-            for i in range(start, min(start + size, len(tasks))):
-                try:
-                    with job.timed("waiting for images"):
-                        ready.append((i, fetches[i].result()))
-                except MediaError as err:
-                    log.warning("task %s: not predicted: %s", tasks[i].get("id"), err)
-                except Exception:
-                    log.exception("task %s: image could not be fetched", tasks[i].get("id"))
+            with job.timed("waiting for images"):
+                for i in range(start, min(start + size, len(tasks))):
+                    image = self._fetched(job, i)
+                    if image is not None:
+                        ready.append((i, image))
+            started = time.monotonic()
             for i, entry in self._predict_batch(job, ready):
                 entries[i] = entry
-            self._update_estimate(time.monotonic() - started)
+            if ready:
+                self._update_estimate(time.monotonic() - started)
         return entries
+
+    @staticmethod
+    def _fetched(job: _Job, i: int):
+        """Task i's images, waited for at most until the deadline; None (logged) when they failed."""
+        try:
+            return job.fetches[i].result(timeout=max(0.0, job.deadline - time.monotonic()))
+        except FutureTimeout:
+            log.warning("task %s: not predicted: its image did not arrive within the %.0f s budget",
+                        _task_id(job.tasks[i]), job.deadline - job.created)
+        except MediaError as err:
+            log.warning("task %s: not predicted: %s", _task_id(job.tasks[i]), err)
+        except Exception:
+            log.exception("task %s: image could not be fetched", _task_id(job.tasks[i]))
+        return None
 
     def _predict_batch(self, job: _Job, ready):
         """(index, entry) for each fetched task; a batch that fails is retried task by task, so
@@ -299,7 +336,7 @@ class PredictionService:
             return list(zip((i for i, _ in ready), self._predict_tasks(job, ready)))
         except Exception:
             if len(ready) == 1:
-                log.exception("task %s: prediction failed", job.tasks[ready[0][0]].get("id"))
+                log.exception("task %s: prediction failed", _task_id(job.tasks[ready[0][0]]))
                 return []
         return [pair for item in ready for pair in self._predict_batch(job, [item])]
 
@@ -315,7 +352,9 @@ class PredictionService:
         for key in groups:
             if key not in data:
                 raise MediaError(f"task data has no {key!r} field (the config's <Image value=\"${key}\">)")
-            images[key] = self.fetcher.fetch(data[key], task.get("id"), credentials)
+            # the id goes into Label Studio's presign URL: only a real task id may
+            task_id = task.get("id") if isinstance(task.get("id"), int) else None
+            images[key] = self.fetcher.fetch(data[key], task_id, credentials)
         return images
 
     def _predict_tasks(self, job: _Job, ready) -> List[dict]:
@@ -345,7 +384,7 @@ class PredictionService:
                     errors = job.interface.validate_prediction({"result": [region]}, return_errors=True)
                     if errors:
                         log.error("task %s: dropped a region that does not fit the config: %s",
-                                  job.tasks[i].get("id"), errors[0])
+                                  _task_id(job.tasks[i]), errors[0])
                     else:
                         valid.append(region)
             score = probability_sums[n] / labeled_pixels[n] if labeled_pixels[n] else 0.0
@@ -382,7 +421,13 @@ def _config_queries(groups: Dict[str, List[ControlTarget]]) -> Tuple[str, ...]:
     return tuple(dict.fromkeys(queries))
 
 
+def _task_id(task: dict) -> str:
+    """A task's id fit for a log line: an int as it is, anything else quoted and cut short."""
+    value = task.get("id")
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else repr(value)[:40]
+
+
 def _ids(tasks: Sequence[dict]) -> str:
-    ids = [t.get("id") for t in tasks]
-    shown = ", ".join(str(i) for i in ids[:20])
+    ids = [_task_id(t) for t in tasks]
+    shown = ", ".join(ids[:20])
     return shown + (f" (+{len(ids) - 20} more)" if len(ids) > 20 else "")

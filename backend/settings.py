@@ -11,6 +11,8 @@ from typing import Callable, Mapping, Optional, Tuple, TypeVar, Union
 
 from rfclip_engine.config import MODES
 
+from .redaction import redact
+
 T = TypeVar("T")
 LS_PREDICT_TIMEOUT_S = 100.0  # Label Studio drops a /predict answer that takes longer
 
@@ -34,11 +36,14 @@ class Settings:
     basic_auth_user: Optional[str] = None
     basic_auth_pass: Optional[str] = field(default=None, repr=False)
     allowed_local_dir: Optional[Path] = None
+    allow_private_urls: bool = False
     max_image_pixels: int = 50_000_000
     max_download_bytes: int = 64 * 1024 * 1024
     fetch_timeout_s: float = 20.0
     predict_budget_s: float = 80.0
     max_request_bytes: int = 32 * 1024 * 1024
+    max_queries: int = 2000
+    max_projects: int = 1000
     cache_dir: Path = Path.home() / ".cache" / "rfclip"
     image_cache_mb: int = 2048
     log_level: str = "INFO"
@@ -65,6 +70,10 @@ class Settings:
         user, password = env.get("BASIC_AUTH_USER") or None, env.get("BASIC_AUTH_PASS") or None
         if bool(user) != bool(password):
             raise SettingsError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
+        url, key = env.get("LABEL_STUDIO_URL", "").strip(), env.get("LABEL_STUDIO_API_KEY", "").strip()
+        if key and not url:
+            raise SettingsError("LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not: the key is only ever "
+                                "sent to LABEL_STUDIO_URL, so set both (or neither, to use what /setup sends)")
         defaults = cls()
         settings = cls(
             model=get("RFCLIP_MODEL", str, defaults.model),
@@ -76,30 +85,59 @@ class Settings:
             pamr=get("RFCLIP_PAMR", _parse_bool, defaults.pamr),
             redis_url=get("REDIS_URL", _parse_redis_url, None),
             label_studio_url=get("LABEL_STUDIO_URL", _parse_http_url, None),
-            label_studio_api_key=env.get("LABEL_STUDIO_API_KEY") or None,
+            label_studio_api_key=key or None,
             basic_auth_user=user,
             basic_auth_pass=password,
             allowed_local_dir=get("RFCLIP_ALLOWED_LOCAL_DIR", _parse_dir, None),
+            allow_private_urls=get("RFCLIP_ALLOW_PRIVATE_URLS", _parse_bool, defaults.allow_private_urls),
             max_image_pixels=get("RFCLIP_MAX_IMAGE_PIXELS", _positive(int), defaults.max_image_pixels),
             max_download_bytes=get("RFCLIP_MAX_DOWNLOAD_BYTES", _positive(int), defaults.max_download_bytes),
             fetch_timeout_s=get("RFCLIP_FETCH_TIMEOUT_S", _positive(float), defaults.fetch_timeout_s),
             predict_budget_s=get("RFCLIP_PREDICT_BUDGET_S", _parse_budget, defaults.predict_budget_s),
             max_request_bytes=get("RFCLIP_MAX_REQUEST_BYTES", _positive(int), defaults.max_request_bytes),
+            max_queries=get("RFCLIP_MAX_QUERIES", _positive(int), defaults.max_queries),
+            max_projects=get("RFCLIP_MAX_PROJECTS", _positive(int), defaults.max_projects),
             cache_dir=get("RFCLIP_CACHE_DIR", lambda raw: Path(raw).expanduser(), defaults.cache_dir),
             image_cache_mb=get("RFCLIP_IMAGE_CACHE_MB", _positive(int), defaults.image_cache_mb),
             log_level=get("LOG_LEVEL", _choice(("DEBUG", "INFO", "WARNING", "ERROR"), upper=True), defaults.log_level),
         )
+        if settings.allowed_local_dir is not None:
+            _check_allowed_dir(settings.allowed_local_dir, settings, env)
         return settings
 
     def describe(self) -> dict:
-        """Settings as a JSON-able dict with secrets masked, for logs and /health."""
+        """Settings as a JSON-able dict with secrets masked, for logs and the status endpoint."""
         secret = {"label_studio_api_key", "basic_auth_pass"}
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = ("***" if value else None) if f.name in secret else (
-                str(value) if isinstance(value, Path) else value)
+            if f.name in secret:
+                value = "***" if value else None
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, str):
+                value = redact(value)
+            out[f.name] = value
         return out
+
+
+def _check_allowed_dir(allowed: Path, settings: "Settings", env: Mapping[str, str]) -> None:
+    """RFCLIP_ALLOWED_LOCAL_DIR hands its whole tree to anyone who can send a task: it must not
+    hold the backend's own cache, weights, code or the home folder (keys, .netrc, shell history)."""
+    import rfclip_engine
+
+    own = {"the root folder": Path("/"), "the home folder": Path.home(),
+           "RFCLIP_CACHE_DIR": settings.cache_dir, "the backend's code": Path(rfclip_engine.__file__).parent.parent}
+    for name in ("HF_HOME", "XDG_CACHE_HOME", "VIRTUAL_ENV"):
+        if env.get(name):
+            own[name] = Path(env[name])
+    if Path(settings.pretrained).is_file():
+        own["RFCLIP_PRETRAINED"] = Path(settings.pretrained)
+    for what, path in own.items():
+        resolved = path.expanduser().resolve()
+        if resolved == allowed or resolved.is_relative_to(allowed):
+            raise SettingsError(f"RFCLIP_ALLOWED_LOCAL_DIR={allowed} contains {what} ({resolved}); anyone who can "
+                                "send a task could read it: allow only the folder that holds the images")
 
 
 def _parse_bool(raw: str) -> bool:

@@ -28,8 +28,9 @@ def png(height: int, width: int, seed: int = 0) -> bytes:
 
 
 def make_app(tiny_model, tmp_path, **overrides):
-    """An app whose model is the tiny test model, with fast pre-processing."""
-    settings = Settings(**{"cache_dir": tmp_path / "cache", **overrides})
+    """An app whose model is the tiny test model, with fast pre-processing. The test servers
+    listen on loopback, so private addresses are allowed unless a test says otherwise."""
+    settings = Settings(**{"cache_dir": tmp_path / "cache", "allow_private_urls": True, **overrides})
 
     def loader(settings, text_cache):
         return Segmenter(tiny_model, TEST_CONFIG, text_cache=text_cache, max_pixels=settings.max_image_pixels)

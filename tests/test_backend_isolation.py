@@ -240,13 +240,14 @@ def test_redis_shares_embeddings_and_survives_outages(tiny_model, tmp_path, fake
     client = third.test_client()
     assert predict(client, tasks)[0]["result"]
     assert predict(client, [{"id": 2, "data": {"image": f"{fake_ls.url}/img/a.png"}}])[0]["result"]
-    assert client.get("/health").get_json()["redis"] == "unavailable"
+    assert client.get("/status").get_json()["redis"] == "unavailable"
     warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert len(warnings) == 1
     assert computed.count("cat") == 2
 
     # Redis is back: used again
     redis_server.start()
+    assert client.get("/status").get_json()["redis"] == "connected"
     assert client.get("/health").get_json()["redis"] == "connected"
     config = BRUSH_CONFIG.replace('value="dog"', 'value="horse"')
     client.post("/predict", json={"tasks": tasks, "label_config": config})
@@ -258,18 +259,22 @@ def test_redis_shares_embeddings_and_survives_outages(tiny_model, tmp_path, fake
 
 def test_image_cache_keeps_recent_files_within_its_size(tmp_path, fake_ls):
     from backend.media import Credentials, prune_cache
+    from backend.netguard import DestinationPolicy
 
-    fetcher = ImageFetcher(tmp_path, None, 10 << 20, 10, 10 ** 8, cache_bytes=60_000)
+    fetcher = ImageFetcher(tmp_path, None, 10 << 20, 10, 10 ** 8, cache_bytes=60_000,
+                           policy=DestinationPolicy(allow_private=True))
     fetcher.PRUNE_EVERY = 1
     for i in range(12):
         fake_ls.public[f"{i}.png"] = png(64, 64, seed=i)  # ~12 KB each
+    names = []
     for i in range(12):
         fetcher.fetch(f"{fake_ls.url}/img/{i}.png", i, Credentials(None, None))
+        names.append(max(fetcher.cache_dir.iterdir(), key=lambda f: f.stat().st_mtime_ns).name)
         time.sleep(0.01)
-    files = list(fetcher.cache_dir.iterdir())
-    assert sum(f.stat().st_size for f in files) <= 60_000
-    assert any(f.name.endswith("__11.png") for f in files)  # the newest stays
-    assert not any(f.name.endswith("__0.png") for f in files)  # the oldest went
+    files = {f.name: f for f in fetcher.cache_dir.iterdir()}
+    assert sum(f.stat().st_size for f in files.values()) <= 60_000
+    assert names[-1] in files  # the newest stays
+    assert names[0] not in files  # the oldest went
     assert prune_cache(fetcher.cache_dir, 10 ** 9) == 0
 
 
