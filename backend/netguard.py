@@ -209,6 +209,8 @@ class GuardedSession(requests.Session):
             try:
                 response = super().get(url, headers=headers, **kwargs)
                 body = self._read(response, deadline)
+                if deadline.passed:  # a socket shut mid-headers can read as a short, "complete" answer
+                    raise DeadlinePassed(f"download took longer than {self.timeout_s:g} s")
             except DownloadRefused:
                 raise
             except Exception:

@@ -107,8 +107,10 @@ def model_version(settings: Settings) -> str:
     identity = {"engine": engine_version, "model": settings.model, "pretrained": settings.pretrained,
                 "weights_tag": settings.weights_tag, "dims": settings.distraction_dims,
                 "config": asdict(segmenter_config(settings, torch.device("cpu"))), "templates": TEMPLATE_SET}
+    if weights_path.is_file() or "/" in settings.pretrained or "\\" in settings.pretrained:
+        # a file's name only: the version is shown to anyone who asks /health
+        weights = settings.weights_tag or weights_path.stem
     if weights_path.is_file():
-        weights = weights_path.stem if not settings.weights_tag else settings.weights_tag
         stat = weights_path.stat()
         identity["file"] = [stat.st_size, int(stat.st_mtime)]
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]

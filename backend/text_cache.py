@@ -14,6 +14,8 @@ import torch
 
 from rfclip_engine.text import MemoryCache
 
+from .redaction import redact
+
 log = logging.getLogger("rfclip.backend.cache")
 
 
@@ -38,14 +40,17 @@ class RedisEmbeddingCache:
             url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s
         ) if url else None
         self._down_since: Optional[float] = None
+        self._answered = False  # whether Redis ever answered this process
         self._lock = threading.Lock()
         self.hits = self.misses = 0  # Redis lookups that found / did not find the key
 
     @property
     def state(self) -> str:
-        """"disabled" (no REDIS_URL), "unavailable" or "connected"."""
+        """"disabled" (no REDIS_URL), "not tried yet", "unavailable" or "connected"."""
         if self._client is None:
             return "disabled"
+        if self._down_since is None and not self._answered:
+            return "not tried yet"
         return "unavailable" if self._down_since is not None else "connected"
 
     def get(self, key: str) -> Optional[torch.Tensor]:
@@ -88,20 +93,14 @@ class RedisEmbeddingCache:
             with self._lock:
                 if self._down_since is None:
                     log.warning("Redis at %s is unavailable (%s); computing text embeddings locally "
-                                "and retrying every %.0f s", _safe_url(self.url), type(err).__name__,
+                                "and retrying every %.0f s", redact(str(self.url)), type(err).__name__,
                                 self.retry_after_s)
                 self._down_since = self._clock()
             return None
         with self._lock:
+            self._answered = True
             if self._down_since is not None:
-                log.warning("Redis at %s is back; sharing text embeddings again", _safe_url(self.url))
+                log.warning("Redis at %s is back; sharing text embeddings again", redact(str(self.url)))
                 self._down_since = None
         return result
 
-
-def _safe_url(url: Optional[str]) -> str:
-    """The Redis URL without its password."""
-    if not url or "@" not in url:
-        return str(url)
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"

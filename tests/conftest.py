@@ -38,3 +38,13 @@ def redis_server():
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def hostile():
+    from .backend_support import png
+    from .fakes import HostileServer
+
+    server = HostileServer(png(48, 64, seed=5))
+    yield server
+    server.close()

@@ -133,3 +133,64 @@ class RedisServer:
             self.process.kill()
             self.process.wait()
             self.process = None
+
+
+class HostileServer:
+    """An image host that misbehaves on purpose, on 127.0.0.1 only; every answer ends by itself
+    within `max_seconds`. /ok.png serves an image; /drip-headers and /drip-body send one byte
+    every `drip_s`; /endless streams a body without end; /redirect?to=URL answers 302."""
+
+    def __init__(self, image: bytes, drip_s: float = 0.2, max_seconds: float = 30.0) -> None:
+        self.requests: List[dict] = []
+        server_self = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server_self.requests.append({"path": self.path, "headers": dict(self.headers)})
+                url = urlparse(self.path)
+                stop = time.monotonic() + max_seconds
+                try:
+                    if url.path == "/ok.png":
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(image)))
+                        self.end_headers()
+                        self.wfile.write(image)
+                    elif url.path == "/redirect":
+                        self.send_response(302)
+                        self.send_header("Location", parse_qs(url.query)["to"][0])
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                    elif url.path == "/drip-headers":
+                        self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                        while time.monotonic() < stop:
+                            self.wfile.write(b"X")
+                            self.wfile.flush()
+                            time.sleep(drip_s)
+                    elif url.path in ("/drip-body", "/endless"):
+                        self.send_response(200)
+                        if url.path == "/drip-body":
+                            self.send_header("Content-Length", "1000000")
+                        self.end_headers()
+                        while time.monotonic() < stop:
+                            self.wfile.write(b"x" if url.path == "/drip-body" else b"x" * 65536)
+                            self.wfile.flush()
+                            if url.path == "/drip-body":
+                                time.sleep(drip_s)
+                    else:
+                        self.send_error(404)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up, as it should
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
