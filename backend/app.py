@@ -14,6 +14,7 @@ from collections import OrderedDict
 from typing import Callable, Optional
 from urllib.parse import urlparse
 
+import torch
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import BadRequest, HTTPException
 
@@ -83,7 +84,9 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
     holder = ModelHolder(lambda: segmenter_loader(settings, text_cache))
     fetcher = ImageFetcher(settings.cache_dir, settings.allowed_local_dir, settings.max_download_bytes,
                            settings.fetch_timeout_s, settings.max_image_pixels, settings.image_cache_mb << 20,
-                           destination_policy(settings))
+                           destination_policy(settings),
+                           # decoding a big JPEG reduced, to twice the working size, loses nothing the model sees
+                           min_short_side=2 * segmenter_config(settings, torch.device("cpu")).short_side)
     service = PredictionService(settings, holder, fetcher)
     projects = ProjectStore(settings.max_projects)
 

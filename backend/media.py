@@ -17,14 +17,14 @@ import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 import requests
 from label_studio_sdk._extensions.label_studio_tools.core.utils.io import get_local_path, http_session
 
-from rfclip_engine.imageio import ImageError, load_rgb
+from rfclip_engine.imageio import ImageError, read_rgb
 
 from .netguard import DestinationPolicy, DownloadRefused, GuardedSession
 
@@ -42,6 +42,13 @@ _NO_LABEL_STUDIO = ("this image is served by Label Studio, but the backend knows
 
 class MediaError(Exception):
     """A task's image cannot be used; the message says why (and holds no credentials)."""
+
+
+class Picture(NamedTuple):
+    """A task's image: its RGB pixels (a large JPEG decoded reduced) and its full (H, W)."""
+
+    rgb: np.ndarray
+    size: Tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,9 @@ class ImageFetcher:
         max_pixels: int,
         cache_bytes: int = 2 << 30,
         policy: Optional[DestinationPolicy] = None,
+        min_short_side: Optional[int] = None,
     ) -> None:
+        self.min_short_side = min_short_side
         self.cache_dir = Path(cache_dir) / "images"
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._incoming = Path(cache_dir) / "incoming"
@@ -145,8 +154,9 @@ class ImageFetcher:
                 self._locks = {k: v for k, v in self._locks.items() if v.locked()}
             return self._locks.setdefault(reference, threading.Lock())
 
-    def fetch(self, reference: str, task_id: object, credentials: Credentials) -> np.ndarray:
-        """(H, W, 3) uint8 RGB of the image, EXIF orientation applied. Raises MediaError."""
+    def fetch(self, reference: str, task_id: object, credentials: Credentials) -> Picture:
+        """The image as (h, w, 3) uint8 RGB, EXIF orientation applied, and its full size: a JPEG
+        of more than twice `min_short_side` is decoded reduced. Raises MediaError."""
         if not isinstance(reference, str) or not reference.strip():
             raise MediaError(f"task data holds no image reference ({type(reference).__name__})")
         reference = reference.strip()
@@ -154,7 +164,7 @@ class ImageFetcher:
             path = self._local_file(reference, task_id, credentials)
             self._note_use(Path(path))
             try:
-                return load_rgb(path, self.max_pixels)
+                return Picture(*read_rgb(path, self.max_pixels, self.min_short_side))
             except ImageError as err:
                 if Path(path).parent == self.cache_dir:
                     Path(path).unlink(missing_ok=True)  # fetch it again next time, in case it changed

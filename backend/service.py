@@ -366,14 +366,14 @@ class PredictionService:
         probability_sums = [0.0] * len(ready)
         for key, targets in job.groups.items():
             union = Vocabulary(tuple(c for target in targets for c in target.vocabulary.classes))
-            rgbs = [images[key] for _, images in ready]
-            all_logits = job.segmenter.logits_many(rgbs, union, job.timed)
-            for n, (rgb, logits) in enumerate(zip(rgbs, all_logits)):
+            pictures = [images[key] for _, images in ready]
+            all_logits = job.segmenter.logits_many([p.rgb for p in pictures], union, job.timed)
+            for n, (picture, logits) in enumerate(zip(pictures, all_logits)):
                 start = 0
                 for target in targets:
                     classes = len(target.vocabulary)
                     found, pixels, probability = self._target_regions(
-                        job, logits[start:start + classes], rgb.shape[:2], target)
+                        job, logits[start:start + classes], picture.size, target)
                     start += classes
                     regions[n].extend(found)
                     labeled_pixels[n] += pixels

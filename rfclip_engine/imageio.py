@@ -2,18 +2,22 @@
 
 Accepts paths, bytes, file objects, PIL images and numpy arrays: grayscale, RGB, RGBA / LA /
 palette with transparency (composited on white, as viewers show it), 16-bit and float data
-(scaled to 8 bit), with EXIF orientation applied.
+(scaled to 8 bit), with EXIF orientation applied. Memory stays near the 8-bit image itself:
+transparency is composited in integers, a band of rows at a time, and `read_rgb` can decode a
+large JPEG reduced (by 1/2, 1/4 or 1/8 in the decoder) when only a small working size is needed.
 """
 from __future__ import annotations
 
 import io
 import os
-from typing import BinaryIO, Optional, Union
+from typing import BinaryIO, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageSource = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
+_COMPOSITE_ROWS = 256  # rows composited at once: the uint16 temporaries stay a few MB
+_SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
 
 
 class ImageError(ValueError):
@@ -46,9 +50,21 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     array = _to_uint8(array)
     if array.shape[-1] == 3:
         return array
-    color = array[..., :1].repeat(3, axis=-1) if array.shape[-1] == 2 else array[..., :3]
-    alpha = array[..., -1:].astype(np.float32) / 255.0
-    return (color * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
+    return _composite_on_white(array)
+
+
+def _composite_on_white(array: np.ndarray) -> np.ndarray:
+    """round(color * a / 255 + 255 * (1 - a / 255)) per pixel, exactly, in uint16 (the sum is
+    at most 255 * 255) and a band of rows at a time: a 49 MP RGBA image never exists in floats."""
+    out = np.empty(array.shape[:2] + (3,), dtype=np.uint8)
+    for top in range(0, array.shape[0], _COMPOSITE_ROWS):
+        band = array[top:top + _COMPOSITE_ROWS]
+        alpha = band[..., -1:].astype(np.uint16)
+        color = band[..., :1] if band.shape[-1] == 2 else band[..., :3]
+        mixed = color * alpha + 255 * (255 - alpha)
+        # (x + 127) // 255 rounds x / 255 to nearest; x / 255 is never exactly halfway
+        out[top:top + _COMPOSITE_ROWS] = (mixed + 127) // 255
+    return out
 
 
 def _pil_to_rgb(image: Image.Image) -> np.ndarray:
@@ -65,22 +81,40 @@ def _pil_to_rgb(image: Image.Image) -> np.ndarray:
 def load_rgb(source: ImageSource, max_pixels: Optional[int] = None) -> np.ndarray:
     """An (H, W, 3) uint8 RGB array. Raises `ImageError` for unreadable or too large input;
     the pixel bound is checked from the header, before decoding."""
+    return read_rgb(source, max_pixels)[0]
+
+
+def read_rgb(source: ImageSource, max_pixels: Optional[int] = None,
+             min_short_side: Optional[int] = None) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """The RGB array and the image's full (H, W) as a viewer shows it. With `min_short_side`, a
+    JPEG whose short side is at least twice that is decoded reduced, its short side still at
+    least `min_short_side`; the array is then smaller than the full size."""
     if isinstance(source, np.ndarray):
         _check_size(source.shape[1] if source.ndim > 1 else 0, source.shape[0], max_pixels)
-        return np.require(_array_to_rgb(source), requirements=["C", "W"])
+        rgb = np.require(_array_to_rgb(source), requirements=["C", "W"])
+        return rgb, rgb.shape[:2]
     if isinstance(source, Image.Image):
         _check_size(*source.size, max_pixels)
-        return _pil_to_rgb(source)
+        rgb = _pil_to_rgb(source)
+        return rgb, rgb.shape[:2]
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    name = source if isinstance(source, (str, os.PathLike)) else "input"
     try:
         with Image.open(stream) as image:
-            _check_size(*image.size, max_pixels)
+            width, height = image.size
+            _check_size(width, height, max_pixels)
+            if image.getexif().get(0x0112) in _SWAPS_AXES:
+                width, height = height, width
+            if min_short_side and image.format == "JPEG" and min(width, height) >= 2 * min_short_side:
+                scale = min(width, height) / min_short_side
+                image.draft(image.mode, (int(image.size[0] / scale) + 1, int(image.size[1] / scale) + 1))
             image.load()
-            return _pil_to_rgb(image)
+            return _pil_to_rgb(image), (height, width)
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        name = source if isinstance(source, (str, os.PathLike)) else "input"
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"{name} has more pixels than Pillow's decompression-bomb limit: {err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"cannot read {name} as an image: {err}") from err
 
 

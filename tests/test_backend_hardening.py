@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from backend.media import Credentials, ImageFetcher, MediaError
@@ -190,7 +191,7 @@ def test_dns_answers_are_checked_and_connected_to_as_checked(tmp_path, hostile, 
     lookups.clear()
     fetcher = ImageFetcher(tmp_path, None, 10 << 20, 5.0, 10 ** 8,
                            policy=DestinationPolicy(trusted_hosts=frozenset({"rebind.example"})))
-    rgb = fetcher.fetch(f"http://rebind.example:{hostile.port}/ok.png", 1, Credentials(None, None))
+    rgb = fetcher.fetch(f"http://rebind.example:{hostile.port}/ok.png", 1, Credentials(None, None)).rgb
     assert rgb.shape == (48, 64, 3) and lookups == ["rebind.example"]
 
 
@@ -251,11 +252,11 @@ def test_an_allowed_folder_that_holds_the_backends_own_files_is_refused(tmp_path
 def test_the_image_cache_is_keyed_by_url_and_credentials(tmp_path, fake_ls):
     fetcher = ImageFetcher(tmp_path, None, 10 << 20, 5.0, 10 ** 8, policy=DestinationPolicy(allow_private=True))
     fake_ls.uploads["1/a.png"] = png(30, 30, seed=1)
-    first = fetcher.fetch("/data/upload/1/a.png", 1, Credentials(fake_ls.url, TOKEN))
+    first = fetcher.fetch("/data/upload/1/a.png", 1, Credentials(fake_ls.url, TOKEN)).rgb
     other = ImageFetcher(tmp_path, None, 10 << 20, 5.0, 10 ** 8, policy=DestinationPolicy(allow_private=True))
     with pytest.raises(MediaError, match="HTTP 401"):  # another token: not served from the cache
         other.fetch("/data/upload/1/a.png", 1, Credentials(fake_ls.url, "another-token-123"))
-    assert (fetcher.fetch("/data/upload/1/a.png", 1, Credentials(fake_ls.url, TOKEN)) == first).all()
+    assert (fetcher.fetch("/data/upload/1/a.png", 1, Credentials(fake_ls.url, TOKEN)).rgb == first).all()
     assert all(len(f.name) == 64 for f in fetcher.cache_dir.iterdir())
 
 
@@ -399,3 +400,20 @@ def test_waiting_for_the_lock_keeps_requests_ahead_of_background_work():
     worker.join(5)
     waiter.join(5)
     assert order == ["request", "background"]
+
+
+def test_a_large_jpeg_is_predicted_at_its_full_size(tiny_model, tmp_path, fake_ls):
+    from label_studio_sdk.converter.brush import decode_rle
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (900, 1200, 3), dtype=np.uint8)).save(buf, "JPEG")
+    fake_ls.public["big.jpg"] = buf.getvalue()
+    app = make_app(tiny_model, tmp_path)
+    app.extensions["rfclip"]["service"].fetcher.min_short_side = 150  # decoded at 1/4 (225 x 300)
+    results = predict(app.test_client(), [{"id": 1, "data": {"image": f"{fake_ls.url}/img/big.jpg"}}])
+    regions = results[0]["result"]
+    assert regions and all((r["original_width"], r["original_height"]) == (1200, 900) for r in regions)
+    masks = [decode_rle(r["value"]["rle"]).reshape(900, 1200, 4)[..., 3] > 0 for r in regions]
+    assert sum(int(m.sum()) for m in masks) == 900 * 1200  # every pixel labeled once, at full size

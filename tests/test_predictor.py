@@ -238,3 +238,48 @@ def test_prepare_equals_normalizing_at_full_size_then_resizing(tiny_model, size,
         reference = torch.nn.functional.interpolate(reference[None], size=expected, mode="bilinear",
                                                     align_corners=False, antialias=True)[0]
     torch.testing.assert_close(got.double(), reference, rtol=0, atol=5e-5)  # float32 arithmetic
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG's signature and header only: enough to open, nothing to decode."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    header = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return header + struct.pack(">I", 0) + b"IDAT" + struct.pack(">I", zlib.crc32(b"IDAT"))  # Pillow stops here
+
+
+def test_transparency_is_composited_exactly_in_integers():
+    rng = np.random.default_rng(3)
+    for channels in (2, 4):
+        array = rng.integers(0, 256, (600, 7, channels), dtype=np.uint8)  # more rows than one band
+        alpha = array[..., -1:].astype(np.float64) / 255.0
+        color = array[..., :1].repeat(3, -1) if channels == 2 else array[..., :3]
+        expected = np.round(color * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        assert np.array_equal(load_rgb(array), expected)
+
+
+def test_pixel_limits_are_checked_from_the_header():
+    with pytest.raises(ImageError, match="more than the limit of 50000000"):
+        load_rgb(png_header(10_000, 6_000), max_pixels=50_000_000)  # 60 MP: below Pillow's own guard
+    with pytest.raises(ImageError, match="decompression-bomb limit"):
+        load_rgb(png_header(20_000, 20_000), max_pixels=None)
+
+
+def test_a_large_jpeg_is_decoded_reduced_with_its_full_size():
+    from rfclip_engine.imageio import read_rgb
+
+    big = encode(Image.fromarray(rgb(1500, 2000)), "JPEG", quality=90)
+    reduced, size = read_rgb(big, min_short_side=336)
+    assert size == (1500, 2000) and reduced.shape == (375, 500, 3)  # 1/4 in the decoder
+    full, size = read_rgb(big)
+    assert size == (1500, 2000) and full.shape == (1500, 2000, 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = encode(Image.fromarray(rgb(1500, 2000)), "JPEG", exif=exif.tobytes())
+    reduced, size = read_rgb(turned, min_short_side=336)
+    assert size == (2000, 1500) and reduced.shape == (500, 375, 3)
+    small, size = read_rgb(encode(Image.fromarray(rgb(600, 800)), "JPEG"), min_short_side=336)
+    assert size == (600, 800) and small.shape == (600, 800, 3)  # less than twice the working size: as it is
