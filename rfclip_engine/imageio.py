@@ -67,14 +67,25 @@ def _composite_on_white(array: np.ndarray) -> np.ndarray:
     return out
 
 
-def _pil_to_rgb(image: Image.Image) -> np.ndarray:
-    image = ImageOps.exif_transpose(image)
+def _pil_to_rgb(image: Image.Image, owned: bool = False) -> np.ndarray:
+    """`owned`: the image is ours to change (without in_place Pillow copies even an upright image)."""
+    if owned:
+        ImageOps.exif_transpose(image, in_place=True)
+    else:
+        image = ImageOps.exif_transpose(image)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif image.mode in ("CMYK", "YCbCr", "LAB", "HSV", "1"):
         image = image.convert("RGB")
     elif image.mode == "PA":
         image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        # straight from Pillow's buffer a band at a time: the image never exists as an array with alpha
+        out = np.empty((image.height, image.width, 3), dtype=np.uint8)
+        for top in range(0, image.height, _COMPOSITE_ROWS):
+            band = np.asarray(image.crop((0, top, image.width, min(top + _COMPOSITE_ROWS, image.height))))
+            out[top:top + band.shape[0]] = _composite_on_white(band)
+        return out
     return _array_to_rgb(np.array(image))
 
 
@@ -109,7 +120,7 @@ def read_rgb(source: ImageSource, max_pixels: Optional[int] = None,
                 scale = min(width, height) / min_short_side
                 image.draft(image.mode, (int(image.size[0] / scale) + 1, int(image.size[1] / scale) + 1))
             image.load()
-            return _pil_to_rgb(image), (height, width)
+            return _pil_to_rgb(image, owned=True), (height, width)
     except ImageError:
         raise
     except Image.DecompressionBombError as err:
