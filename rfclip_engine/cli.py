@@ -25,7 +25,7 @@ from .calibrate import calibrate
 from .config import MODES, PRECISIONS, RFCLIPConfig, SegmenterConfig, default_precision
 from .evaluation import SegmentationDataset, dataset_specs, evaluate, format_table
 from .imageio import ImageError, load_rgb
-from .loading import load_model, resolve_device
+from .loading import WeightsUnavailableError, load_model, resolve_device
 from .predictor import Segmenter
 from .presets import save_preset_file
 from .text import Vocabulary
@@ -301,10 +301,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("huggingface_hub").propagate = False  # it prints its lines itself: once is enough
     try:
         return args.run(args)
     except UsageError as err:
         parser.error(str(err))
+    except WeightsUnavailableError as err:
+        print(f"error: {err.reason}.\nOffline, pass a checkpoint file instead: --checkpoint /path/to/{err.model}.pt "
+              f"(OpenAI's release file, or an open_clip state dict with --weights-tag {err.tag}), "
+              f"or copy the weights into {err.cache_dir} beforehand.", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

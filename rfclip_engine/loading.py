@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import uuid
 from pathlib import Path
 from typing import Optional, Sequence, Union
+from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -31,7 +33,15 @@ def resolve_device(name: Union[str, torch.device]) -> torch.device:
 
 
 class WeightsUnavailableError(RuntimeError):
-    """The pretrained weights could not be downloaded (typically: no network)."""
+    """The pretrained weights could not be downloaded (typically: no network). `reason` says
+    why without advice, so that a caller (the CLI) can word the advice for its own users."""
+
+    def __init__(self, model: str, tag: str, cache_dir: str, reason: str) -> None:
+        self.model, self.tag, self.cache_dir, self.reason = model, tag, cache_dir, reason
+        super().__init__(
+            f"{reason}. On a machine without internet, copy a checkpoint file into {cache_dir} beforehand, or "
+            f"pass a local checkpoint instead: load_model({model!r}, pretrained='/path/to/{model}.pt') "
+            "(OpenAI .pt, or an open_clip .pt/.bin/.safetensors state dict).")
 
 
 def _register_model_config(name: str) -> str:
@@ -73,21 +83,58 @@ def _hub_cache_dir(cache_dir: Optional[str]) -> str:
     return constants.HF_HUB_CACHE
 
 
+def _cached_hub_file(tag_cfg: dict, cache_dir: Optional[str]) -> Optional[str]:
+    """The tag's weights file in the Hugging Face cache, looked up without the network (the
+    files open_clip would download: its safetensors alternative first)."""
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+
+    if not tag_cfg.get("hf_hub"):
+        return None
+    model_id, filename = os.path.split(tag_cfg["hf_hub"])
+    filename = filename or HF_WEIGHTS_NAME
+    for candidate in (*_get_safe_alternatives(filename), filename):
+        found = try_to_load_from_cache(model_id, candidate, cache_dir=cache_dir)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _hub_unreachable(timeout_s: float = 3.0) -> Optional[str]:
+    """Why the hub cannot be reached, from one short attempt; None when it can (or when a
+    proxy is configured, which only a real request can tell)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s):
+            return None
+    except OSError as err:
+        return f"{endpoint.hostname} cannot be reached ({err.strerror or type(err).__name__})"
+
+
 def _create_from_tag(name: str, tag: str, cache_dir: Optional[str]) -> torch.nn.Module:
     tag_cfg = open_clip.get_pretrained_cfg(name, tag)
+    quick_gelu = bool(tag_cfg.get("quick_gelu"))
+    cached = _cached_hub_file(tag_cfg, cache_dir)
+    if cached is not None:  # no network at all, not even a freshness check
+        return open_clip.create_model(name, pretrained=cached, force_quick_gelu=quick_gelu)
+    cache = _hub_cache_dir(cache_dir)
+    offline = _hub_unreachable() if tag_cfg.get("hf_hub") else None
+    if offline:  # fail now rather than after a minute of the hub client's retries
+        raise WeightsUnavailableError(name, tag, cache, f"the {name} '{tag}' weights are not in the cache {cache} "
+                                                        f"and cannot be downloaded: {offline}")
     try:
-        return open_clip.create_model(
-            name, pretrained=tag, force_quick_gelu=bool(tag_cfg.get("quick_gelu")), cache_dir=cache_dir
-        )
+        return open_clip.create_model(name, pretrained=tag, force_quick_gelu=quick_gelu, cache_dir=cache_dir)
     except RuntimeError as err:
         if "download" not in str(err).lower():
             raise
-        raise WeightsUnavailableError(
-            f"could not download the {name} '{tag}' weights into the cache {_hub_cache_dir(cache_dir)} "
-            f"({err}). On a machine without internet, copy a checkpoint file there beforehand, or pass "
-            f"a local checkpoint instead: load_model({name!r}, pretrained='/path/to/{name}.pt') "
-            "(OpenAI .pt, or an open_clip .pt/.bin/.safetensors state dict)."
-        ) from err
+        raise WeightsUnavailableError(name, tag, cache, f"could not download the {name} '{tag}' weights into "
+                                                        f"the cache {cache} ({err})") from err
 
 
 def _weights_id(pretrained: Optional[str]) -> str:

@@ -1,8 +1,11 @@
 """load_model: local checkpoints in every supported format, QuickGELU, and the offline error."""
+import time
+
 import open_clip
 import pytest
 import torch
 from open_clip.transformer import QuickGELU
+from PIL import Image
 from safetensors.torch import save_file
 
 from rfclip_engine import RFCLIPConfig, WeightsUnavailableError, load_model
@@ -83,10 +86,17 @@ def test_openai_tag_forces_quickgelu(monkeypatch):
         return real_create(name, pretrained=None, force_quick_gelu=kwargs.get("force_quick_gelu", False))
 
     monkeypatch.setattr(loading.open_clip, "create_model", fake_create)
+    monkeypatch.setattr(loading, "_hub_unreachable", lambda: None)
     model = load_model("ViT-B-16", pretrained="openai")
     assert seen["pretrained"] == "openai" and seen["force_quick_gelu"] is True
     assert activations(model) == {QuickGELU}
     assert model.preset.dims[0] == 4
+    # weights already in the Hugging Face cache are loaded from there, without the network
+    monkeypatch.setattr(loading, "_cached_hub_file", lambda cfg, cache_dir: "/hub/open_clip_model.safetensors")
+    monkeypatch.setattr(loading, "_hub_unreachable", lambda: pytest.fail("the hub must not be asked"))
+    model = load_model("ViT-B-16", pretrained="openai")
+    assert seen["pretrained"] == "/hub/open_clip_model.safetensors" and seen["force_quick_gelu"] is True
+    assert model.weights_tag == "openai"
 
 
 def test_download_failure_names_cache_and_offline_route(tmp_path, monkeypatch):
@@ -94,10 +104,46 @@ def test_download_failure_names_cache_and_offline_route(tmp_path, monkeypatch):
         raise RuntimeError(f"Failed to download weights for tag '{pretrained}': no network")
 
     monkeypatch.setattr(loading.open_clip, "create_model", failing_create)
+    monkeypatch.setattr(loading, "_hub_unreachable", lambda: None)  # the hub answers, the download fails
     with pytest.raises(WeightsUnavailableError) as info:
         load_model("ViT-B-16", pretrained="openai", cache_dir=str(tmp_path))
     message = str(info.value)
     assert str(tmp_path) in message and "pretrained='/path/to/ViT-B-16.pt'" in message
+
+
+def test_offline_without_cached_weights_fails_at_once(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from rfclip_engine import cli
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("nothing may be downloaded offline")
+
+    monkeypatch.setattr(loading.open_clip, "create_model", no_download)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    started = time.monotonic()
+    with pytest.raises(WeightsUnavailableError, match="HF_HUB_OFFLINE is set"):
+        load_model("ViT-B-16", pretrained="openai", cache_dir=str(tmp_path))
+    assert time.monotonic() - started < 2.0
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (32, 32)).save(image)
+    assert cli.main(["segment", str(image), "--labels", "cat,dog", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)) == 2
+    assert "--checkpoint /path/to/ViT-B-16.pt" in err and "load_model(" not in err
+
+
+def test_the_hub_is_tried_once_briefly(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://unreachable.invalid")
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    started = time.monotonic()
+    assert "unreachable.invalid cannot be reached" in loading._hub_unreachable(timeout_s=1.0)
+    assert time.monotonic() - started < 5.0
 
 
 def test_unknown_pretrained_and_model():
