@@ -143,7 +143,8 @@ class ImageFetcher:
         self._fetches = 0
         self.allowed_local_dir = allowed_local_dir.resolve() if allowed_local_dir else None
         self.max_pixels = max_pixels
-        self.session = GuardedSession(policy or DestinationPolicy(), max_bytes, timeout_s)
+        self.policy = policy or DestinationPolicy()
+        self.session = GuardedSession(self.policy, max_bytes, timeout_s)
         # Two threads fetching one URL must not both download it.
         self._locks: Dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -189,6 +190,11 @@ class ImageFetcher:
         if cached.is_file():
             return str(cached)
         try:
+            if credentials.url and credentials.token:
+                # exchanging a personal access token is a request of the SDK's own client: its
+                # destination is checked here, as the guarded session checks every download's
+                url = urlparse(credentials.url)
+                self.policy.addresses(url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
             # The SDK's own cache names files by 8 hex digits of the URL alone; it downloads into
             # a folder of its own each time, and the file is kept under the full key.
             with tempfile.TemporaryDirectory(dir=self._incoming) as incoming, http_session(self.session):

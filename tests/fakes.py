@@ -148,6 +148,10 @@ class HostileServer:
             def log_message(self, *args):
                 pass
 
+            def do_POST(self):
+                server_self.requests.append({"path": self.path, "headers": dict(self.headers)})
+                self.send_error(401)
+
             def do_GET(self):
                 server_self.requests.append({"path": self.path, "headers": dict(self.headers)})
                 url = urlparse(self.path)

@@ -417,3 +417,18 @@ def test_a_large_jpeg_is_predicted_at_its_full_size(tiny_model, tmp_path, fake_l
     assert regions and all((r["original_width"], r["original_height"]) == (1200, 900) for r in regions)
     masks = [decode_rle(r["value"]["rle"]).reshape(900, 1200, 4)[..., 3] > 0 for r in regions]
     assert sum(int(m.sum()) for m in masks) == 900 * 1200  # every pixel labeled once, at full size
+
+
+def test_a_setup_hostname_on_a_private_address_gets_no_token_exchange(tiny_model, tmp_path, hostile, caplog):
+    caplog.set_level(logging.WARNING)
+    client = guarded_app(tiny_model, tmp_path).test_client()
+    import jwt
+
+    jwt_like = jwt.encode({"token_type": "refresh", "exp": time.time() + 3600, "user_id": 1},
+                          "a-test-signing-key-of-32-bytes-or-more", algorithm="HS256")  # a personal access token
+    client.post("/setup", json={"project": "1", "schema": BRUSH_CONFIG, "hostname": hostile.url,
+                                "access_token": jwt_like})
+    body = {"project": "1", "label_config": BRUSH_CONFIG, "tasks": [{"id": 1, "data": {"image": "/data/upload/1/a.png"}}]}
+    assert client.post("/predict", json=body).get_json()["results"] == [[]]
+    assert hostile.requests == []
+    assert any(m.startswith("task 1:") and "RFCLIP_ALLOW_PRIVATE_URLS" in m for m in messages(caplog))
