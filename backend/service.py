@@ -1,13 +1,9 @@
-"""The prediction service behind /predict: tasks in, one Label Studio entry per task out.
+"""The prediction service behind /predict: the model, its lock, the time budget, and class
+names embedded ahead; the tasks themselves go through the one pipeline (`pipeline.py`).
 
-Every task is isolated: a task whose image cannot be fetched or read gets `[]` (nothing stored,
-Label Studio asks again later) and one log line with its id and the reason. Tasks not reached
-within the time budget also get `[]`, and so does every task of a request whose class names
-still need text embeddings when the budget runs out (those go on in the background, as they do
-after every /setup, so Label Studio's next request finds them cached). A predicted task gets
-`{"result": [...], "score", "model_version"}`, where the task score is the mean top-class
-probability over all pixels the backend labeled (0 when it labeled none): low means the model
-was unsure, so reviewers can sort by it.
+Tasks not reached within the time budget get `[]`, and so does every task of a request whose
+class names still need text embeddings when the budget runs out (those go on in the
+background, as they do after every /setup, so Label Studio's next request finds them cached).
 """
 from __future__ import annotations
 
@@ -16,32 +12,24 @@ import json
 import logging
 import threading
 import time
-from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
-from label_studio_sdk.label_interface import LabelInterface
 
 from rfclip_engine import __version__ as engine_version
 from rfclip_engine.config import RFCLIPConfig, SegmenterConfig, default_precision
 from rfclip_engine.predictor import Segmenter
-from rfclip_engine.text import TEMPLATE_SET, TextEmbedder, Vocabulary
+from rfclip_engine.text import TEMPLATE_SET, TextEmbedder
 
-from .label_config import ControlTarget, LabelConfigError, read_label_config, targets_by_image
-from .media import Credentials, ImageFetcher, MediaError
+from .label_config import ControlTarget, LabelConfigError, targets_by_image
+from .media import Credentials, ImageFetcher
 from .model_lock import ModelLock
-from .regions import brush_region, polygon_regions
+from .pipeline import NOT_PREDICTED, Job, Pipeline, config_queries, ids, parsed_config
 from .settings import Settings
 
 log = logging.getLogger("rfclip.backend")
-NOT_PREDICTED: list = []  # Label Studio stores nothing for this task and asks again later
 WARM_UP_MODEL_WAIT_S = 3600.0  # a first start may download the weights
 
 
@@ -118,49 +106,6 @@ def model_version(settings: Settings) -> str:
     return f"rfclip-{settings.model}-{weights}-{settings.mode}{suffix}-{digest}"
 
 
-@lru_cache(maxsize=64)
-def _parsed_config(label_config: str) -> Tuple[Tuple[ControlTarget, ...], LabelInterface]:
-    targets, interface = read_label_config(label_config)
-    return tuple(targets), interface
-
-
-@dataclass
-class _Job:
-    """One /predict request on its way through the model, and where its time went."""
-
-    tasks: List[dict]
-    groups: Dict[str, List[ControlTarget]]
-    interface: LabelInterface
-    segmenter: Segmenter
-    credentials: Credentials
-    deadline: float
-    stage_seconds: Dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    fetches: Dict[int, Future] = field(default_factory=dict)
-    created: float = field(default_factory=time.monotonic)
-
-    def fetch_until(self, stop: int, pool: ThreadPoolExecutor, fetch: Callable) -> None:
-        """Start fetching the images of every task before `stop` not started yet."""
-        for i in range(len(self.fetches), min(stop, len(self.tasks))):
-            self.fetches[i] = pool.submit(fetch, self.tasks[i], self.groups, self.credentials)
-
-    def cancel_fetches(self) -> None:
-        for future in self.fetches.values():
-            future.cancel()
-
-    @contextmanager
-    def timed(self, stage: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stage_seconds[stage] += time.perf_counter() - started
-
-    @property
-    def queries(self) -> Tuple[str, ...]:
-        """Every class query of every control, once each."""
-        return _config_queries(self.groups)
-
-
 class PredictionService:
     """Answers /predict requests with the model held by a `ModelHolder`."""
 
@@ -169,9 +114,7 @@ class PredictionService:
         self.holder = holder
         self.fetcher = fetcher
         self.model_version = model_version(settings)
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rfclip-fetch")
-        self._images_per_batch = images_per_batch
-        self._seconds_per_batch = 0.0  # running estimate, to stop before the budget runs out
+        self.pipeline = Pipeline(fetcher, self.model_version, images_per_batch)
         self._seconds_per_text_batch = 0.0  # the last text-encoder batch's time, likewise
         self._lock = ModelLock()  # one request at a time through the model in this process
         self._warming: set = set()  # query tuples being embedded ahead
@@ -180,8 +123,8 @@ class PredictionService:
     def targets(self, label_config: str) -> Sequence[ControlTarget]:
         """The controls to predict; raises LabelConfigError with an explanation, also when the
         config asks for more text queries than RFCLIP_MAX_QUERIES."""
-        targets = _parsed_config(label_config)[0]
-        count = len(_config_queries(targets_by_image(list(targets))))
+        targets = parsed_config(label_config)[0]
+        count = len(config_queries(targets_by_image(list(targets))))
         if count > self.settings.max_queries:
             raise LabelConfigError(f"the labeling config has {count} class names and synonyms, more than the "
                                    f"limit of {self.settings.max_queries} (RFCLIP_MAX_QUERIES)")
@@ -191,7 +134,7 @@ class PredictionService:
         """Embed the config's class queries in the background, so that the /predict that follows
         (Label Studio sends /setup before every retrieve and task open) finds them cached. One
         text batch at a time holds the model, so requests in between are not held up for long."""
-        self._warm_up_queries(_config_queries(targets_by_image(list(self.targets(label_config)))))
+        self._warm_up_queries(config_queries(targets_by_image(list(self.targets(label_config)))))
 
     def _warm_up_queries(self, queries: Tuple[str, ...]) -> None:
         with self._warming_lock:
@@ -232,7 +175,7 @@ class PredictionService:
             self._seconds_per_text_batch = time.monotonic() - started
         return len(batch)
 
-    def _embed_text_until(self, job: _Job) -> List[str]:
+    def _embed_text_until(self, job: Job) -> List[str]:
         """Embeds the job's uncached queries a text batch at a time while the next batch fits
         before the deadline; returns those still missing."""
         text, queries = job.segmenter.text, job.queries
@@ -252,21 +195,21 @@ class PredictionService:
                 usable.append(n)
             else:
                 log.warning("task #%d of the request: not predicted: not a JSON object (%s)", n, type(item).__name__)
-        targets, interface = _parsed_config(label_config)
+        targets, interface = parsed_config(label_config)
         job_tasks = [tasks[n] for n in usable]
         try:
             segmenter = self.holder.get(deadline - time.monotonic() - 1.0)
         except ModelUnavailable as err:
-            log.error("tasks %s not predicted: %s", _ids(job_tasks), err)
+            log.error("tasks %s not predicted: %s", ids(job_tasks), err)
             return entries
-        job = _Job(job_tasks, targets_by_image(list(targets)), interface, segmenter, credentials, deadline)
+        job = Job(job_tasks, targets_by_image(list(targets)), interface, segmenter, credentials, deadline)
         # Images are on their way before the model is waited for: a slow host never holds it.
-        job.fetch_until(2 * self._images_per_batch, self._pool, self._fetch_images)
+        self.pipeline.fetch_until(job, 2 * self.pipeline.images_per_batch)
         # Another request may hold the model; waiting must not outlast the budget either.
         if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             job.cancel_fetches()
             log.warning("tasks %s not reached within the %.0f s budget (the model was busy); Label Studio "
-                        "will ask for them again", _ids(job_tasks), self.settings.predict_budget_s)
+                        "will ask for them again", ids(job_tasks), self.settings.predict_budget_s)
             return entries
         try:
             for n, entry in zip(usable, self._predict_in_order(job)):
@@ -275,11 +218,11 @@ class PredictionService:
             self._lock.release()
         seconds = time.perf_counter() - started
         stages = ", ".join(f"{stage} {t:.2f} s" for stage, t in job.stage_seconds.items())
-        log.info("tasks %s: %d of %d predicted in %.2f s (%s)", _ids(job_tasks), sum(e is not NOT_PREDICTED for e in entries),
+        log.info("tasks %s: %d of %d predicted in %.2f s (%s)", ids(job_tasks), sum(e is not NOT_PREDICTED for e in entries),
                  len(tasks), seconds, stages, extra={"stage_seconds": dict(job.stage_seconds), "seconds": seconds})
         return entries
 
-    def _predict_in_order(self, job: _Job) -> List[object]:
+    def _predict_in_order(self, job: Job) -> List[object]:
         """Tasks in groups of `images_per_batch` (their crops share the encoder's batches), the next
         groups' images fetched meanwhile. Every request runs its first group; later groups only
         while the estimate says they fit before the deadline."""
@@ -291,145 +234,7 @@ class PredictionService:
             job.cancel_fetches()
             log.warning("tasks %s not predicted yet: %d of %d class names still need text embeddings after the "
                         "%.0f s budget; they go on in the background and Label Studio will ask again",
-                        _ids(tasks), len(unembedded), len(job.queries), self.settings.predict_budget_s)
+                        ids(tasks), len(unembedded), len(job.queries), self.settings.predict_budget_s)
             self._warm_up_queries(job.queries)
             return entries
-        size = self._images_per_batch
-        for start in range(0, len(tasks), size):
-            if start and time.monotonic() + self._seconds_per_batch > job.deadline:
-                job.cancel_fetches()
-                log.warning("tasks %s not reached within the %.0f s budget; Label Studio will ask for them again",
-                            _ids(tasks[start:]), self.settings.predict_budget_s)
-                break
-            job.fetch_until(start + 2 * size, self._pool, self._fetch_images)
-            ready = []
-            with job.timed("waiting for images"):
-                for i in range(start, min(start + size, len(tasks))):
-                    image = self._fetched(job, i)
-                    if image is not None:
-                        ready.append((i, image))
-            started = time.monotonic()
-            for i, entry in self._predict_batch(job, ready):
-                entries[i] = entry
-            if ready:
-                self._update_estimate(time.monotonic() - started)
-        return entries
-
-    @staticmethod
-    def _fetched(job: _Job, i: int):
-        """Task i's images, waited for at most until the deadline; None (logged) when they failed."""
-        try:
-            return job.fetches[i].result(timeout=max(0.0, job.deadline - time.monotonic()))
-        except FutureTimeout:
-            log.warning("task %s: not predicted: its image did not arrive within the %.0f s budget",
-                        _task_id(job.tasks[i]), job.deadline - job.created)
-        except MediaError as err:
-            log.warning("task %s: not predicted: %s", _task_id(job.tasks[i]), err)
-        except Exception:
-            log.exception("task %s: image could not be fetched", _task_id(job.tasks[i]))
-        return None
-
-    def _predict_batch(self, job: _Job, ready):
-        """(index, entry) for each fetched task; a batch that fails is retried task by task, so
-        one bad task cannot take the others down."""
-        if not ready:
-            return []
-        try:
-            return list(zip((i for i, _ in ready), self._predict_tasks(job, ready)))
-        except Exception:
-            if len(ready) == 1:
-                log.exception("task %s: prediction failed", _task_id(job.tasks[ready[0][0]]))
-                return []
-        return [pair for item in ready for pair in self._predict_batch(job, [item])]
-
-    def _update_estimate(self, seconds: float) -> None:
-        previous = self._seconds_per_batch
-        self._seconds_per_batch = seconds if previous == 0 else 0.7 * previous + 0.3 * seconds
-
-    def _fetch_images(self, task: dict, groups: Dict[str, List[ControlTarget]], credentials: Credentials):
-        data = task.get("data")
-        if not isinstance(data, dict):
-            raise MediaError("task has no data")
-        images = {}
-        for key in groups:
-            if key not in data:
-                raise MediaError(f"task data has no {key!r} field (the config's <Image value=\"${key}\">)")
-            # the id goes into Label Studio's presign URL: only a real task id may
-            task_id = task.get("id") if isinstance(task.get("id"), int) else None
-            images[key] = self.fetcher.fetch(data[key], task_id, credentials)
-        return images
-
-    def _predict_tasks(self, job: _Job, ready) -> List[dict]:
-        """Entries for the fetched tasks; each image key's images go through the model together."""
-        regions: List[List[dict]] = [[] for _ in ready]
-        labeled_pixels = [0] * len(ready)
-        probability_sums = [0.0] * len(ready)
-        for key, targets in job.groups.items():
-            union = Vocabulary(tuple(c for target in targets for c in target.vocabulary.classes))
-            pictures = [images[key] for _, images in ready]
-            all_logits = job.segmenter.logits_many([p.rgb for p in pictures], union, job.timed)
-            for n, (picture, logits) in enumerate(zip(pictures, all_logits)):
-                start = 0
-                for target in targets:
-                    classes = len(target.vocabulary)
-                    found, pixels, probability = self._target_regions(
-                        job, logits[start:start + classes], picture.size, target)
-                    start += classes
-                    regions[n].extend(found)
-                    labeled_pixels[n] += pixels
-                    probability_sums[n] += probability
-        entries = []
-        for n, (i, _) in enumerate(ready):
-            valid = []
-            with job.timed("validation"):
-                for region in regions[n]:
-                    errors = job.interface.validate_prediction({"result": [region]}, return_errors=True)
-                    if errors:
-                        log.error("task %s: dropped a region that does not fit the config: %s",
-                                  _task_id(job.tasks[i]), errors[0])
-                    else:
-                        valid.append(region)
-            score = probability_sums[n] / labeled_pixels[n] if labeled_pixels[n] else 0.0
-            entries.append({"result": valid, "score": round(score, 4), "model_version": self.model_version})
-        return entries
-
-    def _target_regions(self, job: _Job, logits, size, target: ControlTarget) -> Tuple[List[dict], int, float]:
-        """One control's regions in one image, with its labeled pixel count and probability sum.
-        A region's score is the mean probability of its label inside it (its pixels' top one)."""
-        with job.timed("labels at full size"):
-            prediction = job.segmenter.decide(logits, target.vocabulary.names, size, target.score_threshold)
-            label_map = prediction.label_map.numpy()
-        regions, pixels, probability = [], 0, 0.0
-        with job.timed("regions"):
-            for c, label in enumerate(target.labels):  # classes past the labels are background queries
-                count = int(prediction.pixel_counts[c])
-                if count == 0:
-                    continue
-                score = float(prediction.confidence[c])
-                pixels += count
-                probability += score * count
-                regions.extend(self._regions(label_map == c, label, target, score))
-        return regions, pixels, probability
-
-    @staticmethod
-    def _regions(mask: np.ndarray, label: str, target: ControlTarget, score: float) -> List[dict]:
-        if target.region_type == "brushlabels":
-            return [brush_region(mask, label, target.from_name, target.to_name, score)]
-        return polygon_regions(mask, label, target.from_name, target.to_name, score)
-
-
-def _config_queries(groups: Dict[str, List[ControlTarget]]) -> Tuple[str, ...]:
-    queries = (q for targets in groups.values() for target in targets for q in target.vocabulary.queries)
-    return tuple(dict.fromkeys(queries))
-
-
-def _task_id(task: dict) -> str:
-    """A task's id fit for a log line: an int as it is, anything else quoted and cut short."""
-    value = task.get("id")
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else repr(value)[:40]
-
-
-def _ids(tasks: Sequence[dict]) -> str:
-    ids = [_task_id(t) for t in tasks]
-    shown = ", ".join(ids[:20])
-    return shown + (f" (+{len(ids) - 20} more)" if len(ids) > 20 else "")
+        return self.pipeline.run(job)
