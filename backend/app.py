@@ -11,34 +11,19 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from typing import Callable, Optional
-from urllib.parse import urlparse
+from typing import Optional
 
-import torch
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import BadRequest, HTTPException
 
-from rfclip_engine import Segmenter, load_model
 from rfclip_engine.loading import resolve_device
-from rfclip_engine.text import EmbeddingCache
 
 from .label_config import LabelConfigError
-from .media import Credentials, ImageFetcher
-from .netguard import DestinationPolicy
-from .service import ModelHolder, PredictionService, segmenter_config
+from .media import Credentials
+from .runtime import SegmenterLoader, build_runtime, load_segmenter
 from .settings import Settings
-from .text_cache import RedisEmbeddingCache
 
 log = logging.getLogger("rfclip.backend")
-SegmenterLoader = Callable[[Settings, EmbeddingCache], Segmenter]
-
-
-def load_segmenter(settings: Settings, text_cache: EmbeddingCache) -> Segmenter:
-    device = resolve_device(settings.device)
-    model = load_model(settings.model, pretrained=settings.pretrained, device=device,
-                       distraction_dims=settings.distraction_dims, weights_tag=settings.weights_tag)
-    return Segmenter(model, segmenter_config(settings, device), text_cache=text_cache,
-                     max_pixels=settings.max_image_pixels)
 
 
 class ProjectStore:
@@ -80,14 +65,8 @@ class ProjectStore:
 
 def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterLoader = load_segmenter) -> Flask:
     settings = settings or Settings.from_env()
-    text_cache = RedisEmbeddingCache(settings.redis_url)
-    holder = ModelHolder(lambda: segmenter_loader(settings, text_cache))
-    fetcher = ImageFetcher(settings.cache_dir, settings.allowed_local_dir, settings.max_download_bytes,
-                           settings.fetch_timeout_s, settings.max_image_pixels, settings.image_cache_mb << 20,
-                           destination_policy(settings),
-                           # decoding a big JPEG reduced, to twice the working size, loses nothing the model sees
-                           min_short_side=2 * segmenter_config(settings, torch.device("cpu")).short_side)
-    service = PredictionService(settings, holder, fetcher)
+    runtime = build_runtime(settings, segmenter_loader)
+    text_cache, holder, service = runtime.text_cache, runtime.holder, runtime.service
     projects = ProjectStore(settings.max_projects)
 
     app = Flask("rfclip_backend")
@@ -189,12 +168,6 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
         return jsonify(error=f"internal error: {type(err).__name__}"), 500
 
     return app
-
-
-def destination_policy(settings: Settings) -> DestinationPolicy:
-    """Private addresses are fetched when the operator allows them, and from LABEL_STUDIO_URL's host."""
-    own = urlparse(settings.label_studio_url).hostname if settings.label_studio_url else None
-    return DestinationPolicy(settings.allow_private_urls, frozenset({own.lower()} if own else ()))
 
 
 def _authorized(auth, expected: Optional[tuple]) -> bool:

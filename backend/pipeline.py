@@ -126,7 +126,8 @@ class Pipeline:
     def _fetched(job: Job, i: int):
         """Task i's images, waited for at most until the deadline; None (logged) when they failed."""
         try:
-            return job.fetches[i].result(timeout=max(0.0, job.deadline - time.monotonic()))
+            wait = None if job.deadline == float("inf") else max(0.0, job.deadline - time.monotonic())
+            return job.fetches[i].result(timeout=wait)
         except FutureTimeout:
             job.fail(i, f"its image did not arrive within the {job.deadline - job.created:.0f} s budget")
         except MediaError as err:

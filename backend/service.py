@@ -12,9 +12,9 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -103,7 +103,17 @@ def model_version(settings: Settings) -> str:
         identity["file"] = [stat.st_size, int(stat.st_mtime)]
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
     suffix = "-pamr" if settings.pamr else ""
-    return f"rfclip-{settings.model}-{weights}-{settings.mode}{suffix}-{digest}"
+    model = Path(settings.model).stem if settings.model.endswith(".json") else settings.model  # a config file's name
+    return f"rfclip-{model}-{weights}-{settings.mode}{suffix}-{digest}"
+
+
+@dataclass
+class Outcome:
+    """What a run gives back: one entry per task, and the reason for each task not predicted
+    (by position)."""
+
+    entries: List[object]
+    failures: Dict[int, str]
 
 
 class PredictionService:
@@ -185,42 +195,57 @@ class PredictionService:
         return text.missing(queries)
 
     def predict(self, tasks: List[object], label_config: str, credentials: Credentials) -> List[object]:
-        """One entry per task, in order; a task that is not a JSON object gets `[]`."""
+        """One entry per task, in order, within RFCLIP_PREDICT_BUDGET_S (for /predict)."""
+        return self.run(tasks, label_config, credentials, self.settings.predict_budget_s).entries
+
+    def run(self, tasks: List[object], label_config: str, credentials: Credentials,
+            budget_s: Optional[float]) -> Outcome:
+        """One entry per task, in order, and why each task not predicted was not. Without a
+        budget (the job workers) it waits for the model and runs every task."""
         started = time.perf_counter()
-        deadline = time.monotonic() + self.settings.predict_budget_s
-        entries: List[object] = [NOT_PREDICTED] * len(tasks)
+        deadline = time.monotonic() + budget_s if budget_s is not None else float("inf")
+        outcome = Outcome([NOT_PREDICTED] * len(tasks), {})
         usable = []
         for n, item in enumerate(tasks):
             if isinstance(item, dict):
                 usable.append(n)
             else:
-                log.warning("task #%d of the request: not predicted: not a JSON object (%s)", n, type(item).__name__)
+                outcome.failures[n] = f"not a JSON object ({type(item).__name__})"
+                log.warning("task #%d of the request: not predicted: %s", n, outcome.failures[n])
         targets, interface = parsed_config(label_config)
         job_tasks = [tasks[n] for n in usable]
+
+        def not_predicted(reason: str) -> Outcome:
+            outcome.failures.update({n: reason for n in usable})
+            return outcome
+
         try:
-            segmenter = self.holder.get(deadline - time.monotonic() - 1.0)
+            segmenter = self.holder.get(deadline - time.monotonic() - 1.0 if budget_s else WARM_UP_MODEL_WAIT_S)
         except ModelUnavailable as err:
             log.error("tasks %s not predicted: %s", ids(job_tasks), err)
-            return entries
+            return not_predicted(str(err))
         job = Job(job_tasks, targets_by_image(list(targets)), interface, segmenter, credentials, deadline)
         # Images are on their way before the model is waited for: a slow host never holds it.
         self.pipeline.fetch_until(job, 2 * self.pipeline.images_per_batch)
         # Another request may hold the model; waiting must not outlast the budget either.
-        if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic()) if budget_s else None):
             job.cancel_fetches()
             log.warning("tasks %s not reached within the %.0f s budget (the model was busy); Label Studio "
-                        "will ask for them again", ids(job_tasks), self.settings.predict_budget_s)
-            return entries
+                        "will ask for them again", ids(job_tasks), budget_s)
+            return not_predicted("the model was busy for the whole budget")
         try:
             for n, entry in zip(usable, self._predict_in_order(job)):
-                entries[n] = entry
+                outcome.entries[n] = entry
         finally:
             self._lock.release()
+        for i, n in enumerate(usable):
+            if outcome.entries[n] is NOT_PREDICTED:
+                outcome.failures[n] = job.failures.get(i, "not reached within the budget")
         seconds = time.perf_counter() - started
         stages = ", ".join(f"{stage} {t:.2f} s" for stage, t in job.stage_seconds.items())
-        log.info("tasks %s: %d of %d predicted in %.2f s (%s)", ids(job_tasks), sum(e is not NOT_PREDICTED for e in entries),
+        log.info("tasks %s: %d of %d predicted in %.2f s (%s)", ids(job_tasks), len(tasks) - len(outcome.failures),
                  len(tasks), seconds, stages, extra={"stage_seconds": dict(job.stage_seconds), "seconds": seconds})
-        return entries
+        return outcome
 
     def _predict_in_order(self, job: Job) -> List[object]:
         """Tasks in groups of `images_per_batch` (their crops share the encoder's batches), the next
@@ -234,7 +259,8 @@ class PredictionService:
             job.cancel_fetches()
             log.warning("tasks %s not predicted yet: %d of %d class names still need text embeddings after the "
                         "%.0f s budget; they go on in the background and Label Studio will ask again",
-                        ids(tasks), len(unembedded), len(job.queries), self.settings.predict_budget_s)
+                        ids(tasks), len(unembedded), len(job.queries), job.deadline - job.created)
             self._warm_up_queries(job.queries)
+            job.failures.update({i: "its class names still need text embeddings" for i in range(len(tasks))})
             return entries
         return self.pipeline.run(job)

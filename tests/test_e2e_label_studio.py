@@ -101,7 +101,8 @@ def stack(tmp_path_factory):
     try:
         wait_for(f"{backend_url}/health", 60, backend, backend_log)
         wait_for(f"{ls_url}/health", 240, ls, ls_log)
-        yield {"ls": ls_url, "backend": backend_url, "media": media, "backend_log": backend_log}
+        yield {"ls": ls_url, "backend": backend_url, "media": media, "backend_log": backend_log,
+               "backend_env": backend_env}
     finally:
         stop(backend)
         stop(ls)
@@ -162,3 +163,44 @@ def test_label_studio_end_to_end(stack):
     api(stack, "GET", f"/api/tasks/{late['id']}")
     check_predictions(stack, late, (64, 100))
     assert TOKEN not in stack["backend_log"].read_text()
+
+
+def preannotate(stack, project, *args):
+    env = {**stack["backend_env"], "LOG_LEVEL": "WARNING"}
+    done = subprocess.run([sys.executable, "-m", "backend.cli", "preannotate", "--project", str(project),
+                           "--chunk", "4", "--no-progress", *args], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).parents[1])
+    assert TOKEN not in done.stdout + done.stderr
+    return done.returncode, done.stdout
+
+
+def test_preannotate_a_whole_project_resumes_and_never_predicts_twice(stack):
+    project = api(stack, "POST", "/api/projects", json={"title": "rfclip preannotate", "label_config": CONFIG})
+    pid = project["id"]
+    for i in range(10):
+        stack["media"].public[f"pre{i}.png"] = png_bytes(60, 80, seed=10 + i)
+    api(stack, "POST", f"/api/projects/{pid}/import",
+        json=[{"image": f"{stack['media'].url}/img/pre{i}.png"} for i in range(10)]
+        + [{"image": f"{stack['media'].url}/img/missing.png"}])
+    tasks = api(stack, "GET", f"/api/tasks?project={pid}&page_size=100")["tasks"]
+    ids = sorted(t["id"] for t in tasks)
+    missing = next(t["id"] for t in tasks if t["data"]["image"].endswith("missing.png"))
+    good = [i for i in ids if i != missing]
+
+    # a first, partial run (as if stopped after three tasks)
+    code, out = preannotate(stack, pid, "--tasks", ",".join(map(str, good[:3])))
+    assert code == 0 and "3 predicted, 0 skipped" in out
+    # the rerun resumes: the rest, the broken image reported with its reason
+    code, out = preannotate(stack, pid)
+    assert code == 1 and "7 predicted, 3 skipped" in out and f"task {missing}: HTTP 404" in out
+    # and again: only the failed task is tried
+    code, out = preannotate(stack, pid)
+    assert code == 1 and "0 predicted, 10 skipped, 1 failed" in out.replace(" (already predicted)", "")
+
+    version = out.rsplit("model version ", 1)[1].split()[0]
+    for task in good:
+        predictions = api(stack, "GET", f"/api/predictions?task={task}")
+        assert [p["model_version"] for p in predictions] == [version]
+        assert predictions[0]["result"] and 0 <= predictions[0]["score"] <= 1
+    assert api(stack, "GET", f"/api/predictions?task={missing}") == []
+    assert api(stack, "GET", f"/api/projects/{pid}")["model_version"] == version
