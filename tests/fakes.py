@@ -140,7 +140,8 @@ class HostileServer:
     within `max_seconds`. /ok.png serves an image; /drip-headers and /drip-body send one byte
     every `drip_s`; /endless streams a body without end; /redirect?to=URL answers 302."""
 
-    def __init__(self, image: bytes, drip_s: float = 0.2, max_seconds: float = 30.0) -> None:
+    def __init__(self, image: bytes, drip_s: float = 0.2, max_seconds: float = 30.0, tls=None) -> None:
+        """`tls`: an ssl.SSLContext to serve https instead."""
         self.requests: List[dict] = []
         server_self = self
 
@@ -190,8 +191,10 @@ class HostileServer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

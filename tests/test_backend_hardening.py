@@ -432,3 +432,35 @@ def test_a_setup_hostname_on_a_private_address_gets_no_token_exchange(tiny_model
     assert client.post("/predict", json=body).get_json()["results"] == [[]]
     assert hostile.requests == []
     assert any(m.startswith("task 1:") and "RFCLIP_ALLOW_PRIVATE_URLS" in m for m in messages(caplog))
+
+
+def test_https_goes_through_the_guard_and_checks_the_certificate_by_name(tmp_path):
+    """The guard connects to the address it checked; TLS still verifies the host's name."""
+    import ssl
+    import subprocess
+
+    import requests
+
+    from backend.netguard import GuardedSession
+
+    from .fakes import HostileServer
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    image = png(20, 30)
+    server = HostileServer(image, tls=tls)
+    try:
+        trusted = GuardedSession(DestinationPolicy(trusted_hosts=frozenset({"localhost", "127.0.0.1"})), 1 << 20, 5.0)
+        assert trusted.get(f"https://localhost:{server.port}/ok.png", verify=str(cert)).content == image
+        with pytest.raises(requests.exceptions.SSLError):  # the certificate names localhost, not the address
+            trusted.get(f"https://127.0.0.1:{server.port}/ok.png", verify=str(cert))
+        with pytest.raises(DestinationRefused, match="RFCLIP_ALLOW_PRIVATE_URLS"):
+            GuardedSession(DestinationPolicy(), 1 << 20, 5.0).get(f"https://localhost:{server.port}/ok.png",
+                                                                  verify=str(cert))
+        assert [r["path"] for r in server.requests] == ["/ok.png"]
+    finally:
+        server.close()
