@@ -24,3 +24,79 @@ def test_task_selection_parses_ids_and_ranges():
 ])
 def test_a_task_with_this_versions_prediction_is_never_predicted_again(versions, mode, expected):
     assert needs_prediction(StudioTask(1, {}, frozenset(versions)), "v2", mode) is expected
+
+
+class FakeStudio:
+    """The calls preannotate makes, in memory; `race` is a task that another run predicts between
+    this run's listing and its push."""
+
+    def __init__(self, config, listed, version, race=None):
+        self.config, self.listed, self.version, self.race = config, listed, version, race
+        self.stored = {t.id: list(t.model_versions) for t in listed}
+        self.pushes = []
+
+    def label_config(self, project):
+        return self.config
+
+    def tasks(self, project, view=None):
+        return iter([StudioTask(t.id, t.data, frozenset(self.stored[t.id])) for t in self.listed])
+
+    def predicted_versions(self, project, ids):
+        if self.race in ids and self.version not in self.stored[self.race]:
+            self.stored[self.race].append(self.version)
+        return {i: frozenset(self.stored[i]) for i in ids}
+
+    def push(self, project, predictions):
+        self.pushes.append([p["task"] for p in predictions])
+        for p in predictions:
+            self.stored[p["task"]].append(p["model_version"])
+        return len(predictions)
+
+
+def make_studio(service, hostile, race=None):
+    from .backend_support import BRUSH_CONFIG
+
+    listed = [StudioTask(i, {"image": f"{hostile.url}/ok.png"}, frozenset()) for i in range(1, 8)]
+    listed.append(StudioTask(8, {"image": f"{hostile.url}/missing.png"}, frozenset()))
+    listed.append(StudioTask(9, {"image": f"{hostile.url}/ok.png"}, frozenset({service.model_version})))
+    return FakeStudio(BRUSH_CONFIG, listed, service.model_version, race)
+
+
+def test_preannotate_pushes_each_chunk_once_and_reports_failures(tiny_model, tmp_path, hostile):
+    from backend.jobs.preannotate import preannotate
+    from backend.media import Credentials
+
+    from .backend_support import make_app
+
+    service = make_app(tiny_model, tmp_path).extensions["rfclip"]["service"]
+    studio = make_studio(service, hostile, race=5)
+    report = preannotate(service, studio, 1, Credentials(None, None), chunk=3, progress=False)
+    assert studio.pushes == [[1, 2, 3], [4, 6], [7]]  # task 5 was predicted elsewhere meanwhile
+    assert report.predicted == 6 and report.skipped == 2 and list(report.failed) == [8]
+    assert "HTTP 404" in report.failed[8] and report.left == 0
+    assert all(studio.stored[i].count(service.model_version) == 1 for i in (1, 2, 3, 4, 5, 6, 7, 9))
+
+    again = preannotate(service, studio, 1, Credentials(None, None), chunk=3, progress=False)
+    assert again.predicted == 0 and list(again.failed) == [8] and studio.pushes[3:] == [[]]
+
+
+def test_preannotate_stops_after_the_chunk_in_flight(tiny_model, tmp_path, hostile):
+    import threading
+
+    from backend.jobs.preannotate import preannotate
+    from backend.media import Credentials
+
+    from .backend_support import make_app
+
+    service = make_app(tiny_model, tmp_path).extensions["rfclip"]["service"]
+    studio = make_studio(service, hostile)
+    stop = threading.Event()
+    original = studio.push
+
+    def push_then_interrupt(project, predictions):
+        stop.set()  # as Ctrl-C during the first chunk
+        return original(project, predictions)
+
+    studio.push = push_then_interrupt
+    report = preannotate(service, studio, 1, Credentials(None, None), chunk=3, progress=False, stop=stop)
+    assert report.stopped and studio.pushes == [[1, 2, 3]] and report.left == 5

@@ -89,8 +89,12 @@ def preannotate(service: PredictionService, studio: Studio, project: int, creden
             outcome = service.run([{"id": t.id, "data": t.data} for t in part], label_config, credentials, None)
             predictions = [{"task": t.id, "model_version": version, "result": entry["result"], "score": entry["score"]}
                            for t, entry in zip(part, outcome.entries) if isinstance(entry, dict)]
-            studio.push(project, predictions)
-            report.predicted += len(predictions)
+            # checked again just before storing: another run may have predicted some meanwhile
+            now = studio.predicted_versions(project, [p["task"] for p in predictions]) if predictions else {}
+            fresh = [p for p in predictions if version not in now.get(p["task"], frozenset())]
+            studio.push(project, fresh)
+            report.predicted += len(fresh)
+            report.skipped += len(predictions) - len(fresh)
             report.failed.update({part[n].id: reason for n, reason in outcome.failures.items()})
             bar.update(len(part))
             bar.set_postfix(failed=len(report.failed))

@@ -2,8 +2,9 @@
 tasks (all pages), and predictions pushed in bulk."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import FrozenSet, Iterator, List, Optional, Sequence
+from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence
 
 from label_studio_sdk.client import LabelStudio
 
@@ -27,11 +28,19 @@ class Studio:
 
     def tasks(self, project: int, view: Optional[int] = None) -> Iterator[StudioTask]:
         """Every task of the project (or of a Data Manager view, with its filters), page by page."""
-        pager = self.client.tasks.list(project=project, view=view, fields="all", page_size=PAGE_SIZE,
+        return self._listed(project, view, None)
+
+    def _listed(self, project: int, view: Optional[int], query: Optional[str]) -> Iterator[StudioTask]:
+        pager = self.client.tasks.list(project=project, view=view, query=query, fields="all", page_size=PAGE_SIZE,
                                        request_options=RETRIES)
         for task in pager:
             versions = frozenset(_model_version(p) for p in (task.predictions or []))
             yield StudioTask(task.id, dict(task.data or {}), versions)
+
+    def predicted_versions(self, project: int, ids: Sequence[int]) -> Dict[int, FrozenSet[str]]:
+        """The model versions each of these tasks holds predictions of, as of now."""
+        query = json.dumps({"selectedItems": {"all": False, "included": list(ids)}})
+        return {t.id: t.model_versions for t in self._listed(project, None, query)}
 
     def push(self, project: int, predictions: Sequence[dict]) -> int:
         """Stores the predictions ({"task", "result", "score", "model_version"}) in one request."""
