@@ -161,8 +161,10 @@ class ImageFetcher:
         if not isinstance(reference, str) or not reference.strip():
             raise MediaError(f"task data holds no image reference ({type(reference).__name__})")
         reference = reference.strip()
-        with self._lock_for(f"{credentials.identity}\0{reference}"):
-            path = self._local_file(reference, task_id, credentials)
+        # the URL and whose credentials fetch it: one project's download is never served for another's
+        key = hashlib.sha256(f"{credentials.identity}\0{reference}".encode()).hexdigest()
+        with self._lock_for(key):
+            path = self._local_file(reference, task_id, credentials, key)
             self._note_use(Path(path))
             try:
                 return Picture(*read_rgb(path, self.max_pixels, self.min_short_side))
@@ -171,7 +173,7 @@ class ImageFetcher:
                     Path(path).unlink(missing_ok=True)  # fetch it again next time, in case it changed
                 raise MediaError(str(err)) from None
 
-    def _local_file(self, reference: str, task_id: object, credentials: Credentials) -> str:
+    def _local_file(self, reference: str, task_id: object, credentials: Credentials, key: str) -> str:
         parsed = urlparse(reference)
         if parsed.scheme == "file" or (not parsed.scheme and not reference.startswith(_LS_PATH_PREFIXES)
                                        and not reference.startswith("/data/local-files")):
@@ -186,7 +188,7 @@ class ImageFetcher:
         elif parsed.scheme not in ("http", "https") and not reference.startswith(_LS_PATH_PREFIXES) \
                 and not reference.startswith(_CLOUD_SCHEMES):
             raise MediaError(f"unsupported image reference scheme {parsed.scheme!r}")
-        cached = self.cache_dir / hashlib.sha256(f"{credentials.identity}\0{reference}".encode()).hexdigest()
+        cached = self.cache_dir / key
         if cached.is_file():
             return str(cached)
         try:

@@ -51,6 +51,3 @@ class ModelLock:
         with self._condition:
             self._held = False
             self._condition.notify_all()
-
-    def locked(self) -> bool:
-        return self._held

@@ -100,13 +100,13 @@ def read_rgb(source: ImageSource, max_pixels: Optional[int] = None,
     """The RGB array and the image's full (H, W) as a viewer shows it. With `min_short_side`, a
     JPEG whose short side is at least twice that is decoded reduced, its short side still at
     least `min_short_side`; the array is then smaller than the full size."""
-    if isinstance(source, np.ndarray):
-        _check_size(source.shape[1] if source.ndim > 1 else 0, source.shape[0], max_pixels)
-        rgb = np.require(_array_to_rgb(source), requirements=["C", "W"])
-        return rgb, rgb.shape[:2]
-    if isinstance(source, Image.Image):
-        _check_size(*source.size, max_pixels)
-        rgb = _pil_to_rgb(source)
+    if isinstance(source, (np.ndarray, Image.Image)):
+        if isinstance(source, np.ndarray):
+            _check_size(source.shape[1] if source.ndim > 1 else 0, source.shape[0], max_pixels)
+            rgb = np.require(_array_to_rgb(source), requirements=["C", "W"])
+        else:
+            _check_size(*source.size, max_pixels)
+            rgb = _pil_to_rgb(source)
         return rgb, rgb.shape[:2]
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     name = source if isinstance(source, (str, os.PathLike)) else "input"

@@ -19,7 +19,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class FakeLabelStudio:
+class LoopbackServer:
+    """A threading HTTP(S) server on 127.0.0.1, on a free port, serving in a daemon thread."""
+
+    def serve(self, handler, tls=None) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FakeLabelStudio(LoopbackServer):
     """Serves uploads (token required, as LS does), public images, a 404, a slow and a huge file."""
 
     def __init__(self, token: str, personal_access_token: Optional[str] = None, access_token: Optional[str] = None) -> None:
@@ -93,14 +111,7 @@ class FakeLabelStudio:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
 class RedisServer:
@@ -135,7 +146,7 @@ class RedisServer:
             self.process = None
 
 
-class HostileServer:
+class HostileServer(LoopbackServer):
     """An image host that misbehaves on purpose, on 127.0.0.1 only; every answer ends by itself
     within `max_seconds`. /ok.png serves an image; /drip-headers and /drip-body send one byte
     every `drip_s`; /endless streams a body without end; /redirect?to=URL answers 302."""
@@ -189,15 +200,4 @@ class HostileServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up, as it should
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        if tls is not None:
-            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
-        self.port = self.server.server_address[1]
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler, tls)

@@ -100,3 +100,40 @@ def test_preannotate_stops_after_the_chunk_in_flight(tiny_model, tmp_path, hosti
     studio.push = push_then_interrupt
     report = preannotate(service, studio, 1, Credentials(None, None), chunk=3, progress=False, stop=stop)
     assert report.stopped and studio.pushes == [[1, 2, 3]] and report.left == 5
+
+
+@pytest.mark.parametrize("env,args,message", [
+    ({}, ["--project", "1"], "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"),
+    ({"LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": "k"}, ["--project", "1", "--tasks", "3-1"],
+     "--tasks: the range '3-1' is empty"),
+    ({"LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": "k"}, ["--project", "1", "--chunk", "0"],
+     "--chunk must be at least 1"),
+])
+def test_preannotate_refuses_bad_arguments_before_loading_anything(monkeypatch, capsys, env, args, message):
+    from backend import cli
+
+    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("backend.runtime.build_runtime", lambda *a: pytest.fail("nothing may be loaded"))
+    assert cli.main(["preannotate", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_preannotate_with_label_studio_down_stops_with_a_clear_message(monkeypatch, capsys, tiny_model, tmp_path):
+    from backend import cli, runtime
+
+    from .backend_support import TEST_CONFIG
+    from rfclip_engine import Segmenter
+
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "secret-token-123456")
+    monkeypatch.setenv("RFCLIP_CACHE_DIR", str(tmp_path))
+    real = runtime.build_runtime
+    monkeypatch.setattr(runtime, "build_runtime", lambda settings: real(
+        settings, lambda s, cache: Segmenter(tiny_model, TEST_CONFIG, text_cache=cache)))
+    monkeypatch.setattr("backend.jobs.studio.RETRIES", {"max_retries": 0})
+    assert cli.main(["preannotate", "--project", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "stopped:" in err and "a rerun resumes" in err and "secret-token-123456" not in err
