@@ -2,7 +2,8 @@
 
 Endpoints: GET /health (no auth; a short state, answered at once, even while the model loads),
 GET /status (details: load errors, settings with secrets masked), POST /setup, POST /predict,
-POST /webhook, GET /versions. Request bodies, headers and tokens are never logged.
+POST /webhook, GET /versions, GET /jobs (the job queue's runs, as `rfclip-backend jobs --json`).
+Request bodies, headers and tokens are never logged.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from werkzeug.exceptions import BadRequest, HTTPException
 
 from rfclip_engine.loading import resolve_device
 
+from .jobs.overflow import Overflow
+from .jobs.queue import JobQueue
 from .label_config import LabelConfigError
 from .media import Credentials
 from .runtime import SegmenterLoader, build_runtime, load_segmenter
@@ -68,10 +71,16 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
     runtime = build_runtime(settings, segmenter_loader)
     text_cache, holder, service = runtime.text_cache, runtime.holder, runtime.service
     projects = ProjectStore(settings.max_projects)
+    queue = JobQueue.from_url(settings.redis_url, settings.queue_name, settings.job_timeout_s) \
+        if settings.redis_url else None
+    # the workers push with their own LABEL_STUDIO_URL: only a backend configured with one (so
+    # that both mean the same server) hands them tasks
+    overflow = Overflow(queue, service.model_version) if queue is not None and settings.label_studio_url else None
 
     app = Flask("rfclip_backend")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    app.extensions["rfclip"] = {"service": service, "holder": holder, "text_cache": text_cache, "projects": projects}
+    app.extensions["rfclip"] = {"service": service, "holder": holder, "text_cache": text_cache, "projects": projects,
+                                "overflow": overflow}
 
     def credentials_for(project: object) -> Credentials:
         # The environment's key goes only to the environment's URL; /setup's pair only as a pair.
@@ -131,8 +140,10 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
         except LabelConfigError as err:
             log.error("project %s: %s", projects.key(project), err)
             return jsonify(error=str(err)), 400
-        results = service.predict(tasks, label_config, credentials_for(project))
-        return jsonify(results=results, model_version=service.model_version)
+        outcome = service.predict(tasks, label_config, credentials_for(project))
+        if overflow is not None and outcome.unreached:
+            overflow.submit(_project_id(projects.key(project)), tasks, outcome.unreached)
+        return jsonify(results=outcome.entries, model_version=service.model_version)
 
     @app.post("/webhook")
     def webhook():
@@ -153,6 +164,16 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
             log.info("project %s: label config refreshed", projects.key(project.get("id")))
             return jsonify(status="ok")
         return jsonify(status="ignored", action=action if isinstance(action, str) else None)
+
+    @app.get("/jobs")
+    def jobs():
+        if queue is None:
+            return jsonify(error="no job queue: set REDIS_URL"), 404
+        project = request.args.get("project")
+        if project is not None and _project_id(project) is None:
+            raise BadRequest("'project' must be a project id")
+        runs = queue.status(_project_id(project) if project is not None else None)
+        return jsonify(queue=queue.queue.name, workers=queue.workers(), runs=[r.to_json() for r in runs])
 
     @app.get("/versions")
     def versions():
@@ -180,6 +201,10 @@ def _authorized(auth, expected: Optional[tuple]) -> bool:
                                   for value in (auth.username, auth.password))
     # both compared, always: the time taken says nothing about which one was wrong
     return hmac.compare_digest(given_user, user) & hmac.compare_digest(given_password, password)
+
+
+def _project_id(raw: str) -> Optional[int]:
+    return int(raw) if raw.isdigit() and len(raw) < 19 else None
 
 
 def _json_body() -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -15,7 +16,7 @@ from . import redaction
 from .settings import Settings, SettingsError
 
 # import name -> distribution, for the backend's own dependencies (the `backend` extra)
-BACKEND_MODULES = {"flask": "Flask", "gunicorn": "gunicorn", "redis": "redis", "label_studio_sdk": "label-studio-sdk",
+BACKEND_MODULES = {"flask": "Flask", "gunicorn": "gunicorn", "redis": "redis", "rq": "rq", "label_studio_sdk": "label-studio-sdk",
                    "defusedxml": "defusedxml", "requests": "requests"}
 
 
@@ -75,17 +76,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      help="threads per process (default $THREADS or 4)")
     run.add_argument("--timeout", type=int, default=120, help="gunicorn worker timeout in seconds")
     run.add_argument("--dev", action="store_true", help="Flask's threaded development server instead of gunicorn")
-    pre = sub.add_parser("preannotate", help="predict a whole project through the Label Studio API, in this process")
+    pre = sub.add_parser("preannotate", help="predict a whole project through the Label Studio API")
     pre.add_argument("--project", type=int, required=True, help="Label Studio project id")
     pre.add_argument("--tasks", default="unpredicted",
                      help="unpredicted (default: tasks with no prediction at all), all (every task without a "
                           "prediction of this model version), or ids like 1,2,5-9")
     pre.add_argument("--view", type=int, help="only the tasks of this Data Manager view (its filters)")
     pre.add_argument("--chunk", type=int, default=32, help="tasks predicted and pushed together (default 32)")
+    where = pre.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true", help="predict in this process (the default without REDIS_URL)")
+    where.add_argument("--queue", action="store_true",
+                       help="enqueue one job per chunk for `rfclip-backend worker` (the default with REDIS_URL)")
+    pre.add_argument("--follow", action="store_true", help="with the queue: show progress until every chunk is done")
     pre.add_argument("--no-set-version", action="store_true",
                      help="leave the project's active model version alone (by default it is set to this "
                           "model's, so the Data Manager shows the prediction scores)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    wrk = sub.add_parser("worker", help="run queued chunks with the model loaded once (one process per GPU)")
+    wrk.add_argument("--queue", help="queue name (default $RFCLIP_QUEUE or rfclip)")
+    wrk.add_argument("--burst", action="store_true", help="quit when the queue is empty")
+    jobs = sub.add_parser("jobs", help="the state of the queued runs")
+    jobs.add_argument("--project", type=int, help="only this project")
+    jobs.add_argument("--json", action="store_true", help="as JSON (the same as GET /jobs)")
     args = parser.parse_args(argv)
     missing = missing_backend_modules()
     if missing:
@@ -99,53 +111,164 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     configure_logging(settings.log_level)
     logging.getLogger("rfclip.backend").info("settings: %s", settings.describe())
-    if args.command == "preannotate":
-        return preannotate_command(settings, args)
+    if args.command in COMMANDS:
+        return COMMANDS[args.command](settings, args)
     serve(settings, args.host, args.port, args.workers, args.threads, args.timeout, args.dev)
     return 0
 
 
+def _fail(command: str, message: str, code: int = 2) -> int:
+    print(f"rfclip-backend {command}: {message}", file=sys.stderr)
+    return code
+
+
+def _stopped(command: str, err: Exception) -> int:
+    return _fail(command, f"stopped: {type(err).__name__}: {redaction.redact(str(err))[:500]}; what was pushed "
+                          "stays, and a rerun resumes", 1)
+
+
 def preannotate_command(settings: Settings, args: argparse.Namespace) -> int:
-    """Exit status 0 when every selected task is predicted, 1 when some failed or the run was
-    stopped (a rerun resumes), 2 on bad usage or a project the backend cannot predict."""
-    from .jobs.preannotate import preannotate
+    """Exit status 0 when every selected task is predicted (or, with the queue, enqueued), 1 when
+    some failed or the run was stopped (a rerun resumes), 2 on bad usage or a project the backend
+    cannot predict."""
     from .jobs.studio import Studio, parse_selection
     from .label_config import LabelConfigError
-    from .media import Credentials
     from .runtime import build_runtime
 
     if not (settings.label_studio_url and settings.label_studio_api_key):
-        print("rfclip-backend preannotate: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
-        return 2
+        return _fail("preannotate", "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+    queued = args.queue or (settings.redis_url is not None and not args.local)
     try:
         ids = parse_selection(args.tasks)
         if args.chunk < 1:
             raise ValueError("--chunk must be at least 1")
+        if queued and settings.redis_url is None:
+            raise ValueError("--queue needs REDIS_URL (the Redis the workers listen on)")
+        if args.follow and not queued:
+            raise ValueError("--follow goes with the queue (REDIS_URL, or --queue)")
     except ValueError as err:
-        print(f"rfclip-backend preannotate: {err}", file=sys.stderr)
-        return 2
+        return _fail("preannotate", str(err))
     runtime = build_runtime(settings)
-    runtime.holder.start()
     studio = Studio(settings.label_studio_url, settings.label_studio_api_key)
-    credentials = Credentials(settings.label_studio_url, settings.label_studio_api_key)
     mode = args.tasks if ids is None else "ids"
+    version = runtime.service.model_version
     try:
+        if queued:
+            return _enqueue(settings, args, runtime.service, studio, mode, ids)
+        from .jobs.preannotate import preannotate
+        from .media import Credentials
+
+        runtime.holder.start()
+        credentials = Credentials(settings.label_studio_url, settings.label_studio_api_key)
         report = preannotate(runtime.service, studio, args.project, credentials, mode, ids, args.view, args.chunk,
                              progress=not args.no_progress)
         if not args.no_set_version and report.predicted:
-            studio.set_model_version(args.project, runtime.service.model_version)
+            studio.set_model_version(args.project, version)
     except LabelConfigError as err:
-        print(f"rfclip-backend preannotate: project {args.project}: {err}", file=sys.stderr)
-        return 2
+        return _fail("preannotate", f"project {args.project}: {err}")
     except Exception as err:  # Label Studio down after the SDK's retries, a refused token, ...
-        print(f"rfclip-backend preannotate: stopped: {type(err).__name__}: {redaction.redact(str(err))[:500]}; "
-              "what was pushed stays, and a rerun resumes", file=sys.stderr)
-        return 1
+        return _stopped("preannotate", err)
     print(f"project {args.project}: {report.predicted} predicted, {report.skipped} skipped (already predicted), "
-          f"{len(report.failed)} failed, {report.left} left; model version {runtime.service.model_version}")
-    for task, reason in sorted(report.failed.items()):
-        print(f"  task {task}: {reason}")
+          f"{len(report.failed)} failed, {report.left} left; model version {version}")
+    _print_failures(report.failed)
     return 0 if not report.failed and not report.stopped else 1
+
+
+def _enqueue(settings: Settings, args: argparse.Namespace, service, studio, mode: str, ids) -> int:
+    from .jobs.preannotate import enqueue, follow
+    from .jobs.queue import JobQueue
+
+    queue = JobQueue.from_url(settings.redis_url, settings.queue_name, settings.job_timeout_s)
+    version = service.model_version
+    report, enqueued = enqueue(service, studio, queue, args.project, mode, ids, args.view, args.chunk,
+                               progress=not args.no_progress)
+    if not args.no_set_version and enqueued.ids:
+        studio.set_model_version(args.project, version)  # the version the workers write
+    print(f"project {args.project}: {report.selected - report.skipped} tasks to predict in {len(enqueued.ids)} "
+          f"chunks ({len(enqueued.added)} enqueued, {len(enqueued.pending)} already queued or running), "
+          f"{report.skipped} skipped (already predicted); queue {settings.queue_name}, model version {version}")
+    if enqueued.ids and not queue.workers():
+        print(f"no worker listens on queue {settings.queue_name} yet: start one with rfclip-backend worker",
+              file=sys.stderr)
+    if not args.follow or not enqueued.ids:
+        print("rfclip-backend jobs --project {0} shows the progress; rerun with --follow to watch it".format(
+            args.project))
+        return 0
+    status = follow(queue, args.project, version, enqueued.ids, progress=not args.no_progress)
+    tasks = status.tasks
+    print(f"project {args.project}: {tasks['predicted']} predicted, {tasks['skipped']} skipped (already predicted), "
+          f"{tasks['failed']} failed, {tasks['left']} left; model version {version}")
+    _print_failures(status.failed_tasks)
+    for job_id, error in status.failed_chunks.items():
+        print(f"  chunk {job_id} failed: {error}")
+    return 0 if status.finished and not tasks["failed"] and not status.failed_chunks else 1
+
+
+def _print_failures(failed: dict) -> None:
+    for task, reason in sorted(failed.items(), key=lambda item: int(item[0])):
+        print(f"  task {task}: {reason}")
+
+
+def worker_command(settings: Settings, args: argparse.Namespace) -> int:
+    from .jobs.queue import JobQueue
+    from .jobs.studio import Studio
+    from .jobs.worker import work
+    from .media import Credentials
+    from .runtime import build_runtime
+
+    if settings.redis_url is None:
+        return _fail("worker", "set REDIS_URL (the Redis the chunks are queued on)")
+    if not (settings.label_studio_url and settings.label_studio_api_key):
+        return _fail("worker", "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (the worker pushes the predictions)")
+    runtime = build_runtime(settings)
+    runtime.holder.start()  # the model loads while the worker registers
+    queue = JobQueue.from_url(settings.redis_url, args.queue or settings.queue_name, settings.job_timeout_s)
+    studio = Studio(settings.label_studio_url, settings.label_studio_api_key)
+    credentials = Credentials(settings.label_studio_url, settings.label_studio_api_key)
+    try:
+        work(runtime.service, studio, credentials, queue, settings.job_lease_s, burst=args.burst,
+             logging_level=settings.log_level)
+    except Exception as err:  # Redis unreachable at start, ...
+        return _fail("worker", f"{type(err).__name__}: {redaction.redact(str(err))[:500]}", 1)
+    return 0
+
+
+def jobs_command(settings: Settings, args: argparse.Namespace) -> int:
+    from .jobs.queue import JobQueue
+
+    if settings.redis_url is None:
+        return _fail("jobs", "set REDIS_URL (the Redis the chunks are queued on)")
+    queue = JobQueue.from_url(settings.redis_url, settings.queue_name)
+    try:
+        runs = queue.status(args.project)
+        workers = queue.workers()
+    except Exception as err:
+        return _fail("jobs", f"{type(err).__name__}: {redaction.redact(str(err))[:500]}", 1)
+    if args.json:
+        print(json.dumps({"queue": settings.queue_name, "workers": workers, "runs": [r.to_json() for r in runs]}))
+        return 0
+    print(f"queue {settings.queue_name}: {workers} workers")
+    for run in runs:
+        chunks, tasks = run.chunks, run.tasks
+        eta = "" if run.eta_s is None or run.finished else f", ETA {_duration(run.eta_s)}"
+        print(f"project {run.project} {run.model_version}: chunks {chunks['queued']} queued, {chunks['running']} "
+              f"running, {chunks['done']} done, {chunks['failed']} failed; tasks {tasks['predicted']} predicted, "
+              f"{tasks['skipped']} skipped, {tasks['failed']} failed, {tasks['left']} left of {tasks['total']}{eta}")
+        for worker, rate in run.tasks_per_s.items():
+            print(f"  worker {worker}: {rate:.2f} tasks/s")
+        _print_failures(run.failed_tasks)
+        for job_id, error in run.failed_chunks.items():
+            print(f"  chunk {job_id} failed: {error}")
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+COMMANDS = {"preannotate": preannotate_command, "worker": worker_command, "jobs": jobs_command}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Set, Tuple
 
 import numpy as np
 from label_studio_sdk.label_interface import LabelInterface
@@ -55,6 +55,7 @@ class Job:
     fetches: Dict[int, Future] = field(default_factory=dict)
     created: float = field(default_factory=time.monotonic)
     failures: Dict[int, str] = field(default_factory=dict)  # task index -> reason
+    late: Set[int] = field(default_factory=set)  # failed for the budget alone: images still on their way
 
     def fail(self, i: int, reason: str) -> None:
         log.warning("task %s: not predicted: %s", task_id(self.tasks[i]), reason)
@@ -130,6 +131,7 @@ class Pipeline:
             return job.fetches[i].result(timeout=wait)
         except FutureTimeout:
             job.fail(i, f"its image did not arrive within the {job.deadline - job.created:.0f} s budget")
+            job.late.add(i)
         except MediaError as err:
             job.fail(i, str(err))
         except Exception as err:

@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -109,11 +109,13 @@ def model_version(settings: Settings) -> str:
 
 @dataclass
 class Outcome:
-    """What a run gives back: one entry per task, and the reason for each task not predicted
-    (by position)."""
+    """What a run gives back: one entry per task, the reason for each task not predicted (by
+    position), and which of those were not tried at all (the budget ran out, the model was busy
+    or still loading): a job worker can still do those."""
 
     entries: List[object]
     failures: Dict[int, str]
+    unreached: List[int] = field(default_factory=list)
 
 
 class PredictionService:
@@ -194,9 +196,9 @@ class PredictionService:
                 return []
         return text.missing(queries)
 
-    def predict(self, tasks: List[object], label_config: str, credentials: Credentials) -> List[object]:
-        """One entry per task, in order, within RFCLIP_PREDICT_BUDGET_S (for /predict)."""
-        return self.run(tasks, label_config, credentials, self.settings.predict_budget_s).entries
+    def predict(self, tasks: List[object], label_config: str, credentials: Credentials) -> Outcome:
+        """A run within RFCLIP_PREDICT_BUDGET_S (for /predict)."""
+        return self.run(tasks, label_config, credentials, self.settings.predict_budget_s)
 
     def run(self, tasks: List[object], label_config: str, credentials: Credentials,
             budget_s: Optional[float]) -> Outcome:
@@ -217,6 +219,7 @@ class PredictionService:
 
         def not_predicted(reason: str) -> Outcome:
             outcome.failures.update({n: reason for n in usable})
+            outcome.unreached = list(usable)
             return outcome
 
         try:
@@ -234,23 +237,26 @@ class PredictionService:
                         "will ask for them again", ids(job_tasks), budget_s)
             return not_predicted("the model was busy for the whole budget")
         try:
-            for n, entry in zip(usable, self._predict_in_order(job)):
-                outcome.entries[n] = entry
+            entries, unreached_reason = self._predict_in_order(job)
         finally:
             self._lock.release()
         for i, n in enumerate(usable):
-            if outcome.entries[n] is NOT_PREDICTED:
-                outcome.failures[n] = job.failures.get(i, "not reached within the budget")
+            outcome.entries[n] = entries[i]
+            if entries[i] is NOT_PREDICTED:
+                outcome.failures[n] = job.failures.get(i, unreached_reason)
+                if i not in job.failures or i in job.late:
+                    outcome.unreached.append(n)
         seconds = time.perf_counter() - started
         stages = ", ".join(f"{stage} {t:.2f} s" for stage, t in job.stage_seconds.items())
         log.info("tasks %s: %d of %d predicted in %.2f s (%s)", ids(job_tasks), len(tasks) - len(outcome.failures),
                  len(tasks), seconds, stages, extra={"stage_seconds": dict(job.stage_seconds), "seconds": seconds})
         return outcome
 
-    def _predict_in_order(self, job: Job) -> List[object]:
+    def _predict_in_order(self, job: Job) -> Tuple[List[object], str]:
         """Tasks in groups of `images_per_batch` (their crops share the encoder's batches), the next
         groups' images fetched meanwhile. Every request runs its first group; later groups only
-        while the estimate says they fit before the deadline."""
+        while the estimate says they fit before the deadline. Also says why the tasks that were
+        not tried were not."""
         tasks = job.tasks
         entries: List[object] = [NOT_PREDICTED] * len(tasks)
         with job.timed("text embeddings"):
@@ -261,6 +267,5 @@ class PredictionService:
                         "%.0f s budget; they go on in the background and Label Studio will ask again",
                         ids(tasks), len(unembedded), len(job.queries), job.deadline - job.created)
             self._warm_up_queries(job.queries)
-            job.failures.update({i: "its class names still need text embeddings" for i in range(len(tasks))})
-            return entries
-        return self.pipeline.run(job)
+            return entries, "its class names still need text embeddings"
+        return self.pipeline.run(job), "not reached within the budget"

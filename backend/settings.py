@@ -5,6 +5,7 @@ A wrong value stops the server at start with a message that names the variable.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Tuple, TypeVar, Union
@@ -31,6 +32,9 @@ class Settings:
     mode: str = "rfclip"
     pamr: bool = False
     redis_url: Optional[str] = None
+    queue_name: str = "rfclip"
+    job_timeout_s: int = 3600
+    job_lease_s: float = 45.0
     label_studio_url: Optional[str] = None
     label_studio_api_key: Optional[str] = field(default=None, repr=False)
     basic_auth_user: Optional[str] = None
@@ -84,6 +88,9 @@ class Settings:
             mode=get("RFCLIP_MODE", _choice(MODES), defaults.mode),
             pamr=get("RFCLIP_PAMR", _parse_bool, defaults.pamr),
             redis_url=get("REDIS_URL", _parse_redis_url, None),
+            queue_name=get("RFCLIP_QUEUE", _parse_queue_name, defaults.queue_name),
+            job_timeout_s=get("RFCLIP_JOB_TIMEOUT_S", _positive(int), defaults.job_timeout_s),
+            job_lease_s=get("RFCLIP_JOB_LEASE_S", _positive(float), defaults.job_lease_s),
             label_studio_url=get("LABEL_STUDIO_URL", _parse_http_url, None),
             label_studio_api_key=key or None,
             basic_auth_user=user,
@@ -194,6 +201,12 @@ def _parse_http_url(raw: str) -> str:
 def _parse_redis_url(raw: str) -> str:
     if not raw.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("expected redis://host:port/db, rediss://... or unix://...")
+    return raw
+
+
+def _parse_queue_name(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", raw):
+        raise ValueError("expected up to 64 letters, digits, '.', '_' or '-'")
     return raw
 
 

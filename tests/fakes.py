@@ -46,6 +46,7 @@ class FakeLabelStudio(LoopbackServer):
         self.access_token = access_token
         self.uploads: Dict[str, bytes] = {}  # "1/cat.png" -> bytes
         self.public: Dict[str, bytes] = {}  # "cat.png" -> bytes
+        self.delay_s: Dict[str, float] = {}  # "cat.png" -> seconds before it is served
         self.requests: List[dict] = []
         fake = self
 
@@ -62,6 +63,7 @@ class FakeLabelStudio(LoopbackServer):
                 if url.path.startswith("/data/upload/"):
                     return self._private(url.path.removeprefix("/data/upload/"))
                 if url.path.startswith("/img/") and url.path[5:] in fake.public:
+                    time.sleep(fake.delay_s.get(url.path[5:], 0.0))
                     return self._send(fake.public[url.path[5:]])
                 if url.path == "/slow":
                     self.send_response(200)

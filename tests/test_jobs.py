@@ -1,7 +1,7 @@
 """Selecting what `rfclip-backend preannotate` predicts (the runs themselves are in the e2e test)."""
 import pytest
 
-from backend.jobs.preannotate import needs_prediction
+from backend.jobs.chunk import needs_prediction
 from backend.jobs.studio import StudioTask, parse_selection
 
 
@@ -23,42 +23,60 @@ def test_task_selection_parses_ids_and_ranges():
     ((), "ids", True),
 ])
 def test_a_task_with_this_versions_prediction_is_never_predicted_again(versions, mode, expected):
-    assert needs_prediction(StudioTask(1, {}, frozenset(versions)), "v2", mode) is expected
+    predictions = tuple((n, v) for n, v in enumerate(versions))
+    assert needs_prediction(StudioTask(1, {}, predictions), "v2", mode) is expected
 
 
 class FakeStudio:
-    """The calls preannotate makes, in memory; `race` is a task that another run predicts between
-    this run's listing and its push."""
+    """The Label Studio calls the jobs make, in memory; `race` is a task that another run predicts
+    between a chunk's prediction and its push."""
 
     def __init__(self, config, listed, version, race=None):
-        self.config, self.listed, self.version, self.race = config, listed, version, race
-        self.stored = {t.id: list(t.model_versions) for t in listed}
-        self.pushes = []
+        self.config, self.version, self.race = config, version, race
+        self.data = {t.id: t.data for t in listed}
+        self.stored = {t.id: list(t.predictions) for t in listed}  # task -> [(prediction id, version)]
+        self.next_id = 1 + max((pid for t in listed for pid, _ in t.predictions), default=0)
+        self.pushes, self.deleted, self.active_version = [], [], None
+
+    def _store(self, task, version):
+        self.stored[task].append((self.next_id, version))
+        self.next_id += 1
+
+    def versions(self, task):
+        return [v for _, v in self.stored[task]]
 
     def label_config(self, project):
         return self.config
 
     def tasks(self, project, view=None):
-        return iter([StudioTask(t.id, t.data, frozenset(self.stored[t.id])) for t in self.listed])
+        return iter([StudioTask(i, self.data[i], tuple(self.stored[i])) for i in sorted(self.stored)])
 
-    def predicted_versions(self, project, ids):
-        if self.race in ids and self.version not in self.stored[self.race]:
-            self.stored[self.race].append(self.version)
-        return {i: frozenset(self.stored[i]) for i in ids}
+    def current(self, project, ids):
+        if self.race in ids and self.version not in self.versions(self.race):
+            self._store(self.race, self.version)
+        return {i: StudioTask(i, self.data[i], tuple(self.stored[i])) for i in ids if i in self.stored}
 
     def push(self, project, predictions):
         self.pushes.append([p["task"] for p in predictions])
         for p in predictions:
-            self.stored[p["task"]].append(p["model_version"])
+            self._store(p["task"], p["model_version"])
         return len(predictions)
+
+    def delete_prediction(self, prediction):
+        self.deleted.append(prediction)
+        for copies in self.stored.values():
+            copies[:] = [c for c in copies if c[0] != prediction]
+
+    def set_model_version(self, project, version):
+        self.active_version = version
 
 
 def make_studio(service, hostile, race=None):
     from .backend_support import BRUSH_CONFIG
 
-    listed = [StudioTask(i, {"image": f"{hostile.url}/ok.png"}, frozenset()) for i in range(1, 8)]
-    listed.append(StudioTask(8, {"image": f"{hostile.url}/missing.png"}, frozenset()))
-    listed.append(StudioTask(9, {"image": f"{hostile.url}/ok.png"}, frozenset({service.model_version})))
+    listed = [StudioTask(i, {"image": f"{hostile.url}/ok.png"}) for i in range(1, 8)]
+    listed.append(StudioTask(8, {"image": f"{hostile.url}/missing.png"}))
+    listed.append(StudioTask(9, {"image": f"{hostile.url}/ok.png"}, ((99, service.model_version),)))
     return FakeStudio(BRUSH_CONFIG, listed, service.model_version, race)
 
 
@@ -74,7 +92,7 @@ def test_preannotate_pushes_each_chunk_once_and_reports_failures(tiny_model, tmp
     assert studio.pushes == [[1, 2, 3], [4, 6], [7]]  # task 5 was predicted elsewhere meanwhile
     assert report.predicted == 6 and report.skipped == 2 and list(report.failed) == [8]
     assert "HTTP 404" in report.failed[8] and report.left == 0
-    assert all(studio.stored[i].count(service.model_version) == 1 for i in (1, 2, 3, 4, 5, 6, 7, 9))
+    assert all(studio.versions(i).count(service.model_version) == 1 for i in (1, 2, 3, 4, 5, 6, 7, 9))
 
     again = preannotate(service, studio, 1, Credentials(None, None), chunk=3, progress=False)
     assert again.predicted == 0 and list(again.failed) == [8] and studio.pushes[3:] == [[]]
@@ -102,22 +120,28 @@ def test_preannotate_stops_after_the_chunk_in_flight(tiny_model, tmp_path, hosti
     assert report.stopped and studio.pushes == [[1, 2, 3]] and report.left == 5
 
 
+STUDIO_ENV = {"LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": "k"}
+
+
 @pytest.mark.parametrize("env,args,message", [
-    ({}, ["--project", "1"], "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"),
-    ({"LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": "k"}, ["--project", "1", "--tasks", "3-1"],
-     "--tasks: the range '3-1' is empty"),
-    ({"LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": "k"}, ["--project", "1", "--chunk", "0"],
-     "--chunk must be at least 1"),
+    ({}, ["preannotate", "--project", "1"], "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"),
+    (STUDIO_ENV, ["preannotate", "--project", "1", "--tasks", "3-1"], "--tasks: the range '3-1' is empty"),
+    (STUDIO_ENV, ["preannotate", "--project", "1", "--chunk", "0"], "--chunk must be at least 1"),
+    (STUDIO_ENV, ["preannotate", "--project", "1", "--queue"], "--queue needs REDIS_URL"),
+    (STUDIO_ENV, ["preannotate", "--project", "1", "--follow"], "--follow goes with the queue"),
+    (STUDIO_ENV, ["worker"], "set REDIS_URL"),
+    ({"REDIS_URL": "redis://127.0.0.1:9/0"}, ["worker"], "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"),
+    ({}, ["jobs"], "set REDIS_URL"),
 ])
 def test_preannotate_refuses_bad_arguments_before_loading_anything(monkeypatch, capsys, env, args, message):
     from backend import cli
 
-    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"):
+    for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr("backend.runtime.build_runtime", lambda *a: pytest.fail("nothing may be loaded"))
-    assert cli.main(["preannotate", *args]) == 2
+    assert cli.main(args) == 2
     assert message in capsys.readouterr().err
 
 
@@ -137,3 +161,220 @@ def test_preannotate_with_label_studio_down_stops_with_a_clear_message(monkeypat
     assert cli.main(["preannotate", "--project", "1", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "stopped:" in err and "a rerun resumes" in err and "secret-token-123456" not in err
+
+
+# --- the queue: real Redis, workers in this process (the kill test with real processes is in the e2e test)
+
+@pytest.fixture
+def queue(redis_server):
+    from backend.jobs.queue import JobQueue
+
+    return JobQueue.from_url(redis_server.url, "test")
+
+
+def queued_project(tiny_model, tmp_path, hostile, count, broken=()):
+    from .backend_support import BRUSH_CONFIG, make_app
+
+    service = make_app(tiny_model, tmp_path).extensions["rfclip"]["service"]
+    listed = [StudioTask(i, {"image": f"{hostile.url}/{'missing' if i in broken else 'ok'}.png"})
+              for i in range(1, count + 1)]
+    return service, FakeStudio(BRUSH_CONFIG, listed, service.model_version)
+
+
+def make_worker(service, studio, queue, name="w1", lease_s=45.0):
+    from backend.jobs.worker import ChunkRunner, ChunkWorker
+    from backend.media import Credentials
+
+    return ChunkWorker(queue, ChunkRunner(service, studio, Credentials(None, None), queue, name, lease_s))
+
+
+def enqueue(service, studio, queue, chunk=8, **kwargs):
+    from backend.jobs.preannotate import enqueue as enqueue_project
+
+    return enqueue_project(service, studio, queue, 1, chunk=chunk, progress=False, **kwargs)[1]
+
+
+def test_plan_cuts_the_whole_selection_so_a_rerun_gets_the_same_chunks():
+    from backend.jobs.queue import plan_chunks
+
+    assert plan_chunks([5, 1, 2, 3, 4], [1, 2, 3, 4, 5], 2) == [([1, 2], [1, 2]), ([3, 4], [3, 4]), ([5], [5])]
+    assert plan_chunks([5, 1, 2, 3, 4], [2, 5], 2) == [([1, 2], [2]), ([5], [5])]
+
+
+def test_queued_job_resumes_and_never_predicts_twice(tiny_model, tmp_path, hostile, queue):
+    service, studio = queued_project(tiny_model, tmp_path, hostile, 40)
+    first = enqueue(service, studio, queue)
+    assert len(first.added) == 5 and not first.pending
+    again = enqueue(service, studio, queue)  # enqueueing twice adds nothing
+    assert not again.added and sorted(again.pending) == sorted(first.added)
+    assert queue.queue.count == 5
+
+    make_worker(service, studio, queue).work(burst=True, max_jobs=2)  # stopped after chunk 2
+    (status,) = queue.status(1)
+    assert status.chunks == {"queued": 3, "running": 0, "done": 2, "failed": 0}
+    assert status.tasks == {"total": 40, "predicted": 16, "skipped": 0, "failed": 0, "left": 24}
+    assert list(status.tasks_per_s) == ["w1"] and status.eta_s > 0
+
+    rerun = enqueue(service, studio, queue)  # only the three chunks still waiting, and those are queued already
+    assert not rerun.added and len(rerun.pending) == 3 and queue.queue.count == 3
+    make_worker(service, studio, queue).work(burst=True)
+    (status,) = queue.status(1)
+    assert status.finished and status.tasks["predicted"] == 40 and status.tasks["left"] == 0 and status.eta_s == 0
+    assert all(studio.versions(i) == [service.model_version] for i in range(1, 41))
+    assert enqueue(service, studio, queue).ids == []  # nothing left to do
+
+
+def test_failed_tasks_are_reported_and_a_rerun_retries_only_their_chunk(tiny_model, tmp_path, hostile, queue):
+    service, studio = queued_project(tiny_model, tmp_path, hostile, 12, broken={10})
+    enqueue(service, studio, queue, chunk=4)
+    make_worker(service, studio, queue).work(burst=True)
+    (status,) = queue.status(1)
+    assert status.chunks["done"] == 3 and status.tasks["failed"] == 1 and "HTTP 404" in status.failed_tasks["10"]
+    rerun = enqueue(service, studio, queue, chunk=4)
+    assert len(rerun.added) == 1 and rerun.added[0].endswith("-9-12")
+    assert job_args(queue, rerun.added[0])["tasks"] == [10]
+
+
+def job_args(queue, job_id):
+    from rq.job import Job
+
+    return Job.fetch(job_id, connection=queue.connection).args[0]
+
+
+def test_a_chunk_that_always_fails_ends_in_the_failed_registry_and_the_rest_completes(tiny_model, tmp_path, hostile,
+                                                                                    queue):
+    from backend.jobs.queue import RETRIES
+
+    service, studio = queued_project(tiny_model, tmp_path, hostile, 8)
+    attempts = []
+    original = studio.current
+
+    def label_studio_down_for_task_5(project, ids):
+        if 5 in ids:
+            attempts.append(1)
+            raise ConnectionError("Label Studio is down")
+        return original(project, ids)
+
+    studio.current = label_studio_down_for_task_5
+    enqueue(service, studio, queue, chunk=4)
+    make_worker(service, studio, queue).work(burst=True)
+    (status,) = queue.status(1)
+    assert len(attempts) == RETRIES + 1  # RQ's Retry, then the failed registry
+    assert status.chunks == {"queued": 0, "running": 0, "done": 1, "failed": 1}
+    (error,) = status.failed_chunks.values()
+    assert "ConnectionError: Label Studio is down" in error
+    assert queue.queue.failed_job_registry.count == 1
+    assert status.tasks["predicted"] == 4 and status.tasks["left"] == 4
+
+
+def test_a_worker_of_another_model_version_refuses_the_chunk(tiny_model, tmp_path, hostile, queue):
+    from .backend_support import make_app
+
+    service, studio = queued_project(tiny_model, tmp_path, hostile, 4)
+    other = make_app(tiny_model, tmp_path, mode="clip").extensions["rfclip"]["service"]
+    assert other.model_version != service.model_version
+    enqueue(service, studio, queue)
+    make_worker(other, studio, queue).work(burst=True)
+    (status,) = queue.status(1)
+    assert studio.pushes == [] and status.chunks["failed"] == 1
+    assert f"this worker predicts {other.model_version}" in next(iter(status.failed_chunks.values()))
+
+
+def test_an_abandoned_chunk_runs_again_and_every_task_ends_with_one_prediction(tiny_model, tmp_path, hostile, queue):
+    import time
+
+    from rq import Queue
+
+    service, studio = queued_project(tiny_model, tmp_path, hostile, 6)
+    enqueue(service, studio, queue)
+    # a worker takes the chunk, pushes half of it, and dies without a word
+    job, _ = Queue.dequeue_any([queue.queue], None, connection=queue.connection)
+    dead = make_worker(service, studio, queue, name="dead", lease_s=1.0)
+    dead.prepare_execution(job)
+    dead.prepare_job_execution(job)
+    studio.push(1, [{"task": i, "model_version": service.model_version} for i in (1, 2, 3)])
+    (status,) = queue.status(1)
+    assert status.chunks["running"] == 1
+
+    time.sleep(1.5)  # its lease lapses: no heartbeat came
+    queue.reclaim_abandoned()
+    (status,) = queue.status(1)
+    assert status.chunks["queued"] == 1
+    make_worker(service, studio, queue, name="alive").work(burst=True)
+    (status,) = queue.status(1)
+    assert status.finished and status.tasks["predicted"] == 3 and status.tasks["skipped"] == 3
+    assert all(studio.versions(i) == [service.model_version] for i in range(1, 7))
+
+
+def test_two_workers_never_push_one_chunk_at_once(tiny_model, tmp_path, hostile, queue):
+    import threading
+
+    from backend.jobs.queue import chunk_id
+
+    service, studio = queued_project(tiny_model, tmp_path, hostile, 3)
+    held = queue.chunk_lock(chunk_id(1, service.model_version, [1, 2, 3]), 30)
+    assert held.acquire()
+    threading.Timer(1.0, held.release).start()  # as the other worker finishing
+    pushed_while_held = []
+    original = studio.push
+    studio.push = lambda project, predictions: (pushed_while_held.append(held.owned()), original(project, predictions))
+    enqueue(service, studio, queue)
+    make_worker(service, studio, queue).work(burst=True)
+    assert pushed_while_held == [False] and all(studio.versions(i) == [service.model_version] for i in (1, 2, 3))
+
+
+def test_reconcile_deletes_extra_copies_keeping_the_oldest():
+    from backend.jobs.chunk import reconcile
+
+    studio = FakeStudio("", [StudioTask(1, {}, ((1, "v"), (2, "v"), (3, "old"))), StudioTask(2, {}, ((4, "v"),))],
+                        "v")
+    assert reconcile(studio, 1, [1, 2], "v") == 1 and studio.deleted == [2]
+    assert studio.versions(1) == ["v", "old"] and studio.versions(2) == ["v"]
+
+
+def test_predict_overflow_goes_to_the_queue_when_workers_listen(tiny_model, tmp_path, hostile, redis_server,
+                                                                monkeypatch):
+    import time
+
+    from backend.jobs.queue import JobQueue
+    from backend.media import ImageFetcher
+
+    from .backend_support import BRUSH_CONFIG, make_app
+
+    original = ImageFetcher.fetch
+
+    def slow_fetch(self, *args):
+        time.sleep(0.6)
+        return original(self, *args)
+
+    monkeypatch.setattr(ImageFetcher, "fetch", slow_fetch)
+    app = make_app(tiny_model, tmp_path, predict_budget_s=1.0, redis_url=redis_server.url, queue_name="test",
+                   label_studio_url=hostile.url)
+    service = app.extensions["rfclip"]["service"]
+    service.holder.get(30)
+    client = app.test_client()
+    tasks = [{"id": i, "data": {"image": f"{hostile.url}/ok.png"}} for i in range(1, 11)]
+    queue = JobQueue.from_url(redis_server.url, "test")
+
+    def retrieve():
+        response = client.post("/predict", json={"tasks": tasks, "project": "7.1700000000", "label_config": BRUSH_CONFIG})
+        return response.get_json()["results"]
+
+    answered = retrieve()  # no worker listens: nothing is queued
+    assert answered[-1] == [] and queue.queue.count == 0 and client.get("/jobs").get_json()["runs"] == []
+
+    studio = FakeStudio(BRUSH_CONFIG, [StudioTask(t["id"], t["data"]) for t in tasks], service.model_version)
+    worker = make_worker(service, studio, queue)
+    worker.register_birth()
+    app.extensions["rfclip"]["overflow"]._counted = float("-inf")  # count the workers again now
+    answered = retrieve()
+    answered_ids = [t["id"] for t, entry in zip(tasks, answered) if entry != []]
+    (run,) = client.get("/jobs?project=7").get_json()["runs"]
+    assert run["project"] == 7 and run["tasks"]["total"] == 10 - len(answered_ids) > 0
+    assert client.get("/jobs?project=x").status_code == 400
+
+    worker.register_death()  # and back as it starts working
+    worker.work(burst=True)  # pushes what /predict did not answer
+    assert sorted(t for push in studio.pushes for t in push) == [i for i in range(1, 11) if i not in answered_ids]
+    (run,) = client.get("/jobs").get_json()["runs"]
+    assert run["chunks"]["done"] == run["chunks"]["queued"] + run["chunks"]["done"] and run["tasks"]["left"] == 0

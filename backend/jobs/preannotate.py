@@ -13,12 +13,14 @@ import signal
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from tqdm import tqdm
 
 from ..media import Credentials
 from ..service import PredictionService
+from .chunk import ChunkResult, needs_prediction, predict_chunk
+from .queue import Enqueued, JobQueue, RunStatus, plan_chunks
 from .studio import Studio, StudioTask
 
 log = logging.getLogger("rfclip.backend.jobs")
@@ -32,21 +34,20 @@ class Report:
     failed: Dict[int, str] = field(default_factory=dict)  # task id -> reason
     stopped: bool = False  # interrupted before the end
 
+    def add(self, chunk: ChunkResult) -> None:
+        self.predicted += chunk.predicted
+        self.skipped += chunk.skipped
+        self.failed.update(chunk.failed)
+
     @property
     def left(self) -> int:
         return self.selected - self.skipped - self.predicted - len(self.failed)
 
 
-def needs_prediction(task: StudioTask, version: str, mode: str) -> bool:
-    """Never when it holds a prediction of `version`; in `unpredicted` mode only when it holds none."""
-    if version in task.model_versions:
-        return False
-    return mode != "unpredicted" or not task.model_versions
-
-
 @contextmanager
-def stop_on_interrupt(stop: threading.Event) -> Iterator[None]:
-    """The first Ctrl-C asks to stop after the chunk in flight; a second one stops at once."""
+def stop_on_interrupt(stop: threading.Event, message: str = "stopping after the chunk in flight (Ctrl-C again to "
+                      "stop at once); a rerun resumes") -> Iterator[None]:
+    """The first Ctrl-C sets `stop` and says `message`; a second one stops at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -55,7 +56,7 @@ def stop_on_interrupt(stop: threading.Event) -> Iterator[None]:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        tqdm.write("stopping after the chunk in flight (Ctrl-C again to stop at once); a rerun resumes")
+        tqdm.write(message)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -64,20 +65,24 @@ def stop_on_interrupt(stop: threading.Event) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def select(studio: Studio, project: int, version: str, mode: str, ids: Optional[List[int]], view: Optional[int],
+           progress: bool) -> Tuple[List[StudioTask], List[StudioTask]]:
+    """(the selected tasks, those of them that need a prediction), listed page by page."""
+    listed = tqdm(studio.tasks(project, view), desc="listing tasks", unit=" tasks", disable=not progress, leave=False)
+    wanted = set(ids) if ids is not None else None
+    selected = [t for t in listed if wanted is None or t.id in wanted]
+    return selected, [t for t in selected if needs_prediction(t, version, mode)]
+
+
 def preannotate(service: PredictionService, studio: Studio, project: int, credentials: Credentials,
                 mode: str = "unpredicted", ids: Optional[List[int]] = None, view: Optional[int] = None,
                 chunk: int = 32, progress: bool = True, stop: Optional[threading.Event] = None) -> Report:
-    """Predicts and pushes the selected tasks of `project`; raises LabelConfigError for a config
-    the backend cannot use."""
+    """Predicts and pushes the selected tasks of `project` in this process; raises
+    LabelConfigError for a config the backend cannot use."""
     stop = stop or threading.Event()
-    version = service.model_version
     label_config = studio.label_config(project)
     service.targets(label_config)
-    listed = list(tqdm(studio.tasks(project, view), desc="listing tasks", unit=" tasks", disable=not progress,
-                       leave=False))
-    wanted = set(ids) if ids is not None else None
-    selected = [t for t in listed if wanted is None or t.id in wanted]
-    todo = [t for t in selected if needs_prediction(t, version, mode)]
+    selected, todo = select(studio, project, service.model_version, mode, ids, view, progress)
     report = Report(selected=len(selected), skipped=len(selected) - len(todo))
     bar = tqdm(total=len(todo), desc=f"project {project}", unit=" tasks", disable=not progress)
     with stop_on_interrupt(stop), bar:
@@ -86,16 +91,42 @@ def preannotate(service: PredictionService, studio: Studio, project: int, creden
                 report.stopped = True
                 break
             part = todo[start:start + chunk]
-            outcome = service.run([{"id": t.id, "data": t.data} for t in part], label_config, credentials, None)
-            predictions = [{"task": t.id, "model_version": version, "result": entry["result"], "score": entry["score"]}
-                           for t, entry in zip(part, outcome.entries) if isinstance(entry, dict)]
-            # checked again just before storing: another run may have predicted some meanwhile
-            now = studio.predicted_versions(project, [p["task"] for p in predictions]) if predictions else {}
-            fresh = [p for p in predictions if version not in now.get(p["task"], frozenset())]
-            studio.push(project, fresh)
-            report.predicted += len(fresh)
-            report.skipped += len(predictions) - len(fresh)
-            report.failed.update({part[n].id: reason for n, reason in outcome.failures.items()})
+            report.add(predict_chunk(service, studio, project, part, label_config, credentials, mode))
             bar.update(len(part))
             bar.set_postfix(failed=len(report.failed))
     return report
+
+
+def enqueue(service: PredictionService, studio: Studio, queue: JobQueue, project: int, mode: str = "unpredicted",
+            ids: Optional[List[int]] = None, view: Optional[int] = None, chunk: int = 32,
+            progress: bool = True) -> Tuple[Report, Enqueued]:
+    """One queue job per chunk of the selected tasks that need a prediction (chunks already
+    waiting or running are left alone); the model is not loaded here."""
+    service.targets(studio.label_config(project))
+    selected, todo = select(studio, project, service.model_version, mode, ids, view, progress)
+    report = Report(selected=len(selected), skipped=len(selected) - len(todo))
+    plan = plan_chunks([t.id for t in selected], [t.id for t in todo], chunk)
+    return report, queue.enqueue(project, service.model_version, plan, mode)
+
+
+def follow(queue: JobQueue, project: int, version: str, job_ids: List[str], progress: bool = True,
+           poll_s: float = 2.0, stop: Optional[threading.Event] = None) -> RunStatus:
+    """The progress of these chunks, from the queue's state, until none is waiting or running
+    (or Ctrl-C: the jobs go on). Abandoned chunks are handed back to the queue on the way."""
+    stop = stop or threading.Event()
+    bar = None
+    with stop_on_interrupt(stop, "no longer following; the queued chunks go on (rfclip-backend jobs shows them)"):
+        while True:
+            queue.reclaim_abandoned()
+            (status,) = queue.status(project, version, job_ids) or [None]
+            if status is None:
+                raise LookupError(f"no queued run of project {project} with model version {version}")
+            if bar is None:
+                bar = tqdm(total=status.tasks["total"], desc=f"project {project}", unit=" tasks", disable=not progress)
+            bar.n = status.tasks["total"] - status.tasks["left"]
+            bar.set_postfix(failed=status.tasks["failed"], running=status.chunks["running"],
+                            queued=status.chunks["queued"], refresh=False)
+            bar.refresh()
+            if status.finished or stop.wait(poll_s):
+                bar.close()
+                return status

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence
+from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 from label_studio_sdk.client import LabelStudio
 
 PAGE_SIZE = 100
-RETRIES = {"max_retries": 5}  # the SDK's own backoff on 429 and 5xx answers
+RETRIES = {"max_retries": 5}  # the SDK's own backoff (1, 2, 4, 8, 16 s) on refused connections, 429 and 5xx
 
 
 @dataclass(frozen=True)
 class StudioTask:
     id: int
     data: dict
-    model_versions: FrozenSet[str]  # of the predictions it already holds
+    predictions: Tuple[Tuple[int, str], ...] = ()  # (id, model_version) of those it holds
+
+    @property
+    def model_versions(self) -> FrozenSet[str]:
+        return frozenset(version for _, version in self.predictions)
+
+    def copies(self, version: str) -> List[int]:
+        """Ids of its predictions of `version`, oldest first."""
+        return sorted(pid for pid, v in self.predictions if v == version)
 
 
 class Studio:
@@ -34,13 +42,16 @@ class Studio:
         pager = self.client.tasks.list(project=project, view=view, query=query, fields="all", page_size=PAGE_SIZE,
                                        request_options=RETRIES)
         for task in pager:
-            versions = frozenset(_model_version(p) for p in (task.predictions or []))
-            yield StudioTask(task.id, dict(task.data or {}), versions)
+            predictions = tuple((int(_field(p, "id") or 0), str(_field(p, "model_version") or ""))
+                                for p in (task.predictions or []))
+            yield StudioTask(task.id, dict(task.data or {}), predictions)
 
-    def predicted_versions(self, project: int, ids: Sequence[int]) -> Dict[int, FrozenSet[str]]:
-        """The model versions each of these tasks holds predictions of, as of now."""
+    def current(self, project: int, ids: Sequence[int]) -> Dict[int, StudioTask]:
+        """These tasks as they are now (data and predictions); deleted ones are absent."""
+        if not ids:
+            return {}
         query = json.dumps({"selectedItems": {"all": False, "included": list(ids)}})
-        return {t.id: t.model_versions for t in self._listed(project, None, query)}
+        return {t.id: t for t in self._listed(project, None, query)}
 
     def push(self, project: int, predictions: Sequence[dict]) -> int:
         """Stores the predictions ({"task", "result", "score", "model_version"}) in one request."""
@@ -50,15 +61,25 @@ class Studio:
                                                            request_options=RETRIES)
         return int(getattr(response, "created", len(predictions)) or 0)
 
+    def delete_prediction(self, prediction: int) -> None:
+        self.client.predictions.delete(id=prediction, request_options=RETRIES)
+
     def set_model_version(self, project: int, version: str) -> None:
-        """The project's active model version: the Data Manager shows prediction scores of that one."""
+        """The project's active model version: the Data Manager shows prediction scores of that one
+        only. Label Studio asks a connected backend for predictions in "Label All Tasks" only while
+        the active version is that backend's title ("Connect Model" sets it so), so the backend
+        whose title it was is renamed along (Label Studio then moves the active version itself)."""
+        active = self.client.projects.get(id=project, request_options=RETRIES).model_version or ""
+        if active != version:
+            for backend in self.client.ml.list(project=project, request_options=RETRIES):
+                if active and backend.title == active:
+                    self.client.ml.update(id=backend.id, title=version, request_options=RETRIES)
         self.client.projects.update(id=project, model_version=version, request_options=RETRIES)
 
 
-def _model_version(prediction: object) -> str:
-    """A listed prediction's model_version: the SDK gives objects, or dicts for fields it does not model."""
-    value = prediction.get("model_version") if isinstance(prediction, dict) else getattr(prediction, "model_version", None)
-    return str(value or "")
+def _field(prediction: object, name: str) -> object:
+    """A listed prediction's field: the SDK gives objects, or dicts for fields it does not model."""
+    return prediction.get(name) if isinstance(prediction, dict) else getattr(prediction, name, None)
 
 
 def parse_selection(raw: str, limit: int = 1_000_000) -> Optional[List[int]]:
