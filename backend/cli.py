@@ -123,8 +123,14 @@ def _fail(command: str, message: str, code: int = 2) -> int:
 
 
 def _stopped(command: str, err: Exception) -> int:
-    return _fail(command, f"stopped: {type(err).__name__}: {redaction.redact(str(err))[:500]}; what was pushed "
-                          "stays, and a rerun resumes", 1)
+    return _fail(command, f"stopped: {_error(err)}; what was pushed stays, and a rerun resumes", 1)
+
+
+def _error(err: Exception) -> str:
+    """One line about an error; for an HTTP error of the SDK, its status and body (not its headers)."""
+    status, body = getattr(err, "status_code", None), getattr(err, "body", None)
+    text = f"HTTP {status}: {body}" if status is not None else str(err)
+    return f"{type(err).__name__}: {redaction.one_line(redaction.redact(text))[:500]}"
 
 
 def preannotate_command(settings: Settings, args: argparse.Namespace) -> int:
@@ -181,9 +187,7 @@ def _enqueue(settings: Settings, args: argparse.Namespace, service, studio, mode
     queue = JobQueue.from_url(settings.redis_url, settings.queue_name, settings.job_timeout_s)
     version = service.model_version
     report, enqueued = enqueue(service, studio, queue, args.project, mode, ids, args.view, args.chunk,
-                               progress=not args.no_progress)
-    if not args.no_set_version and enqueued.ids:
-        studio.set_model_version(args.project, version)  # the version the workers write
+                               progress=not args.no_progress, set_version=not args.no_set_version)
     print(f"project {args.project}: {report.selected - report.skipped} tasks to predict in {len(enqueued.ids)} "
           f"chunks ({len(enqueued.added)} enqueued, {len(enqueued.pending)} already queued or running), "
           f"{report.skipped} skipped (already predicted); queue {settings.queue_name}, model version {version}")
@@ -229,7 +233,7 @@ def worker_command(settings: Settings, args: argparse.Namespace) -> int:
         work(runtime.service, studio, credentials, queue, settings.job_lease_s, burst=args.burst,
              logging_level=settings.log_level)
     except Exception as err:  # Redis unreachable at start, ...
-        return _fail("worker", f"{type(err).__name__}: {redaction.redact(str(err))[:500]}", 1)
+        return _fail("worker", _error(err), 1)
     return 0
 
 
@@ -243,7 +247,7 @@ def jobs_command(settings: Settings, args: argparse.Namespace) -> int:
         runs = queue.status(args.project)
         workers = queue.workers()
     except Exception as err:
-        return _fail("jobs", f"{type(err).__name__}: {redaction.redact(str(err))[:500]}", 1)
+        return _fail("jobs", _error(err), 1)
     if args.json:
         print(json.dumps({"queue": settings.queue_name, "workers": workers, "runs": [r.to_json() for r in runs]}))
         return 0

@@ -4,6 +4,7 @@ Label Studio lives in its own venv (~1 GB); `.ci/run` installs it and sets LABEL
 Outside CI, without LABEL_STUDIO_BIN, this test is skipped with that reason; in CI it fails.
 """
 import io
+import json
 import os
 import signal
 import subprocess
@@ -21,9 +22,10 @@ from PIL import Image
 from rfclip_engine import load_model
 
 from .conftest import TINY_CONFIG
-from .fakes import FakeLabelStudio, free_port
+from .fakes import FakeLabelStudio, RedisServer, free_port
 
 LS_BIN = os.environ.get("LABEL_STUDIO_BIN")
+REPO = Path(__file__).parents[1]
 TOKEN = "e2e0123456789abcdef0123456789abcdef0123"
 CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
           '<Label value="cat" background="#ff0000"/><Label value="dog" background="#0000ff"/>'
@@ -97,12 +99,12 @@ def stack(tmp_path_factory):
         [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(backend_port),
          "--workers", "1", "--threads", "4"],
         env=backend_env, stdout=backend_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        cwd=Path(__file__).parents[1])
+        cwd=REPO)
     try:
         wait_for(f"{backend_url}/health", 60, backend, backend_log)
         wait_for(f"{ls_url}/health", 240, ls, ls_log)
         yield {"ls": ls_url, "backend": backend_url, "media": media, "backend_log": backend_log,
-               "backend_env": backend_env}
+               "backend_env": backend_env, "root": root}
     finally:
         stop(backend)
         stop(ls)
@@ -165,13 +167,18 @@ def test_label_studio_end_to_end(stack):
     assert TOKEN not in stack["backend_log"].read_text()
 
 
-def preannotate(stack, project, *args):
-    env = {**stack["backend_env"], "LOG_LEVEL": "WARNING"}
-    done = subprocess.run([sys.executable, "-m", "backend.cli", "preannotate", "--project", str(project),
-                           "--chunk", "4", "--no-progress", *args], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=Path(__file__).parents[1])
+def preannotate(stack, project, *args, env=None):
+    done = backend_command(stack, "preannotate", "--project", str(project), "--chunk", "4", "--no-progress", *args,
+                           env=env)
+    return done.returncode, done.stdout + done.stderr
+
+
+def backend_command(stack, *args, env=None):
+    env = {**stack["backend_env"], "LOG_LEVEL": "WARNING", **(env or {})}
+    done = subprocess.run([sys.executable, "-m", "backend.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
     assert TOKEN not in done.stdout + done.stderr
-    return done.returncode, done.stdout
+    return done
 
 
 def test_preannotate_a_whole_project_resumes_and_never_predicts_twice(stack):
@@ -186,10 +193,14 @@ def test_preannotate_a_whole_project_resumes_and_never_predicts_twice(stack):
     ids = sorted(t["id"] for t in tasks)
     missing = next(t["id"] for t in tasks if t["data"]["image"].endswith("missing.png"))
     good = [i for i in ids if i != missing]
+    # "Connect Model" first, as a user would: the project's active model version becomes its title
+    ml = api(stack, "POST", "/api/ml", json={"url": stack["backend"], "project": pid, "title": "rfclip",
+                                             "is_interactive": False})
+    assert api(stack, "GET", f"/api/projects/{pid}")["model_version"] == "rfclip"
 
     # a first, partial run (as if stopped after three tasks)
     code, out = preannotate(stack, pid, "--tasks", ",".join(map(str, good[:3])))
-    assert code == 0 and "3 predicted, 0 skipped" in out
+    assert code == 0 and "3 predicted, 0 skipped" in out, out
     # the rerun resumes: the rest, the broken image reported with its reason
     code, out = preannotate(stack, pid)
     assert code == 1 and "7 predicted, 3 skipped" in out and f"task {missing}: HTTP 404" in out
@@ -203,4 +214,148 @@ def test_preannotate_a_whole_project_resumes_and_never_predicts_twice(stack):
         assert [p["model_version"] for p in predictions] == [version]
         assert predictions[0]["result"] and 0 <= predictions[0]["score"] <= 1
     assert api(stack, "GET", f"/api/predictions?task={missing}") == []
+    # the active version is the one written, and the connected backend's title went along with it ...
     assert api(stack, "GET", f"/api/projects/{pid}")["model_version"] == version
+    assert api(stack, "GET", f"/api/ml/{ml['id']}")["title"] == version
+    # ... so "Label All Tasks" still asks the backend for a task that has no prediction
+    stack["media"].public["stream.png"] = png_bytes(50, 70, seed=40)
+    api(stack, "POST", f"/api/projects/{pid}/import", json=[{"image": f"{stack['media'].url}/img/stream.png"}])
+    for task in ids:  # labeled: out of the stream
+        api(stack, "POST", f"/api/tasks/{task}/annotations", json={"result": [], "was_cancelled": False})
+    streamed = api(stack, "GET", f"/api/projects/{pid}/next")
+    assert streamed["data"]["image"].endswith("stream.png")
+    assert [p["model_version"] for p in streamed["predictions"]] == [version] and streamed["predictions"][0]["result"]
+
+
+# --- the job queue: real workers, a real Redis, the real Label Studio
+
+@pytest.fixture(scope="module")
+def queue_redis():
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def image_project(stack, title, count, prefix, delay_s=0.0):
+    pid = api(stack, "POST", "/api/projects", json={"title": title, "label_config": CONFIG})["id"]
+    for i in range(count):
+        stack["media"].public[f"{prefix}{i}.png"] = png_bytes(60, 80, seed=100 + i)
+        stack["media"].delay_s[f"{prefix}{i}.png"] = delay_s
+    api(stack, "POST", f"/api/projects/{pid}/import",
+        json=[{"image": f"{stack['media'].url}/img/{prefix}{i}.png"} for i in range(count)])
+    ids = sorted(t["id"] for t in api(stack, "GET", f"/api/tasks?project={pid}&page_size=1000")["tasks"])
+    assert len(ids) == count
+    return pid, ids
+
+
+def start_worker(stack, queue_redis, name, faulty=False):
+    env = {**stack["backend_env"], "REDIS_URL": queue_redis.url, "RFCLIP_JOB_LEASE_S": "4"}
+    command = ["tests.fault_worker"] if faulty else ["backend.cli", "worker"]
+    log = stack["root"] / f"{name}.log"
+    process = subprocess.Popen([sys.executable, "-m", *command], env=env, stdout=log.open("w"),
+                               stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+    return process, log
+
+
+def wait_until(condition, seconds, what):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{what} within {seconds} s")
+
+
+def workers_listening(stack, queue_redis):
+    out = backend_command(stack, "jobs", "--json", env={"REDIS_URL": queue_redis.url}).stdout
+    return json.loads(out)["workers"]
+
+
+def one_prediction_each(stack, ids, version):
+    for task in ids:
+        predictions = api(stack, "GET", f"/api/predictions?task={task}")
+        assert [p["model_version"] for p in predictions] == [version], (task, predictions)
+        assert predictions[0]["result"]
+
+
+def test_preannotate_through_the_queue_with_two_workers(stack, queue_redis):
+    pid, ids = image_project(stack, "rfclip queue", 60, "q")
+    workers = [start_worker(stack, queue_redis, f"worker{n}") for n in (1, 2)]
+    queue_env = {"REDIS_URL": queue_redis.url}
+    try:
+        wait_until(lambda: workers_listening(stack, queue_redis) == 2, 120, "two workers listening")
+        code, out = preannotate(stack, pid, "--chunk", "8", "--follow", env=queue_env)
+        assert code == 0 and "60 tasks to predict in 8 chunks (8 enqueued" in out, out
+        assert "60 predicted, 0 skipped (already predicted), 0 failed, 0 left" in out, out
+        version = out.rsplit("model version ", 1)[1].split()[0]
+        one_prediction_each(stack, ids, version)
+        assert api(stack, "GET", f"/api/projects/{pid}")["model_version"] == version
+        code, out = preannotate(stack, pid, "--chunk", "8", env=queue_env)  # nothing left: nothing enqueued
+        assert code == 0 and "0 tasks to predict in 0 chunks" in out and "60 skipped" in out, out
+        jobs = backend_command(stack, "jobs", "--project", str(pid), env=queue_env).stdout
+        assert "8 done, 0 failed; tasks 60 predicted" in jobs and "tasks/s" in jobs, jobs
+        per_worker = json.loads(backend_command(stack, "jobs", "--json", env=queue_env).stdout)
+        (run,) = [r for r in per_worker["runs"] if r["project"] == pid]
+        assert len(run["tasks_per_s"]) == 2  # both workers took chunks
+    finally:
+        for process, _ in workers:
+            stop(process)
+
+
+def test_a_killed_worker_s_chunk_runs_again_on_the_other_and_nothing_is_twice(stack, queue_redis):
+    pid, ids = image_project(stack, "rfclip kill", 40, "k")
+    queue_env = {"REDIS_URL": queue_redis.url}
+    dying, dying_log = start_worker(stack, queue_redis, "dying", faulty=True)
+    survivor = None
+    try:
+        wait_until(lambda: workers_listening(stack, queue_redis) >= 1, 120, "the dying worker listening")
+        code, out = preannotate(stack, pid, "--chunk", "8", env=queue_env)
+        assert code == 0 and "5 enqueued" in out, out
+        wait_until(lambda: dying.poll() is not None, 120, "the dying worker's SIGKILL")
+        assert dying.returncode == -signal.SIGKILL, dying_log.read_text()[-2000:]
+        pushed = [t for t in ids if api(stack, "GET", f"/api/predictions?task={t}")]
+        assert len(pushed) == 4  # half of its first chunk, then it died
+        survivor, _ = start_worker(stack, queue_redis, "survivor")
+        # enqueueing again adds nothing (all five chunks are waiting or "running"); following
+        # reclaims the dead worker's chunk once its lease lapses
+        code, out = preannotate(stack, pid, "--chunk", "8", "--follow", env=queue_env)
+        assert code == 0 and "(0 enqueued, 5 already queued or running)" in out, out
+        assert "36 predicted, 4 skipped (already predicted), 0 failed, 0 left" in out, out
+        one_prediction_each(stack, ids, out.rsplit("model version ", 1)[1].split()[0])
+    finally:
+        stop(dying)
+        if survivor is not None:
+            stop(survivor)
+
+
+def test_a_retrieve_beyond_the_budget_overflows_into_the_queue(stack, queue_redis):
+    pid, ids = image_project(stack, "rfclip overflow", 60, "o", delay_s=2.0)  # a slow image host
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**stack["backend_env"], "REDIS_URL": queue_redis.url, "RFCLIP_PREDICT_BUDGET_S": "10"}
+    log = stack["root"] / "overflow-backend.log"
+    backend = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port",
+                                str(port)], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                               start_new_session=True, cwd=REPO)
+    worker, _ = start_worker(stack, queue_redis, "overflow-worker")
+    try:
+        wait_for(f"{url}/health", 60, backend, log)
+        wait_until(lambda: workers_listening(stack, queue_redis) >= 1, 120, "a worker listening")
+        api(stack, "POST", "/api/ml", json={"url": url, "project": pid, "title": "rfclip", "is_interactive": False})
+        started = time.monotonic()
+        api(stack, "POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}",
+            json={"selectedItems": {"all": True, "excluded": []}})
+        answered = [t for t in ids if api(stack, "GET", f"/api/predictions?task={t}")]
+        assert 0 < len(answered) < 60 and time.monotonic() - started < 60  # the budget cut the answer short
+        jobs = requests.get(f"{url}/jobs?project={pid}", timeout=10).json()
+        (run,) = jobs["runs"]
+        assert run["tasks"]["total"] == 60 - len(answered)
+        wait_until(lambda: all(api(stack, "GET", f"/api/predictions?task={t}") for t in ids), 240,
+                   "the overflow's predictions")
+        version = requests.get(f"{url}/health", timeout=10).json()["model_version"]
+        one_prediction_each(stack, ids, version)
+        assert "queued in" in log.read_text()
+    finally:
+        stop(worker)
+        stop(backend)

@@ -221,6 +221,7 @@ def test_queued_job_resumes_and_never_predicts_twice(tiny_model, tmp_path, hosti
     (status,) = queue.status(1)
     assert status.finished and status.tasks["predicted"] == 40 and status.tasks["left"] == 0 and status.eta_s == 0
     assert all(studio.versions(i) == [service.model_version] for i in range(1, 41))
+    assert studio.active_version == service.model_version  # set by the workers once they had pushed
     assert enqueue(service, studio, queue).ids == []  # nothing left to do
 
 

@@ -98,15 +98,16 @@ def preannotate(service: PredictionService, studio: Studio, project: int, creden
 
 
 def enqueue(service: PredictionService, studio: Studio, queue: JobQueue, project: int, mode: str = "unpredicted",
-            ids: Optional[List[int]] = None, view: Optional[int] = None, chunk: int = 32,
-            progress: bool = True) -> Tuple[Report, Enqueued]:
+            ids: Optional[List[int]] = None, view: Optional[int] = None, chunk: int = 32, progress: bool = True,
+            set_version: bool = True) -> Tuple[Report, Enqueued]:
     """One queue job per chunk of the selected tasks that need a prediction (chunks already
-    waiting or running are left alone); the model is not loaded here."""
+    waiting or running are left alone); the model is not loaded here. With `set_version` the
+    workers make this model version the project's active one as soon as they have pushed."""
     service.targets(studio.label_config(project))
     selected, todo = select(studio, project, service.model_version, mode, ids, view, progress)
     report = Report(selected=len(selected), skipped=len(selected) - len(todo))
     plan = plan_chunks([t.id for t in selected], [t.id for t in todo], chunk)
-    return report, queue.enqueue(project, service.model_version, plan, mode)
+    return report, queue.enqueue(project, service.model_version, plan, mode, set_version)
 
 
 def follow(queue: JobQueue, project: int, version: str, job_ids: List[str], progress: bool = True,

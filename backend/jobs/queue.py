@@ -92,8 +92,9 @@ class JobQueue:
         return f"rfclip:jobs:{self.queue.name}:{run}:{what}"
 
     def enqueue(self, project: int, version: str, plan: Sequence[Tuple[List[int], List[int]]],
-                mode: str) -> Enqueued:
-        """One job per planned chunk, unless that chunk's job is already waiting or running."""
+                mode: str, set_version: bool = False) -> Enqueued:
+        """One job per planned chunk, unless that chunk's job is already waiting or running; with
+        `set_version`, the chunks make their version the project's active one once they pushed."""
         run = run_key(project, version)
         chunks_key, outcomes_key = self._key(run, "chunks"), self._key(run, "outcomes")
         ids = [chunk_id(project, version, chunk) for chunk, _ in plan]
@@ -111,7 +112,8 @@ class JobQueue:
                     job.delete(pipeline=pipe)  # finished or failed earlier: this is a fresh try
                 pipe.hdel(outcomes_key, job_id)
                 pipe.hset(chunks_key, job_id, len(todo))
-                spec = {"project": project, "model_version": version, "tasks": list(todo), "mode": mode}
+                spec = {"project": project, "model_version": version, "tasks": list(todo), "mode": mode,
+                        "set_version": set_version}
                 batch.append(Queue.prepare_data(CHUNK_FUNCTION, [spec], job_id=job_id, timeout=self.job_timeout_s,
                                                 result_ttl=KEEP_S, failure_ttl=KEEP_S, retry=Retry(max=RETRIES),
                                                 description=f"project {project}: {len(todo)} tasks"))

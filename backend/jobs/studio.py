@@ -3,10 +3,14 @@ tasks (all pages), and predictions pushed in bulk."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 from label_studio_sdk.client import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
+
+log = logging.getLogger("rfclip.backend.jobs")
 
 PAGE_SIZE = 100
 RETRIES = {"max_retries": 5}  # the SDK's own backoff (1, 2, 4, 8, 16 s) on refused connections, 429 and 5xx
@@ -64,16 +68,29 @@ class Studio:
     def delete_prediction(self, prediction: int) -> None:
         self.client.predictions.delete(id=prediction, request_options=RETRIES)
 
+    def _rename(self, backend: object, project: int, version: str) -> None:
+        try:
+            # Label Studio 1.23 checks the backend again on every PATCH and answers 500 without
+            # these fields; the password, left out, stays as it is
+            self.client.ml.update(id=backend.id, title=version, url=backend.url, project=project,
+                                  auth_method=backend.auth_method, basic_auth_user=backend.basic_auth_user,
+                                  request_options={"max_retries": 0})
+        except ApiError as err:  # a backend behind a password Label Studio wants to be sent again, ...
+            log.warning("the connected model %r could not be renamed to %s (HTTP %s); until its title is that "
+                        "(project Settings > Model), Label All Tasks shows only stored predictions", backend.title,
+                        version, err.status_code)
+
     def set_model_version(self, project: int, version: str) -> None:
         """The project's active model version: the Data Manager shows prediction scores of that one
         only. Label Studio asks a connected backend for predictions in "Label All Tasks" only while
         the active version is that backend's title ("Connect Model" sets it so), so the backend
         whose title it was is renamed along (Label Studio then moves the active version itself)."""
         active = self.client.projects.get(id=project, request_options=RETRIES).model_version or ""
-        if active != version:
-            for backend in self.client.ml.list(project=project, request_options=RETRIES):
-                if active and backend.title == active:
-                    self.client.ml.update(id=backend.id, title=version, request_options=RETRIES)
+        if active == version:
+            return
+        for backend in self.client.ml.list(project=project, request_options=RETRIES):
+            if active and backend.title == active:
+                self._rename(backend, project, version)
         self.client.projects.update(id=project, model_version=version, request_options=RETRIES)
 
 

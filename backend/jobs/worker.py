@@ -68,6 +68,9 @@ class ChunkRunner:
                 result = predict_chunk(self.service, self.studio, project, [tasks[i] for i in ids if i in tasks],
                                        label_config, self.credentials, str(spec.get("mode", "all")))
                 result.failed.update({i: "the task is no longer in the project" for i in ids if i not in tasks})
+                if spec.get("set_version") and result.predicted:
+                    # only now: Label Studio refuses a version that no prediction has yet
+                    self.studio.set_model_version(project, version)
                 outcome = {**result.to_json(), "seconds": round(time.perf_counter() - started, 3),
                            "worker": self.worker_name}
                 self.queue.record(project, version, job_id, outcome)
