@@ -116,6 +116,7 @@ class Outcome:
     entries: List[object]
     failures: Dict[int, str]
     unreached: List[int] = field(default_factory=list)
+    stage_seconds: Dict[str, float] = field(default_factory=dict)  # where the time went, as logged
 
 
 class PredictionService:
@@ -247,6 +248,7 @@ class PredictionService:
                 if i not in job.failures or i in job.late:
                     outcome.unreached.append(n)
         seconds = time.perf_counter() - started
+        outcome.stage_seconds = dict(job.stage_seconds)
         stages = ", ".join(f"{stage} {t:.2f} s" for stage, t in job.stage_seconds.items())
         log.info("tasks %s: %d of %d predicted in %.2f s (%s)", ids(job_tasks), len(tasks) - len(outcome.failures),
                  len(tasks), seconds, stages, extra={"stage_seconds": dict(job.stage_seconds), "seconds": seconds})

@@ -121,7 +121,8 @@ def test_budget_answers_unreached_tasks_with_empty_entries(tiny_model, tmp_path,
 def test_basic_auth_on_every_endpoint_but_health(tiny_model, tmp_path):
     client = make_app(tiny_model, tmp_path, basic_auth_user="ls", basic_auth_pass="s3cret-pass").test_client()
     assert client.get("/health").status_code == 200
-    for method, path in [("post", "/setup"), ("post", "/predict"), ("post", "/webhook"), ("get", "/versions")]:
+    for method, path in [("post", "/setup"), ("post", "/predict"), ("post", "/webhook"), ("get", "/versions"),
+                         ("get", "/jobs")]:
         response = getattr(client, method)(path, json={})
         assert response.status_code == 401 and "Basic" in response.headers["WWW-Authenticate"]
         wrong = getattr(client, method)(path, json={}, auth=("ls", "nope"))

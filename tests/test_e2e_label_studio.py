@@ -23,6 +23,7 @@ from rfclip_engine import load_model
 
 from .conftest import TINY_CONFIG
 from .fakes import FakeLabelStudio, RedisServer, free_port
+from .label_studio import clean_environment, start_label_studio, stop, wait_for
 
 LS_BIN = os.environ.get("LABEL_STUDIO_BIN")
 REPO = Path(__file__).parents[1]
@@ -44,29 +45,6 @@ def png_bytes(height, width, seed):
     return buf.getvalue()
 
 
-def wait_for(url, seconds, process, log_path):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url} exited early:\n{Path(log_path).read_text()[-3000:]}")
-        try:
-            if requests.get(url, timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not come up in {seconds} s:\n{Path(log_path).read_text()[-3000:]}")
-
-
-def stop(process):
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
@@ -78,18 +56,8 @@ def stack(tmp_path_factory):
     checkpoint = root / "tiny.pt"
     torch.save(load_model(TINY_CONFIG, pretrained=None).clip.state_dict(), checkpoint)
 
-    clean = {k: v for k, v in os.environ.items()
-             if k not in ("HOST", "PORT", "USERNAME", "PASSWORD", "USER_TOKEN")}
-    ls_env = {**clean, "LABEL_STUDIO_BASE_DATA_DIR": str(root / "ls-data"), "HOME": str(root / "ls-home"),
-              "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false",
-              "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false"}
-    (root / "ls-home").mkdir()
-    ls_log = root / "ls.log"
-    ls = subprocess.Popen(
-        [LS_BIN, "start", "--no-browser", "--internal-host", "127.0.0.1", "-p", str(ls_port),
-         "--username=e2e@example.com", "--password=e2e-password-123", f"--user-token={TOKEN}",
-         "--enable-legacy-api-token"],
-        env=ls_env, stdout=ls_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    ls, ls_log = start_label_studio(LS_BIN, root, ls_port, TOKEN)
+    clean = clean_environment()
 
     backend_env = {**clean, "RFCLIP_MODEL": TINY_CONFIG, "RFCLIP_PRETRAINED": str(checkpoint),
                    "RFCLIP_DISTRACTION_DIMS": "1,2,3", "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": TOKEN,

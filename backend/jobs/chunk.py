@@ -9,8 +9,10 @@ keeps exactly one prediction of this version.
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Sequence
+from typing import Dict, Iterator, Sequence
 
 from ..media import Credentials
 from ..service import PredictionService
@@ -25,6 +27,15 @@ class ChunkResult:
     skipped: int = 0  # already held a prediction of this model version
     failed: Dict[int, str] = field(default_factory=dict)  # task id -> reason
     removed: int = 0  # extra copies deleted by the reconcile
+    stage_seconds: Dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[stage] = round(self.stage_seconds.get(stage, 0.0) + time.perf_counter() - started, 4)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -46,11 +57,15 @@ def predict_chunk(service: PredictionService, studio: Studio, project: int, task
     result = ChunkResult(skipped=len(tasks) - len(todo))
     if not todo:
         return result
-    outcome = service.run([{"id": t.id, "data": t.data} for t in todo], label_config, credentials, None)
+    with result.timed("predict"):
+        outcome = service.run([{"id": t.id, "data": t.data} for t in todo], label_config, credentials, None)
+    for stage, seconds in outcome.stage_seconds.items():  # the pipeline's own stages inside "predict"
+        result.stage_seconds[f"predict: {stage}"] = round(seconds, 4)
     result.failed = {todo[n].id: reason for n, reason in outcome.failures.items()}
     predictions = [{"task": t.id, "model_version": version, "result": entry["result"], "score": entry["score"]}
                    for t, entry in zip(todo, outcome.entries) if isinstance(entry, dict)]
-    now = studio.current(project, [p["task"] for p in predictions])
+    with result.timed("check"):
+        now = studio.current(project, [p["task"] for p in predictions])
     fresh = []
     for prediction in predictions:
         task = now.get(prediction["task"])
@@ -60,9 +75,11 @@ def predict_chunk(service: PredictionService, studio: Studio, project: int, task
             result.skipped += 1
         else:
             fresh.append(prediction)
-    studio.push(project, fresh)
+    with result.timed("push"):
+        studio.push(project, fresh)
     result.predicted = len(fresh)
-    result.removed = reconcile(studio, project, [p["task"] for p in fresh], version)
+    with result.timed("reconcile"):
+        result.removed = reconcile(studio, project, [p["task"] for p in fresh], version)
     return result
 
 

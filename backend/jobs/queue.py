@@ -133,6 +133,11 @@ class JobQueue:
             pipe.expire(key, KEEP_S)
             pipe.execute()
 
+    def outcomes(self, project: int, version: str) -> Dict[str, dict]:
+        """What each finished chunk of the run did, by job id."""
+        stored = self.connection.hgetall(self._key(run_key(project, version), "outcomes"))
+        return {k.decode(): json.loads(v) for k, v in stored.items()}
+
     def chunk_lock(self, job_id: str, lease_s: float):
         """Held while a chunk runs, so two workers never push the same chunk at once; it lapses
         `lease_s` after its holder stops renewing it (a killed worker)."""
@@ -165,16 +170,21 @@ class JobQueue:
             out.append(self._run_status(run, int(meta["project"]), meta["model_version"], job_ids))
         return out
 
+    def _states(self, job_ids: List[str]) -> List[Optional[JobStatus]]:
+        """Each job's status (None: gone), read alone: a run of a million tasks has 30,000 chunks."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(Job.key_for(job_id), "status")
+            return [JobStatus(raw.decode()) if raw else None for raw in pipe.execute()]
+
     def _run_status(self, run: str, project: int, version: str, job_ids: Optional[Sequence[str]]) -> RunStatus:
         sizes = {k.decode(): int(v) for k, v in self.connection.hgetall(self._key(run, "chunks")).items()}
         if job_ids is not None:
             sizes = {job_id: sizes[job_id] for job_id in job_ids if job_id in sizes}
-        outcomes = {k.decode(): json.loads(v) for k, v in self.connection.hgetall(self._key(run, "outcomes")).items()
-                    if k.decode() in sizes}
+        outcomes = {job_id: outcome for job_id, outcome in self.outcomes(project, version).items() if job_id in sizes}
         chunks = {"queued": 0, "running": 0, "done": 0, "failed": 0}
         failed_chunks = {}
-        for job_id, job in zip(sizes, Job.fetch_many(list(sizes), connection=self.connection)):
-            state = job.get_status(refresh=False) if job is not None else None
+        for job_id, state in zip(sizes, self._states(list(sizes))):
             if state == JobStatus.FINISHED or (state is None and job_id in outcomes):
                 chunks["done"] += 1
             elif state == JobStatus.STARTED:
@@ -183,7 +193,7 @@ class JobQueue:
                 chunks["queued"] += 1
             else:  # failed, stopped, canceled, or expired without an outcome
                 chunks["failed"] += 1
-                failed_chunks[job_id] = _last_error(job)
+                failed_chunks[job_id] = _last_error(Job.fetch_many([job_id], connection=self.connection)[0])
         tasks = {"total": sum(sizes.values()), "predicted": 0, "skipped": 0, "failed": 0}
         failed_tasks: Dict[str, str] = {}
         work: Dict[str, List[float]] = {}

@@ -61,13 +61,16 @@ class ChunkRunner:
         try:
             with renewing(self.lease_s / 4, lambda: lock.extend(self.lease_s, replace_ttl=True)):
                 started = time.perf_counter()
+                listed = time.perf_counter()
                 label_config = self.studio.label_config(project)
                 self.service.targets(label_config)
                 ids = [int(i) for i in spec["tasks"]]
                 tasks = self.studio.current(project, ids)
+                listed = time.perf_counter() - listed
                 result = predict_chunk(self.service, self.studio, project, [tasks[i] for i in ids if i in tasks],
                                        label_config, self.credentials, str(spec.get("mode", "all")))
                 result.failed.update({i: "the task is no longer in the project" for i in ids if i not in tasks})
+                result.stage_seconds["list"] = round(listed, 4)
                 if spec.get("set_version") and result.predicted:
                     # only now: Label Studio refuses a version that no prediction has yet
                     self.studio.set_model_version(project, version)
@@ -79,8 +82,9 @@ class ChunkRunner:
                 lock.release()
             except RedisError:
                 pass  # lapsed or Redis gone: it expires by itself
-        log.info("project %s: chunk %s: %d predicted, %d skipped, %d failed in %.1f s", project, job_id,
-                 result.predicted, result.skipped, len(result.failed), outcome["seconds"])
+        log.info("project %s: chunk %s: %d predicted, %d skipped, %d failed in %.1f s (%s)", project, job_id,
+                 result.predicted, result.skipped, len(result.failed), outcome["seconds"],
+                 ", ".join(f"{stage} {s:.2f} s" for stage, s in result.stage_seconds.items()))
         return outcome
 
 

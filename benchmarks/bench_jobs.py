@@ -1,0 +1,215 @@
+"""Queued pre-annotation against the model's own time: what the job machinery costs per task.
+
+    LABEL_STUDIO_BIN=.lsvenv-ci/bin/label-studio python benchmarks/bench_jobs.py [--tasks 16] [--chunk 8]
+
+A real Label Studio (headless, loopback), a real Redis and real `rfclip-backend worker`
+processes (ViT-B-16 with random weights: time does not depend on them) pre-annotate a project of
+1024x768 JPEGs served over HTTP, with 1 and then 2 workers. The job overhead is 1 - the model's
+time (text embeddings + model + PAMR, timed by the workers inside their chunks) / the run's wall
+time from enqueueing to the last chunk done, per worker: listing, fetching and decoding, regions
+and RLE, pushing, the queue. The engine's own images/s on the same decoded images, in batches of
+the backend's size, alone in this process, is given beside it. Also measured: the size of one
+stored prediction and the time of one bulk push, the inputs of the scaling estimate in
+RESULTS.md.
+Writes a JSON file beside the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, Tuple
+
+import requests
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from backend.jobs.preannotate import enqueue  # noqa: E402
+from backend.jobs.queue import JobQueue  # noqa: E402
+from backend.jobs.studio import Studio  # noqa: E402
+from backend.media import Credentials  # noqa: E402
+from backend.runtime import build_runtime, load_segmenter  # noqa: E402
+from backend.settings import Settings  # noqa: E402
+from benchmarks.bench_backend import LABELS, MODEL_STAGES, jpeg, label_config  # noqa: E402
+from benchmarks.common import machine, markdown_table  # noqa: E402
+from rfclip_engine import load_model  # noqa: E402
+from rfclip_engine.presets import find_preset  # noqa: E402
+from rfclip_engine.text import Vocabulary  # noqa: E402
+from tests.fakes import FakeLabelStudio, RedisServer, free_port  # noqa: E402
+from tests.label_studio import clean_environment, start_label_studio, stop, wait_for  # noqa: E402
+
+TOKEN = "bench0123456789abcdef0123456789abcdef012"
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Stack:
+    """Label Studio, Redis, the image host, and workers started on demand."""
+
+    def __init__(self, binary: str, root: Path, env: dict) -> None:
+        self.root, self.env = root, env
+        self.media = FakeLabelStudio(token="unused")
+        self.redis = RedisServer()
+        self.redis.start()
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.ls, log = start_label_studio(binary, root, port, TOKEN)
+        wait_for(f"{self.url}/health", 240, self.ls, log)
+        self.env.update({"REDIS_URL": self.redis.url, "LABEL_STUDIO_URL": self.url, "LABEL_STUDIO_API_KEY": TOKEN})
+        self.settings = Settings.from_env(self.env)
+        self.studio = Studio(self.url, TOKEN)
+        self.queue = JobQueue.from_url(self.redis.url)
+        self.service = build_runtime(self.settings).service  # enqueues; never loads the model here
+        self.projects = 0
+        self.last_project = 0
+
+    def api(self, method: str, path: str, **kwargs):
+        response = requests.request(method, self.url + path, headers={"Authorization": f"Token {TOKEN}"},
+                                    timeout=120, **kwargs)
+        response.raise_for_status()
+        return response.json() if response.content else None
+
+    def project(self, count: int) -> int:
+        self.projects += 1
+        pid = self.api("POST", "/api/projects", json={"title": f"bench {self.projects}",
+                                                      "label_config": label_config(False)})["id"]
+        self.api("POST", f"/api/projects/{pid}/import",
+                 json=[{"image": f"{self.media.url}/img/{i}.jpg"} for i in range(count)])
+        return pid
+
+    def workers(self, count: int, threads: int) -> list:
+        processes = []
+        for n in range(count):
+            env = {**self.env, "RFCLIP_CACHE_DIR": str(self.root / f"cache-{len(processes)}-{time.time_ns()}"),
+                   "OMP_NUM_THREADS": str(threads), "LOG_LEVEL": "INFO"}
+            log = (self.root / f"worker-{count}-{n}.log").open("w")
+            processes.append(subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env, stdout=log,
+                                              stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO))
+        deadline = time.monotonic() + 120
+        while self.queue.workers() < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers did not register; see {self.root}")
+            time.sleep(0.5)
+        return processes
+
+    def run(self, count: int, chunk: int) -> Tuple[float, Dict[str, float]]:
+        """Seconds from enqueueing a fresh project of `count` tasks to its last chunk done, and
+        the workers' seconds per task in each stage of a chunk."""
+        pid = self.last_project = self.project(count)
+        started = time.perf_counter()
+        _, enqueued = enqueue(self.service, self.studio, self.queue, pid, chunk=chunk, progress=False,
+                              set_version=False)
+        while True:
+            (status,) = self.queue.status(pid, self.service.model_version, enqueued.ids)
+            if status.finished:
+                break
+            time.sleep(0.2)
+        seconds = time.perf_counter() - started
+        if status.tasks["predicted"] != count:
+            raise RuntimeError(f"only {status.tasks['predicted']} of {count} tasks predicted: {status}")
+        stages: Dict[str, float] = {}
+        for outcome in self.queue.outcomes(pid, self.service.model_version).values():
+            for stage, spent in outcome["stage_seconds"].items():
+                stages[stage] = stages.get(stage, 0.0) + spent / count
+        return seconds, stages
+
+    def close(self) -> None:
+        stop(self.ls)
+        self.redis.stop()
+        self.media.close()
+
+
+def engine_images_per_s(settings: Settings, stack: Stack, count: int, per_batch: int) -> float:
+    """The Segmenter alone on the images the workers see (fetched and decoded the same way)."""
+    runtime = build_runtime(settings)
+    segmenter = load_segmenter(settings, runtime.text_cache)
+    fetcher = runtime.service.fetcher
+    images = [fetcher.fetch(f"{stack.media.url}/img/{i}.jpg", i, Credentials(None, None)).rgb for i in range(count)]
+    vocabulary = Vocabulary(tuple((label,) for label in LABELS))
+    segmenter.logits_many(images[:1], vocabulary)  # text embeddings and first-call costs
+    started = time.perf_counter()
+    for start in range(0, count, per_batch):
+        segmenter.logits_many(images[start:start + per_batch], vocabulary)
+    return count / (time.perf_counter() - started)
+
+
+def push_cost(stack: Stack, chunk: int) -> dict:
+    """The bytes of one stored prediction, and one bulk push of `chunk` of them."""
+    predicted = stack.api("GET", f"/api/tasks?project={stack.last_project}&page_size=1")["tasks"][0]
+    source = stack.api("GET", f"/api/predictions?task={predicted['id']}")[0]
+    pid = stack.project(chunk)
+    ids = [t["id"] for t in stack.api("GET", f"/api/tasks?project={pid}&page_size=1000")["tasks"]]
+    body = [{"task": t, "result": source["result"], "score": source["score"], "model_version": "bench"} for t in ids]
+    started = time.perf_counter()
+    stack.studio.push(pid, body)
+    return {"prediction_bytes": len(json.dumps(source["result"])), "push_s": time.perf_counter() - started,
+            "chunk": chunk}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", type=int, default=16)
+    parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--json", default=str(Path(__file__).with_name("bench_jobs.json")))
+    args = parser.parse_args()
+    binary = os.environ.get("LABEL_STUDIO_BIN")
+    if not binary:
+        print("set LABEL_STUDIO_BIN to a label-studio 1.23.2 executable (bash .ci/run installs one)", file=sys.stderr)
+        return 2
+
+    root = Path(tempfile.mkdtemp(prefix="rfclip-bench-jobs-"))
+    torch.manual_seed(0)
+    checkpoint = root / "vit-b-16-random.pt"
+    torch.save(load_model("ViT-B-16", pretrained=None).clip.state_dict(), checkpoint)
+    dims = ",".join(str(d) for d in find_preset("ViT-B-16", "openai").dims)
+    env = {**clean_environment(), "RFCLIP_MODEL": "ViT-B-16", "RFCLIP_PRETRAINED": str(checkpoint),
+           "RFCLIP_WEIGHTS_TAG": "openai", "RFCLIP_DISTRACTION_DIMS": dims, "RFCLIP_ALLOW_PRIVATE_URLS": "true",
+           "RFCLIP_CACHE_DIR": str(root / "cache-bench")}
+    stack = Stack(binary, root, env)
+    cores = os.cpu_count() or 1
+    try:
+        for i in range(args.tasks):
+            stack.media.public[f"{i}.jpg"] = jpeg(i)
+        per_batch = stack.service.pipeline.images_per_batch
+        engine = engine_images_per_s(stack.settings, stack, args.tasks, per_batch)
+        rows, report = [], {"machine": machine(), "tasks": args.tasks, "chunk": args.chunk,
+                            "engine_images_per_s": engine, "runs": {}}
+        for workers in (1, 2):
+            processes = stack.workers(workers, max(1, cores // workers))
+            try:
+                stack.run(2 * workers, 2)  # every worker: model loaded, text embeddings cached in Redis
+                seconds, stages = stack.run(args.tasks, args.chunk)
+            finally:
+                for process in processes:
+                    stop(process)
+            rate = args.tasks / seconds
+            model_s = sum(stages.get(f"predict: {stage}", 0.0) for stage in MODEL_STAGES) * args.tasks / workers
+            overhead = 1 - model_s / seconds
+            report["runs"][workers] = {"seconds": seconds, "tasks_per_s": rate, "worker_s_per_task": stages,
+                                       "overhead_share": overhead}
+            rows.append([workers, max(1, cores // workers), f"{seconds:.1f}", f"{rate:.3f}",
+                         f"{100 * overhead:.1f} %", f"{engine:.3f}", f"{rate / engine:.2f}"])
+        report["push"] = push_cost(stack, 32)
+    finally:
+        stack.close()
+    print(f"\nqueued pre-annotation, {args.tasks} tasks of 1024x768, {len(LABELS)} classes, chunks of {args.chunk}, "
+          f"ViT-B-16 (random weights), {cores} cores")
+    print(markdown_table(["workers", "threads each", "s", "tasks/s", "job overhead", "engine images/s alone",
+                          "tasks/s / engine"], rows))
+    for workers, run in report["runs"].items():
+        print(f"\n{workers} worker(s): worker seconds per task by stage")
+        print(markdown_table(["stage", "s / task"], [[k, f"{v:.3f}"] for k, v in run["worker_s_per_task"].items()]))
+    push = report["push"]
+    print(f"\none prediction: {push['prediction_bytes'] / 1024:.1f} KiB of JSON; one bulk push of {push['chunk']}: "
+          f"{push['push_s'] * 1e3:.0f} ms")
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
