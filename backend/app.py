@@ -15,6 +15,7 @@ from collections import OrderedDict
 from typing import Optional
 
 from flask import Flask, Response, jsonify, request
+from redis.exceptions import RedisError
 from werkzeug.exceptions import BadRequest, HTTPException
 
 from rfclip_engine.loading import resolve_device
@@ -71,7 +72,8 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
     runtime = build_runtime(settings, segmenter_loader)
     text_cache, holder, service = runtime.text_cache, runtime.holder, runtime.service
     projects = ProjectStore(settings.max_projects)
-    queue = JobQueue.from_url(settings.redis_url, settings.queue_name, settings.job_timeout_s) \
+    # no long retries here: a Redis that is down must not hold up /predict past its budget
+    queue = JobQueue.from_url(settings.redis_url, settings.queue_name, settings.job_timeout_s, retries=1) \
         if settings.redis_url else None
     # the workers push with their own LABEL_STUDIO_URL: only a backend configured with one (so
     # that both mean the same server) hands them tasks
@@ -172,8 +174,12 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
         project = request.args.get("project")
         if project is not None and _project_id(project) is None:
             raise BadRequest("'project' must be a project id")
-        runs = queue.status(_project_id(project) if project is not None else None)
-        return jsonify(queue=queue.queue.name, workers=queue.workers(), runs=[r.to_json() for r in runs])
+        try:
+            runs = queue.status(_project_id(project) if project is not None else None)
+            workers = queue.workers()
+        except RedisError as err:
+            return jsonify(error=f"the job queue's Redis is unreachable: {type(err).__name__}"), 503
+        return jsonify(queue=queue.queue.name, workers=workers, runs=[r.to_json() for r in runs])
 
     @app.get("/versions")
     def versions():

@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Dict, List, Optional
 from urllib.parse import parse_qs, urlparse
 
@@ -119,7 +120,8 @@ class FakeLabelStudio(LoopbackServer):
 class RedisServer:
     """A throwaway redis-server on a free loopback port; can be stopped and started again."""
 
-    def __init__(self) -> None:
+    def __init__(self, data_dir: Optional[Path] = None) -> None:
+        self.data_dir = data_dir  # with one, every write is on disk first (append-only, fsync always)
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server); "
@@ -129,8 +131,12 @@ class RedisServer:
         self.process: Optional[subprocess.Popen] = None
 
     def start(self) -> None:
+        persistence = ["--appendonly", "no"]
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            persistence = ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.data_dir)]
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -379,3 +379,37 @@ def test_predict_overflow_goes_to_the_queue_when_workers_listen(tiny_model, tmp_
     assert sorted(t for push in studio.pushes for t in push) == [i for i in range(1, 11) if i not in answered_ids]
     (run,) = client.get("/jobs").get_json()["runs"]
     assert run["chunks"]["done"] == run["chunks"]["queued"] + run["chunks"]["done"] and run["tasks"]["left"] == 0
+    redis_server.stop()
+    down = client.get("/jobs")
+    assert down.status_code == 503 and "unreachable" in down.get_json()["error"]
+
+
+def test_a_redis_restart_during_a_chunk_loses_nothing_and_predicts_nothing_twice(tiny_model, tmp_path, hostile):
+    import threading
+
+    from backend.jobs.queue import JobQueue
+
+    from .fakes import RedisServer
+
+    server = RedisServer(data_dir=tmp_path / "redis")  # a Redis that keeps its data, as docker-compose's does
+    server.start()
+    try:
+        queue = JobQueue.from_url(server.url, "test")
+        service, studio = queued_project(tiny_model, tmp_path, hostile, 8)
+        enqueue(service, studio, queue, chunk=4)
+        original = studio.push
+
+        def push_while_redis_restarts(project, predictions):
+            if len(studio.pushes) == 0:
+                server.stop()  # down for a second, in the middle of the first chunk
+                threading.Timer(1.0, server.start).start()
+            return original(project, predictions)
+
+        studio.push = push_while_redis_restarts
+        make_worker(service, studio, queue).work(burst=True)
+        make_worker(service, studio, queue, name="w2").work(burst=True)  # whatever the first left over
+        (status,) = queue.status(1)
+        assert status.finished and status.tasks["left"] == 0 and not status.failed_chunks, status
+        assert all(studio.versions(i) == [service.model_version] for i in range(1, 9))
+    finally:
+        server.stop()

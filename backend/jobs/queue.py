@@ -14,6 +14,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from redis import Redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry as RedisRetry
 from rq import Queue, Retry
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
@@ -25,6 +29,7 @@ PENDING = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SC
 KEEP_S = 7 * 24 * 3600  # runs, outcomes and job results are kept a week after their last change
 RETRIES = 3  # RQ reruns a chunk that raised (Label Studio down past the SDK's retries, ...) this often
 MAX_LISTED_FAILURES = 100
+REDIS_RETRIES = 10  # 0.5, 1, 2, 4, 8, then 10 s each: about a minute
 
 
 def run_key(project: int, version: str) -> str:
@@ -85,8 +90,13 @@ class JobQueue:
         self.job_timeout_s = job_timeout_s
 
     @classmethod
-    def from_url(cls, url: str, name: str = QUEUE, job_timeout_s: int = 3600) -> "JobQueue":
-        return cls(Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30), name, job_timeout_s)
+    def from_url(cls, url: str, name: str = QUEUE, job_timeout_s: int = 3600,
+                 retries: int = REDIS_RETRIES) -> "JobQueue":
+        """A connection that rides out a Redis restart: refused or dropped commands are tried again
+        with exponential backoff (`retries` times: about a minute by default) before they fail."""
+        retry = RedisRetry(ExponentialWithJitterBackoff(base=0.5, cap=10), retries)
+        return cls(Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30, retry=retry,
+                                  retry_on_error=[RedisConnectionError, RedisTimeoutError]), name, job_timeout_s)
 
     def _key(self, run: str, what: str) -> str:
         return f"rfclip:jobs:{self.queue.name}:{run}:{what}"
