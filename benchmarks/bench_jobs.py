@@ -1,6 +1,6 @@
 """Queued pre-annotation against the model's own time: what the job machinery costs per task.
 
-    LABEL_STUDIO_BIN=.lsvenv-ci/bin/label-studio python benchmarks/bench_jobs.py [--tasks 16] [--chunk 8]
+    LABEL_STUDIO_BIN=.lsvenv-ci/bin/label-studio python benchmarks/bench_jobs.py [--tasks 64] [--chunk 32]
 
 A real Label Studio (headless, loopback), a real Redis and real `rfclip-backend worker`
 processes (ViT-B-16 with random weights: time does not depend on them) pre-annotate a project of
@@ -152,8 +152,8 @@ def push_cost(stack: Stack, chunk: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", type=int, default=16)
-    parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--tasks", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=32, help="as preannotate's default")
     parser.add_argument("--json", default=str(Path(__file__).with_name("bench_jobs.json")))
     args = parser.parse_args()
     binary = os.environ.get("LABEL_STUDIO_BIN")

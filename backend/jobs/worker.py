@@ -61,12 +61,11 @@ class ChunkRunner:
         try:
             with renewing(self.lease_s / 4, lambda: lock.extend(self.lease_s, replace_ttl=True)):
                 started = time.perf_counter()
-                listed = time.perf_counter()
                 label_config = self.studio.label_config(project)
                 self.service.targets(label_config)
                 ids = [int(i) for i in spec["tasks"]]
                 tasks = self.studio.current(project, ids)
-                listed = time.perf_counter() - listed
+                listed = time.perf_counter() - started
                 result = predict_chunk(self.service, self.studio, project, [tasks[i] for i in ids if i in tasks],
                                        label_config, self.credentials, str(spec.get("mode", "all")))
                 result.failed.update({i: "the task is no longer in the project" for i in ids if i not in tasks})
