@@ -38,6 +38,7 @@ def configure_logging(level: str) -> None:
     # what matters, once per task.
     logging.getLogger("label_studio_sdk").setLevel(logging.ERROR)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the SDK's client: a line per API call
 
 
 def serve(settings: Settings, host: str, port: int, workers: int, threads: int, timeout_s: int, dev: bool) -> None:
