@@ -175,9 +175,7 @@ def preannotate_command(settings: Settings, args: argparse.Namespace) -> int:
         return _fail("preannotate", f"project {args.project}: {err}")
     except Exception as err:  # Label Studio down after the SDK's retries, a refused token, ...
         return _stopped("preannotate", err)
-    print(f"project {args.project}: {report.predicted} predicted, {report.skipped} skipped (already predicted), "
-          f"{len(report.failed)} failed, {report.left} left; model version {version}")
-    _print_failures(report.failed)
+    _print_summary(args.project, report.predicted, report.skipped, report.left, version, report.failed)
     return 0 if not report.failed and not report.stopped else 1
 
 
@@ -201,17 +199,24 @@ def _enqueue(settings: Settings, args: argparse.Namespace, service, studio, mode
         return 0
     status = follow(queue, args.project, version, enqueued.ids, progress=not args.no_progress)
     tasks = status.tasks
-    print(f"project {args.project}: {tasks['predicted']} predicted, {tasks['skipped']} skipped (already predicted), "
-          f"{tasks['failed']} failed, {tasks['left']} left; model version {version}")
-    _print_failures(status.failed_tasks)
-    for job_id, error in status.failed_chunks.items():
-        print(f"  chunk {job_id} failed: {error}")
+    _print_summary(args.project, tasks["predicted"], tasks["skipped"], tasks["left"], version, status.failed_tasks,
+                   tasks["failed"], status.failed_chunks)
     return 0 if status.finished and not tasks["failed"] and not status.failed_chunks else 1
 
 
-def _print_failures(failed: dict) -> None:
-    for task, reason in sorted(failed.items(), key=lambda item: int(item[0])):
+def _print_summary(project: int, predicted: int, skipped: int, left: int, version: str, failed_tasks: dict,
+                   failed: Optional[int] = None, failed_chunks: Optional[dict] = None) -> None:
+    """The closing lines of a run; `failed` counts the failed tasks when `failed_tasks` lists only some."""
+    print(f"project {project}: {predicted} predicted, {skipped} skipped (already predicted), "
+          f"{len(failed_tasks) if failed is None else failed} failed, {left} left; model version {version}")
+    _print_failures(failed_tasks, failed_chunks or {})
+
+
+def _print_failures(failed_tasks: dict, failed_chunks: dict) -> None:
+    for task, reason in sorted(failed_tasks.items(), key=lambda item: int(item[0])):
         print(f"  task {task}: {reason}")
+    for job_id, error in failed_chunks.items():
+        print(f"  chunk {job_id} failed: {error}")
 
 
 def worker_command(settings: Settings, args: argparse.Namespace) -> int:
@@ -261,9 +266,7 @@ def jobs_command(settings: Settings, args: argparse.Namespace) -> int:
               f"{tasks['skipped']} skipped, {tasks['failed']} failed, {tasks['left']} left of {tasks['total']}{eta}")
         for worker, rate in run.tasks_per_s.items():
             print(f"  worker {worker}: {rate:.2f} tasks/s")
-        _print_failures(run.failed_tasks)
-        for job_id, error in run.failed_chunks.items():
-            print(f"  chunk {job_id} failed: {error}")
+        _print_failures(run.failed_tasks, run.failed_chunks)
     return 0
 
 

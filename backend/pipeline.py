@@ -18,7 +18,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, Iterator, List, Sequence, Set, Tuple
+from typing import ContextManager, Dict, Iterator, List, Sequence, Set, Tuple
 
 import numpy as np
 from label_studio_sdk.label_interface import LabelInterface
@@ -38,6 +38,16 @@ NOT_PREDICTED: list = []  # Label Studio stores nothing for this task and asks a
 def parsed_config(label_config: str) -> Tuple[Tuple[ControlTarget, ...], LabelInterface]:
     targets, interface = read_label_config(label_config)
     return tuple(targets), interface
+
+
+@contextmanager
+def timed_into(stage_seconds: Dict[str, float], stage: str) -> Iterator[None]:
+    """Adds the block's wall time to `stage_seconds[stage]`."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        stage_seconds[stage] = stage_seconds.get(stage, 0.0) + time.perf_counter() - started
 
 
 @dataclass
@@ -65,13 +75,8 @@ class Job:
         for future in self.fetches.values():
             future.cancel()
 
-    @contextmanager
-    def timed(self, stage: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stage_seconds[stage] += time.perf_counter() - started
+    def timed(self, stage: str) -> ContextManager[None]:
+        return timed_into(self.stage_seconds, stage)
 
     @property
     def queries(self) -> Tuple[str, ...]:

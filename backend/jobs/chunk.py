@@ -9,12 +9,11 @@ keeps exactly one prediction of this version.
 from __future__ import annotations
 
 import logging
-import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterator, Sequence
+from typing import ContextManager, Dict, Sequence
 
 from ..media import Credentials
+from ..pipeline import timed_into
 from ..service import PredictionService
 from .studio import Studio, StudioTask
 
@@ -29,17 +28,13 @@ class ChunkResult:
     removed: int = 0  # extra copies deleted by the reconcile
     stage_seconds: Dict[str, float] = field(default_factory=dict)
 
-    @contextmanager
-    def timed(self, stage: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stage_seconds[stage] = round(self.stage_seconds.get(stage, 0.0) + time.perf_counter() - started, 4)
+    def timed(self, stage: str) -> ContextManager[None]:
+        return timed_into(self.stage_seconds, stage)
 
     def to_json(self) -> dict:
         out = asdict(self)
         out["failed"] = {str(task): reason for task, reason in self.failed.items()}  # JSON keys are strings
+        out["stage_seconds"] = {stage: round(seconds, 4) for stage, seconds in self.stage_seconds.items()}
         return out
 
 
@@ -60,7 +55,7 @@ def predict_chunk(service: PredictionService, studio: Studio, project: int, task
     with result.timed("predict"):
         outcome = service.run([{"id": t.id, "data": t.data} for t in todo], label_config, credentials, None)
     for stage, seconds in outcome.stage_seconds.items():  # the pipeline's own stages inside "predict"
-        result.stage_seconds[f"predict: {stage}"] = round(seconds, 4)
+        result.stage_seconds[f"predict: {stage}"] = seconds
     result.failed = {todo[n].id: reason for n, reason in outcome.failures.items()}
     predictions = [{"task": t.id, "model_version": version, "result": entry["result"], "score": entry["score"]}
                    for t, entry in zip(todo, outcome.entries) if isinstance(entry, dict)]

@@ -203,7 +203,7 @@ class JobQueue:
                 chunks["queued"] += 1
             else:  # failed, stopped, canceled, or expired without an outcome
                 chunks["failed"] += 1
-                failed_chunks[job_id] = _last_error(Job.fetch_many([job_id], connection=self.connection)[0])
+                failed_chunks[job_id] = _last_error(self.queue.fetch_job(job_id))
         tasks = {"total": sum(sizes.values()), "predicted": 0, "skipped": 0, "failed": 0}
         failed_tasks: Dict[str, str] = {}
         work: Dict[str, List[float]] = {}

@@ -69,7 +69,7 @@ class ChunkRunner:
                 result = predict_chunk(self.service, self.studio, project, [tasks[i] for i in ids if i in tasks],
                                        label_config, self.credentials, str(spec.get("mode", "all")))
                 result.failed.update({i: "the task is no longer in the project" for i in ids if i not in tasks})
-                result.stage_seconds["list"] = round(listed, 4)
+                result.stage_seconds["list"] = listed
                 if spec.get("set_version") and result.predicted:
                     # only now: Label Studio refuses a version that no prediction has yet
                     self.studio.set_model_version(project, version)
