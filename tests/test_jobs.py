@@ -413,3 +413,50 @@ def test_a_redis_restart_during_a_chunk_loses_nothing_and_predicts_nothing_twice
         assert all(studio.versions(i) == [service.model_version] for i in range(1, 9))
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("not a dict", "must be a dict"),
+    ({"project": "1; drop", "model_version": "v", "tasks": [1]}, "project must be a positive integer"),
+    ({"project": True, "model_version": "v", "tasks": [1]}, "project must be a positive integer"),
+    ({"project": 1, "model_version": "", "tasks": [1]}, "model_version must be a non-empty string"),
+    ({"project": 1, "model_version": "v", "tasks": []}, "tasks must be 1 to"),
+    ({"project": 1, "model_version": "v", "tasks": [1, "2"]}, "tasks must be 1 to"),
+    ({"project": 1, "model_version": "v", "tasks": list(range(1, 10_002))}, "tasks must be 1 to"),
+    ({"project": 1, "model_version": "v", "tasks": [1], "mode": "everything"}, "mode must be one of"),
+])
+def test_a_malformed_chunk_job_fails_alone_with_a_clear_error(tiny_model, tmp_path, hostile, queue, spec, message):
+    from backend.jobs.queue import CHUNK_FUNCTION
+
+    service, studio = queued_project(tiny_model, tmp_path, hostile, 4)
+    queue.queue.enqueue(CHUNK_FUNCTION, spec, job_id="hostile")  # put there by someone else
+    enqueue(service, studio, queue)
+    make_worker(service, studio, queue).work(burst=True)
+    failed = queue.queue.fetch_job("hostile")
+    assert failed.get_status() == "failed" and message in failed.latest_result().exc_string
+    (status,) = queue.status(1)
+    assert status.finished and status.tasks["predicted"] == 4 and studio.pushes == [[1, 2, 3, 4]]
+
+
+def test_overflow_takes_only_real_task_ids():
+    from backend.jobs.overflow import Overflow
+
+    class Recorder:
+        def __init__(self):
+            self.planned = []
+            self.queue = type("Q", (), {"name": "test"})()
+
+        def workers(self):
+            return 1
+
+        def enqueue(self, project, version, plan, mode):
+            from backend.jobs.queue import Enqueued
+
+            self.planned.append((project, plan, mode))
+            return Enqueued(added=["x"])
+
+    recorder = Recorder()
+    tasks = [{"id": True}, {"id": -3}, {"id": "7"}, "junk", {"id": 5}, {"id": 2}]
+    assert Overflow(recorder, "v").submit(3, tasks, list(range(len(tasks)))) == 2
+    assert recorder.planned == [(3, [([2, 5], [2, 5])], "all")]
+    assert Overflow(recorder, "v").submit(None, tasks, [4]) == 0  # no usable project id: nothing queued

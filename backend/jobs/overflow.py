@@ -28,7 +28,7 @@ class Overflow:
     def submit(self, project: Optional[int], tasks: List[object], unreached: List[int]) -> int:
         """Enqueues the unreached tasks (positions in `tasks`); returns how many went."""
         ids = sorted({task["id"] for n in unreached if isinstance(task := tasks[n], dict)
-                      and isinstance(task.get("id"), int)})
+                      and type(task.get("id")) is int and task["id"] > 0})  # not true, not -1
         if project is None or not ids:
             return 0
         try:

@@ -17,7 +17,7 @@ import threading
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 from redis.exceptions import RedisError
 from rq import get_current_job
@@ -50,8 +50,8 @@ class ChunkRunner:
         self.service, self.studio, self.credentials, self.queue = service, studio, credentials, queue
         self.worker_name, self.lease_s = worker_name, lease_s
 
-    def run(self, spec: dict, job_id: str) -> dict:
-        project, version = int(spec["project"]), str(spec["model_version"])
+    def run(self, spec: object, job_id: str) -> dict:
+        project, version, ids, mode, set_version = parse_spec(spec)
         if version != self.service.model_version:
             raise VersionMismatch(f"this worker predicts {self.service.model_version}, the chunk wants {version}: "
                                   "run workers of one model version per queue")
@@ -63,14 +63,13 @@ class ChunkRunner:
                 started = time.perf_counter()
                 label_config = self.studio.label_config(project)
                 self.service.targets(label_config)
-                ids = [int(i) for i in spec["tasks"]]
                 tasks = self.studio.current(project, ids)
                 listed = time.perf_counter() - started
                 result = predict_chunk(self.service, self.studio, project, [tasks[i] for i in ids if i in tasks],
-                                       label_config, self.credentials, str(spec.get("mode", "all")))
+                                       label_config, self.credentials, mode)
                 result.failed.update({i: "the task is no longer in the project" for i in ids if i not in tasks})
                 result.stage_seconds["list"] = listed
-                if spec.get("set_version") and result.predicted:
+                if set_version and result.predicted:
                     # only now: Label Studio refuses a version that no prediction has yet
                     self.studio.set_model_version(project, version)
                 outcome = {**result.to_json(), "seconds": round(time.perf_counter() - started, 3),
@@ -85,6 +84,29 @@ class ChunkRunner:
                  result.predicted, result.skipped, len(result.failed), outcome["seconds"],
                  ", ".join(f"{stage} {s:.2f} s" for stage, s in result.stage_seconds.items()))
         return outcome
+
+
+MODES = ("unpredicted", "all", "ids")
+MAX_CHUNK_TASKS = 10_000
+
+
+def parse_spec(spec: object) -> Tuple[int, str, List[int], str, bool]:
+    """(project, model version, task ids, mode, set_version) of a chunk job's argument; ValueError
+    naming what is wrong, so that a job someone else put on the queue fails clearly, alone."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"a chunk job's argument must be a dict, not {type(spec).__name__}")
+    project, version, ids = spec.get("project"), spec.get("model_version"), spec.get("tasks")
+    mode, set_version = spec.get("mode", "all"), spec.get("set_version", False)
+    if type(project) is not int or project < 1:
+        raise ValueError(f"a chunk job's project must be a positive integer, not {project!r:.50}")
+    if not isinstance(version, str) or not version:
+        raise ValueError("a chunk job's model_version must be a non-empty string")
+    if not isinstance(ids, list) or not 0 < len(ids) <= MAX_CHUNK_TASKS or \
+            not all(type(i) is int and i > 0 for i in ids):
+        raise ValueError(f"a chunk job's tasks must be 1 to {MAX_CHUNK_TASKS} positive integer ids")
+    if mode not in MODES or not isinstance(set_version, bool):
+        raise ValueError(f"a chunk job's mode must be one of {', '.join(MODES)} and set_version a boolean")
+    return project, version, ids, mode, set_version
 
 
 CURRENT_RUNNER: ContextVar[ChunkRunner] = ContextVar("rfclip_chunk_runner")
