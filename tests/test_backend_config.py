@@ -86,6 +86,10 @@ def test_settings_defaults_and_parsing(tmp_path):
     ({"RFCLIP_MODE": "fancy"}, "RFCLIP_MODE"),
     ({"RFCLIP_DISTRACTION_DIMS": "a,b"}, "RFCLIP_DISTRACTION_DIMS"),
     ({"BASIC_AUTH_USER": "only-user"}, "BASIC_AUTH"),
+    ({"RFCLIP_QUEUE": "rq:../other queue"}, "RFCLIP_QUEUE"),
+    ({"RFCLIP_QUEUE": "q" * 65}, "RFCLIP_QUEUE"),
+    ({"RFCLIP_JOB_TIMEOUT_S": "0"}, "RFCLIP_JOB_TIMEOUT_S"),
+    ({"RFCLIP_JOB_LEASE_S": "soon"}, "RFCLIP_JOB_LEASE_S"),
 ])
 def test_bad_settings_name_the_variable(env, variable):
     with pytest.raises(SettingsError, match=variable):
