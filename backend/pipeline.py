@@ -4,9 +4,11 @@
 task is isolated: a task whose image cannot be fetched or read, or whose prediction fails, gets
 `[]` (nothing stored, Label Studio asks again later), one log line with its id and the reason,
 and the reason in `Job.failures`. A predicted task gets `{"result": [...], "score",
-"model_version"}`, where the task score is the mean top-class probability over all pixels the
-backend labeled (0 when it labeled none): low means the model was unsure, so reviewers can sort
-by it.
+"model_version"}`, where the task score is the mean margin (top minus second class probability)
+over all pixels the backend labeled (0 when it labeled none): low means the model hesitated
+between labels, so sorting by score ascending puts the tasks to review first on top (README,
+"Active learning", has the measured comparison behind this choice). A region's score is the mean
+probability of its label inside it.
 """
 from __future__ import annotations
 
@@ -179,7 +181,7 @@ class Pipeline:
         """Entries for the fetched tasks; each image key's images go through the model together."""
         regions: List[List[dict]] = [[] for _ in ready]
         labeled_pixels = [0] * len(ready)
-        probability_sums = [0.0] * len(ready)
+        margin_sums = [0.0] * len(ready)
         for key, targets in job.groups.items():
             union = Vocabulary(tuple(c for target in targets for c in target.vocabulary.classes))
             pictures = [images[key] for _, images in ready]
@@ -188,12 +190,12 @@ class Pipeline:
                 start = 0
                 for target in targets:
                     classes = len(target.vocabulary)
-                    found, pixels, probability = self._target_regions(
+                    found, pixels, margin = self._target_regions(
                         job, logits[start:start + classes], picture.size, target)
                     start += classes
                     regions[n].extend(found)
                     labeled_pixels[n] += pixels
-                    probability_sums[n] += probability
+                    margin_sums[n] += margin
         entries = []
         for n, (i, _) in enumerate(ready):
             valid = []
@@ -205,27 +207,25 @@ class Pipeline:
                                   task_id(job.tasks[i]), errors[0])
                     else:
                         valid.append(region)
-            score = probability_sums[n] / labeled_pixels[n] if labeled_pixels[n] else 0.0
+            score = margin_sums[n] / labeled_pixels[n] if labeled_pixels[n] else 0.0
             entries.append({"result": valid, "score": round(score, 4), "model_version": self.model_version})
         return entries
 
     def _target_regions(self, job: Job, logits, size, target: ControlTarget) -> Tuple[List[dict], int, float]:
-        """One control's regions in one image, with its labeled pixel count and probability sum.
-        A region's score is the mean probability of its label inside it (its pixels' top one)."""
+        """One control's regions in one image, with its labeled pixel count and margin sum."""
         with job.timed("labels at full size"):
             prediction = job.segmenter.decide(logits, target.vocabulary.names, size, target.score_threshold)
             label_map = prediction.label_map.numpy()
-        regions, pixels, probability = [], 0, 0.0
+        regions, pixels, margin = [], 0, 0.0
         with job.timed("regions"):
             for c, label in enumerate(target.labels):  # classes past the labels are background queries
                 count = int(prediction.pixel_counts[c])
                 if count == 0:
                     continue
-                score = float(prediction.confidence[c])
                 pixels += count
-                probability += score * count
-                regions.extend(self._regions(label_map == c, label, target, score))
-        return regions, pixels, probability
+                margin += float(prediction.margin[c]) * count
+                regions.extend(self._regions(label_map == c, label, target, float(prediction.confidence[c])))
+        return regions, pixels, margin
 
     @staticmethod
     def _regions(mask: np.ndarray, label: str, target: ControlTarget, score: float) -> List[dict]:

@@ -78,6 +78,9 @@ class SegmenterConfig:
     pamr: refine the logits with PAMR at the output size before the softmax.
     prob_threshold: pixels whose top probability is below this stay unlabeled.
     batch_size: crops per encoder forward.
+    prototype_k, prototype_cap: a class with n visual examples weighs them by
+        min(prototype_cap, n / (n + prototype_k)) against its text (see prototypes.py).
+    prototypes_per_class: the newest examples of a class that score pixels (all count for n).
     precision: "fp32", or "fp16" / "bf16" autocast (meant for CUDA; bf16 also works on CPU).
     """
 
@@ -91,6 +94,9 @@ class SegmenterConfig:
     pamr_dilations: Tuple[int, ...] = (8, 16)
     prob_threshold: float = 0.0
     batch_size: int = 8
+    prototype_k: float = 0.5
+    prototype_cap: float = 0.9
+    prototypes_per_class: int = 32
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
@@ -104,4 +110,7 @@ class SegmenterConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0.0 <= self.prob_threshold <= 1.0:
             raise ValueError(f"prob_threshold must be in [0, 1], got {self.prob_threshold}")
+        if self.prototype_k <= 0 or not 0.0 <= self.prototype_cap <= 1.0 or self.prototypes_per_class <= 0:
+            raise ValueError("need prototype_k > 0, 0 <= prototype_cap <= 1 and prototypes_per_class > 0, got "
+                             f"{self.prototype_k}, {self.prototype_cap}, {self.prototypes_per_class}")
         object.__setattr__(self, "pamr_dilations", tuple(int(d) for d in self.pamr_dilations))

@@ -2,7 +2,7 @@
 photo with many classes never holds a float C x H x W tensor at full size."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,31 +28,42 @@ def tile_rows(n_classes: int, width: int, tile_elements: int = TILE_ELEMENTS) ->
     return max(1, tile_elements // max(1, n_classes * width))
 
 
+class Labels(NamedTuple):
+    """A label map (H, W) int32 and, per class (C,) in float64: its labeled pixels, the sum of
+    their top probability, and the sum of their margin (top minus second probability)."""
+
+    label_map: torch.Tensor
+    counts: torch.Tensor
+    top_sums: torch.Tensor
+    margin_sums: torch.Tensor
+
+
 def label_map_tiled(
     logits: torch.Tensor, size: Tuple[int, int], logit_scale: float, prob_threshold: float,
     unlabeled: int, tile_elements: int = TILE_ELEMENTS,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Labels:
     """Labels at `size` from (C, h, w) logits: the argmax of softmax(logit_scale * logits), or
-    `unlabeled` where the top probability is below the threshold.
-
-    Returns (label map (H, W) int32, labeled pixels per class (C,), sum of the top probability
-    over each class's pixels (C,)).
-    """
+    `unlabeled` where the top probability is below the threshold; with each class's pixel
+    statistics. One class alone has a margin of 1."""
     n_classes = logits.shape[0]
     height, width = size
     labels = torch.empty((height, width), dtype=torch.int32, device=logits.device)
     counts = torch.zeros(n_classes, dtype=torch.float64, device=logits.device)
     sums = torch.zeros(n_classes, dtype=torch.float64, device=logits.device)
+    margins = torch.zeros(n_classes, dtype=torch.float64, device=logits.device)
     step = tile_rows(n_classes, width, tile_elements)
     for start in range(0, height, step):
         stop = min(start + step, height)
         probs = torch.softmax(logit_scale * resize_rows(logits, size, start, stop), dim=0)
-        top, index = probs.max(dim=0)
+        best = probs.topk(min(2, n_classes), dim=0)
+        top, index = best.values[0], best.indices[0]
+        margin = top - best.values[1] if n_classes > 1 else top
         keep = top >= prob_threshold
         labels[start:stop] = torch.where(keep, index, torch.full_like(index, unlabeled)).to(torch.int32)
         counts += torch.bincount(index[keep], minlength=n_classes).to(torch.float64)
         sums += torch.bincount(index[keep], weights=top[keep].double(), minlength=n_classes)
-    return labels, counts, sums
+        margins += torch.bincount(index[keep], weights=margin[keep].double(), minlength=n_classes)
+    return Labels(labels, counts, sums, margins)
 
 
 def probabilities(logits: torch.Tensor, size: Tuple[int, int], logit_scale: float) -> torch.Tensor:

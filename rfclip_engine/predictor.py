@@ -22,6 +22,7 @@ from .config import SegmenterConfig
 from .imageio import ImageSource, load_rgb
 from .model import RFCLIPModel
 from .postprocess import label_map_tiled, probabilities
+from .prototypes import Example, Prototypes, combine, examples_from_sums, pool_masks
 from .sliding import sliding_window_many, whole_image
 from .text import ClassSpec, EmbeddingCache, TextEmbedder, Vocabulary
 
@@ -45,6 +46,7 @@ class Prediction:
     label_map: (H, W) int32 class index, UNLABELED (-1) where the top probability is below the
         threshold.
     confidence: (C,) mean probability of class c over the pixels labeled c (0 where none are).
+    margin: (C,) mean over the pixels labeled c of their top minus second class probability.
     pixel_counts: (C,) number of pixels labeled c.
     logits: (C, h, w) class logits at the working resolution, behind `probs`.
     """
@@ -52,6 +54,7 @@ class Prediction:
     class_names: Tuple[str, ...]
     label_map: torch.Tensor
     confidence: torch.Tensor
+    margin: torch.Tensor
     pixel_counts: torch.Tensor
     logits: torch.Tensor
     logit_scale: float
@@ -108,13 +111,37 @@ class Segmenter:
 
     def logits_many(
         self, rgbs: Sequence[np.ndarray], vocabulary: Vocabulary, timer: StageTimer = untimed,
+        prototypes: Optional[Prototypes] = None,
     ) -> List[torch.Tensor]:
         """(C, h, w) class logits (cosine similarities, after PAMR if on) of each (H, W, 3) uint8
         image at the working resolution (short side `config.short_side`); their crops share the
-        encoder's batches. `decide` takes them to the image size. `timer` times the stages."""
+        encoder's batches. `decide` takes them to the image size. `timer` times the stages.
+        `prototypes` (of this vocabulary's classes) join the text in the same forward."""
         with timer("text embeddings"):
             text = self.text.embed(vocabulary)
-        return self.class_logits(rgbs, text, vocabulary.query_class, len(vocabulary), timer)
+        return self.class_logits(rgbs, text, vocabulary.query_class, len(vocabulary), timer, prototypes)
+
+    def prototypes(self, per_class: Sequence[Sequence[Example]]) -> Optional[Prototypes]:
+        """Each vocabulary class's examples (oldest first) as the prototypes of a forward, weighed
+        as the config says; None when no class has any."""
+        cfg = self.config
+        return Prototypes.build(per_class, cfg.prototype_k, cfg.prototype_cap, cfg.prototypes_per_class)
+
+    def examples(self, rgb: np.ndarray, masks: np.ndarray) -> List[Optional[Example]]:
+        """The Example of each (H, W) bool mask of an (H, W, 3) uint8 image (masks (K, H, W)),
+        measured at the working resolution; None for a mask with no pixel left there."""
+        image = self.prepare(rgb)
+        size = tuple(image.shape[-2:])
+        weights = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32)).to(image.device)
+        if tuple(weights.shape[-2:]) != size:
+            weights = F.interpolate(weights[None], size=size, mode="bilinear", align_corners=False,
+                                    antialias=True)[0].clamp(0.0, 1.0)
+        cfg = self.config
+        sums, total = pool_masks(image, weights, self._crop_features, cfg.window, cfg.stride, cfg.batch_size,
+                                 self.model.patch_size)
+        pixels = weights.sum(dim=(1, 2))
+        found = examples_from_sums(sums, total, pixels.clamp_min(1e-6), size[0] * size[1])
+        return [example if count >= 1.0 else None for example, count in zip(found, pixels.tolist())]
 
     def working_size(self, size: Tuple[int, int]) -> Tuple[int, int]:
         """(H, W) scaled so the short side is `config.short_side` (aspect ratio kept)."""
@@ -144,15 +171,22 @@ class Segmenter:
 
     def class_logits(
         self, rgbs: Sequence[np.ndarray], text: torch.Tensor, query_class: Sequence[int], n_classes: int,
-        timer: StageTimer = untimed,
+        timer: StageTimer = untimed, prototypes: Optional[Prototypes] = None,
     ) -> List[torch.Tensor]:
         """(C, h, w) class logits of each image at the working resolution. PAMR, when on, runs
         there too (as the sliding-window codebases do), so its cost does not grow with the photo."""
         cfg = self.config
         index = torch.tensor(query_class, device=text.device)
+        queries, outputs = text, n_classes
+        if prototypes is not None:
+            # each class with examples gets one more output channel: its best prototype's cosine
+            prototypes = prototypes.to(text.device)
+            queries = torch.cat([text, prototypes.vectors.to(text.dtype)])
+            index = torch.cat([index, n_classes + prototypes.owner])
+            outputs = n_classes + len(prototypes.classes)
 
         def encode(crops: torch.Tensor) -> torch.Tensor:
-            return self._crop_logits(crops, text, index, n_classes)
+            return self._crop_logits(crops, queries, index, outputs)
 
         with timer("model"):
             resized = [self.prepare(rgb) for rgb in rgbs]
@@ -160,17 +194,23 @@ class Segmenter:
                 coarse = [whole_image(image, encode, self.model.patch_size) for image in resized]
             else:
                 coarse = sliding_window_many(resized, encode, cfg.window, cfg.stride, cfg.batch_size)
+            if prototypes is not None:
+                coarse = [combine(logits[:n_classes], logits[n_classes:], prototypes) for logits in coarse]
         if cfg.pamr:
             with timer("PAMR"):
                 coarse = [pamr.refine(image[None], logits[None], cfg.pamr_iterations, cfg.pamr_dilations)[0]
                           for image, logits in zip(resized, coarse)]
         return coarse
 
-    def _crop_logits(self, crops: torch.Tensor, text: torch.Tensor, query_class: torch.Tensor, n_classes: int):
+    def _crop_features(self, crops: torch.Tensor) -> torch.Tensor:
+        """(N, hp, wp, D) L2-normalized dense features of (N, 3, h, w) crops."""
         precision = self.config.precision
         with torch.autocast(self.model.device.type, dtype=_AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32"):
             features = self.model.encode_dense(crops, self.config.encoder)
-        features = F.normalize(features.float(), dim=-1)
+        return F.normalize(features.float(), dim=-1)
+
+    def _crop_logits(self, crops: torch.Tensor, text: torch.Tensor, query_class: torch.Tensor, n_classes: int):
+        features = self._crop_features(crops)
         query_logits = torch.einsum("nhwd,qd->nqhw", features, text)
         query_logits = F.interpolate(query_logits, size=crops.shape[-2:], mode="bilinear", align_corners=False)
         if len(query_class) == n_classes:
@@ -186,9 +226,10 @@ class Segmenter:
         `prob_threshold` overrides the config's."""
         threshold = self.config.prob_threshold if prob_threshold is None else prob_threshold
         size = tuple(size) if size is not None else tuple(logits.shape[-2:])
-        labels, counts, sums = label_map_tiled(logits, size, self.config.logit_scale, threshold, UNLABELED)
-        confidence = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums)).float()
-        return Prediction(tuple(names), labels.cpu(), confidence.cpu(), counts.long().cpu(), logits.cpu(),
+        found = label_map_tiled(logits, size, self.config.logit_scale, threshold, UNLABELED)
+        per_pixel = found.counts.clamp_min(1)
+        return Prediction(tuple(names), found.label_map.cpu(), (found.top_sums / per_pixel).float().cpu(),
+                          (found.margin_sums / per_pixel).float().cpu(), found.counts.long().cpu(), logits.cpu(),
                           self.config.logit_scale)
 
 

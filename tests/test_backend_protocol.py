@@ -155,7 +155,7 @@ def test_polygons_rasterize_back_to_the_mask(client, fake_ls, monkeypatch):
         iou = (drawn & truth).sum() / (drawn | truth).sum()
         assert iou > 0.97
         assert all(0 <= x <= 100 and 0 <= y <= 100 for x, y in region["value"]["points"])
-    assert entry["score"] == pytest.approx(1 / (1 + np.exp(-40)), abs=1e-4)
+    assert entry["score"] == pytest.approx(2 / (1 + np.exp(-40)) - 1, abs=1e-4)  # the margin: top minus second
 
 
 def test_interactive_request_shape(client, fake_ls):

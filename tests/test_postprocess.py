@@ -20,14 +20,16 @@ def test_resize_rows_matches_interpolate(coarse, size):
 def test_tiled_labels_equal_whole_image(threshold):
     logits = torch.randn(5, 13, 17, generator=torch.Generator().manual_seed(1)) * 0.05
     size = (61, 83)
-    labels, counts, sums = label_map_tiled(logits, size, 40.0, threshold, -1, tile_elements=5 * 83 * 7)
+    labels, counts, sums, margins = label_map_tiled(logits, size, 40.0, threshold, -1, tile_elements=5 * 83 * 7)
     probs = probabilities(logits, size, 40.0)
     top, index = probs.max(0)
+    second = probs.sort(0, descending=True).values[1]
     expected = torch.where(top >= threshold, index, torch.full_like(index, -1))
     assert torch.equal(labels.long(), expected)
     for c in range(5):
         inside = expected == c
         assert counts[c] == inside.sum()
         torch.testing.assert_close(sums[c].float(), top[inside].sum(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(margins[c].float(), (top - second)[inside].sum(), rtol=1e-5, atol=1e-4)
     if threshold:
         assert (labels == -1).any()
