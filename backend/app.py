@@ -23,6 +23,7 @@ from rfclip_engine.loading import resolve_device
 from .jobs.overflow import Overflow
 from .jobs.queue import JobQueue
 from .label_config import LabelConfigError
+from .learning.learner import Learner, webhook_events
 from .media import Credentials
 from .runtime import SegmenterLoader, build_runtime, load_segmenter
 from .settings import Settings
@@ -77,18 +78,21 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
         if settings.redis_url else None
     # the workers push with their own LABEL_STUDIO_URL: only a backend configured with one (so
     # that both mean the same server) hands them tasks
-    overflow = Overflow(queue, service.model_version) if queue is not None and settings.label_studio_url else None
+    overflow = Overflow(queue, service.version_for) if queue is not None and settings.label_studio_url else None
 
-    app = Flask("rfclip_backend")
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    app.extensions["rfclip"] = {"service": service, "holder": holder, "text_cache": text_cache, "projects": projects,
-                                "overflow": overflow}
 
     def credentials_for(project: object) -> Credentials:
         # The environment's key goes only to the environment's URL; /setup's pair only as a pair.
         if settings.label_studio_url or settings.label_studio_api_key:
             return Credentials(settings.label_studio_url, settings.label_studio_api_key)
         return projects.credentials(project)
+
+    learner = Learner(service, credentials_for) if service.bank is not None else None
+
+    app = Flask("rfclip_backend")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.extensions["rfclip"] = {"service": service, "holder": holder, "text_cache": text_cache, "projects": projects,
+                                "overflow": overflow, "learner": learner}
 
     @app.before_request
     def authenticate_and_warm_up() -> Optional[Response]:
@@ -127,7 +131,7 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
             return jsonify(error=str(err)), 400
         projects.remember(project, schema, Credentials(_text_field(body, "hostname") or None,
                                                        _text_field(body, "access_token") or None))
-        return jsonify(model_version=service.model_version)
+        return jsonify(model_version=service.version_for(_project_id(projects.key(project))))
 
     @app.post("/predict")
     def predict():
@@ -142,10 +146,11 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
         except LabelConfigError as err:
             log.error("project %s: %s", projects.key(project), err)
             return jsonify(error=str(err)), 400
-        outcome = service.predict(tasks, label_config, credentials_for(project))
+        project_id = _project_id(projects.key(project))
+        outcome = service.predict(tasks, label_config, credentials_for(project), project_id)
         if overflow is not None and outcome.unreached:
-            overflow.submit(_project_id(projects.key(project)), tasks, outcome.unreached)
-        return jsonify(results=outcome.entries, model_version=service.model_version)
+            overflow.submit(project_id, tasks, outcome.unreached)
+        return jsonify(results=outcome.entries, model_version=service.version_for(project_id))
 
     @app.post("/webhook")
     def webhook():
@@ -165,7 +170,17 @@ def create_app(settings: Optional[Settings] = None, segmenter_loader: SegmenterL
             projects.remember(project.get("id"), label_config, None)
             log.info("project %s: label config refreshed", projects.key(project.get("id")))
             return jsonify(status="ok")
-        return jsonify(status="ignored", action=action if isinstance(action, str) else None)
+        try:
+            events = webhook_events(body, projects.config)
+        except ValueError as err:
+            log.error("webhook not used: %s", err)
+            return jsonify(error=str(err)), 400
+        if not events:
+            return jsonify(status="ignored", action=action if isinstance(action, str) else None)
+        if learner is None:
+            return jsonify(status="ignored", action=action, reason="prototypes are off (RFCLIP_PROTOTYPES)")
+        dropped = learner.submit(events)
+        return jsonify(status="queued", events=len(events) - dropped, dropped=dropped)
 
     @app.get("/jobs")
     def jobs():

@@ -158,7 +158,6 @@ def preannotate_command(settings: Settings, args: argparse.Namespace) -> int:
     runtime = build_runtime(settings)
     studio = Studio(settings.label_studio_url, settings.label_studio_api_key)
     mode = args.tasks if ids is None else "ids"
-    version = runtime.service.model_version
     try:
         if queued:
             return _enqueue(settings, args, runtime.service, studio, mode, ids)
@@ -169,6 +168,7 @@ def preannotate_command(settings: Settings, args: argparse.Namespace) -> int:
         credentials = Credentials(settings.label_studio_url, settings.label_studio_api_key)
         report = preannotate(runtime.service, studio, args.project, credentials, mode, ids, args.view, args.chunk,
                              progress=not args.no_progress)
+        version = runtime.service.version_for(args.project)  # the last chunk's: corrections may have moved it
         if not args.no_set_version and report.predicted:
             studio.set_model_version(args.project, version)
     except LabelConfigError as err:
@@ -184,7 +184,7 @@ def _enqueue(settings: Settings, args: argparse.Namespace, service, studio, mode
     from .jobs.queue import JobQueue
 
     queue = JobQueue.from_url(settings.redis_url, settings.queue_name, settings.job_timeout_s)
-    version = service.model_version
+    version = service.version_for(args.project)
     report, enqueued = enqueue(service, studio, queue, args.project, mode, ids, args.view, args.chunk,
                                progress=not args.no_progress, set_version=not args.no_set_version)
     print(f"project {args.project}: {report.selected - report.skipped} tasks to predict in {len(enqueued.ids)} "

@@ -20,15 +20,17 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import ContextManager, Dict, Iterator, List, Sequence, Set, Tuple
+from typing import ContextManager, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from label_studio_sdk.label_interface import LabelInterface
 
 from rfclip_engine.predictor import Segmenter
+from rfclip_engine.prototypes import Example, Prototypes
 from rfclip_engine.text import Vocabulary
 
 from .label_config import ControlTarget, read_label_config
+from .learning.annotations import LabelKey
 from .media import Credentials, ImageFetcher, MediaError
 from .regions import brush_region, polygon_regions
 
@@ -55,7 +57,9 @@ def timed_into(stage_seconds: Dict[str, float], stage: str) -> Iterator[None]:
 @dataclass
 class Job:
     """Tasks on their way through the model (one /predict, or one chunk of a job), where their
-    time went and why any failed. `deadline` is a time.monotonic() value (inf: none)."""
+    time went and why any failed. `deadline` is a time.monotonic() value (inf: none).
+    `examples`: the project's learned examples per (control, label); `model_version` the
+    version their entries carry (it moves with the examples)."""
 
     tasks: List[dict]
     groups: Dict[str, List[ControlTarget]]
@@ -63,6 +67,8 @@ class Job:
     segmenter: Segmenter
     credentials: Credentials
     deadline: float
+    model_version: str
+    examples: Mapping[LabelKey, List[Example]] = field(default_factory=dict)
     stage_seconds: Dict[str, float] = field(default_factory=lambda: defaultdict(float))
     fetches: Dict[int, Future] = field(default_factory=dict)
     created: float = field(default_factory=time.monotonic)
@@ -89,10 +95,8 @@ class Job:
 class Pipeline:
     """Runs jobs through the model; the caller holds the model while it does."""
 
-    def __init__(self, fetcher: ImageFetcher, model_version: str, images_per_batch: int = 4,
-                 fetch_threads: int = 4) -> None:
+    def __init__(self, fetcher: ImageFetcher, images_per_batch: int = 4, fetch_threads: int = 4) -> None:
         self.fetcher = fetcher
-        self.model_version = model_version
         self.images_per_batch = images_per_batch
         self.seconds_per_batch = 0.0  # running estimate, to stop before a deadline
         self._pool = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="rfclip-fetch")
@@ -185,7 +189,8 @@ class Pipeline:
         for key, targets in job.groups.items():
             union = Vocabulary(tuple(c for target in targets for c in target.vocabulary.classes))
             pictures = [images[key] for _, images in ready]
-            all_logits = job.segmenter.logits_many([p.rgb for p in pictures], union, job.timed)
+            prototypes = class_prototypes(job, targets)
+            all_logits = job.segmenter.logits_many([p.rgb for p in pictures], union, job.timed, prototypes=prototypes)
             for n, (picture, logits) in enumerate(zip(pictures, all_logits)):
                 start = 0
                 for target in targets:
@@ -208,7 +213,7 @@ class Pipeline:
                     else:
                         valid.append(region)
             score = margin_sums[n] / labeled_pixels[n] if labeled_pixels[n] else 0.0
-            entries.append({"result": valid, "score": round(score, 4), "model_version": self.model_version})
+            entries.append({"result": valid, "score": round(score, 4), "model_version": job.model_version})
         return entries
 
     def _target_regions(self, job: Job, logits, size, target: ControlTarget) -> Tuple[List[dict], int, float]:
@@ -232,6 +237,18 @@ class Pipeline:
         if target.region_type == "brushlabels":
             return [brush_region(mask, label, target.from_name, target.to_name, score)]
         return polygon_regions(mask, label, target.from_name, target.to_name, score)
+
+
+def class_prototypes(job: Job, targets: Sequence[ControlTarget]) -> Optional[Prototypes]:
+    """The prototypes of the union vocabulary of `targets` (their labels, then each one's
+    background class), or None when the project has taught none of them."""
+    if not job.examples:
+        return None
+    per_class: List[List[Example]] = []
+    for target in targets:
+        per_class.extend(job.examples.get((target.from_name, label), []) for label in target.labels)
+        per_class.extend([] for _ in range(len(target.vocabulary) - len(target.labels)))
+    return job.segmenter.prototypes(per_class)
 
 
 def config_queries(groups: Dict[str, List[ControlTarget]]) -> Tuple[str, ...]:

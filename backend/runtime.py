@@ -13,9 +13,10 @@ from rfclip_engine import Segmenter, load_model
 from rfclip_engine.loading import resolve_device
 from rfclip_engine.text import EmbeddingCache
 
+from .learning.bank import open_bank
 from .media import ImageFetcher
 from .netguard import DestinationPolicy
-from .service import ModelHolder, PredictionService, segmenter_config
+from .service import ModelHolder, PredictionService, model_version, segmenter_config
 from .settings import Settings
 from .text_cache import RedisEmbeddingCache
 
@@ -51,4 +52,6 @@ def build_runtime(settings: Settings, segmenter_loader: SegmenterLoader = load_s
                            destination_policy(settings),
                            # decoding a big JPEG reduced, to twice the working size, loses nothing the model sees
                            min_short_side=2 * segmenter_config(settings, torch.device("cpu")).short_side)
-    return Runtime(text_cache, holder, PredictionService(settings, holder, fetcher))
+    bank = open_bank(settings.redis_url, model_version(settings), settings.prototype_max_annotations) \
+        if settings.prototypes else None
+    return Runtime(text_cache, holder, PredictionService(settings, holder, fetcher, bank=bank))

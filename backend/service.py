@@ -16,14 +16,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+from redis.exceptions import RedisError
 
 from rfclip_engine import __version__ as engine_version
 from rfclip_engine.config import RFCLIPConfig, SegmenterConfig, default_precision
 from rfclip_engine.predictor import Segmenter
+from rfclip_engine.prototypes import Example
 from rfclip_engine.text import TEMPLATE_SET, TextEmbedder
 
 from .label_config import ControlTarget, LabelConfigError, targets_by_image
+from .learning.bank import Examples, PrototypeBank, fingerprint
 from .media import Credentials, ImageFetcher
 from .model_lock import ModelLock
 from .pipeline import NOT_PREDICTED, Job, Pipeline, config_queries, ids, parsed_config
@@ -85,7 +89,8 @@ class ModelHolder:
 
 def segmenter_config(settings: Settings, device: torch.device) -> SegmenterConfig:
     return SegmenterConfig(encoder=RFCLIPConfig(mode=settings.mode), pamr=settings.pamr,
-                           precision=default_precision(device.type))
+                           precision=default_precision(device.type), prototype_k=settings.prototype_k,
+                           prototype_cap=settings.prototype_cap)
 
 
 def model_version(settings: Settings) -> str:
@@ -122,16 +127,43 @@ class Outcome:
 class PredictionService:
     """Answers /predict requests with the model held by a `ModelHolder`."""
 
-    def __init__(self, settings: Settings, holder: ModelHolder, fetcher: ImageFetcher, images_per_batch: int = 4) -> None:
+    def __init__(self, settings: Settings, holder: ModelHolder, fetcher: ImageFetcher, images_per_batch: int = 4,
+                 bank: Optional[PrototypeBank] = None) -> None:
         self.settings = settings
         self.holder = holder
         self.fetcher = fetcher
-        self.model_version = model_version(settings)
-        self.pipeline = Pipeline(fetcher, self.model_version, images_per_batch)
+        self.model_version = model_version(settings)  # without any project's examples
+        self.bank = bank  # None: prototypes off
+        self.pipeline = Pipeline(fetcher, images_per_batch)
         self._seconds_per_text_batch = 0.0  # the last text-encoder batch's time, likewise
         self._lock = ModelLock()  # one request at a time through the model in this process
         self._warming: set = set()  # query tuples being embedded ahead
         self._warming_lock = threading.Lock()
+
+    def examples_of(self, project: Optional[int]) -> Examples:
+        """The project's learned examples; when the bank's Redis does not answer, the state last
+        read (predictions go on without the newest corrections rather than fail)."""
+        if self.bank is None or project is None:
+            return {}
+        try:
+            return self.bank.examples(project)
+        except RedisError as err:
+            log.warning("project %s: the prototype bank is unreachable (%s); predicting with the examples last "
+                        "read", project, type(err).__name__)
+            return self.bank.last(project)
+
+    def version_for(self, project: Optional[int], examples: Optional[Examples] = None) -> str:
+        """The model version of the project's predictions: the model's, and a tag of how many
+        examples each label has learned (it moves when a count crosses 1, 2, 4, 8, ...)."""
+        tag = fingerprint(self.examples_of(project) if examples is None else examples)
+        return f"{self.model_version}-p{tag}" if tag else self.model_version
+
+    def learn(self, rgb: np.ndarray, masks: np.ndarray) -> List[Optional[Example]]:
+        """The examples of (K, H, W) masks of one image, with the model held at background priority
+        (a waiting /predict goes first)."""
+        segmenter = self.holder.get(WARM_UP_MODEL_WAIT_S)
+        with self._lock.background():
+            return segmenter.examples(rgb, masks)
 
     def targets(self, label_config: str) -> Sequence[ControlTarget]:
         """The controls to predict; raises LabelConfigError with an explanation, also when the
@@ -197,14 +229,16 @@ class PredictionService:
                 return []
         return text.missing(queries)
 
-    def predict(self, tasks: List[object], label_config: str, credentials: Credentials) -> Outcome:
+    def predict(self, tasks: List[object], label_config: str, credentials: Credentials,
+                project: Optional[int] = None) -> Outcome:
         """A run within RFCLIP_PREDICT_BUDGET_S (for /predict)."""
-        return self.run(tasks, label_config, credentials, self.settings.predict_budget_s)
+        return self.run(tasks, label_config, credentials, self.settings.predict_budget_s, project)
 
     def run(self, tasks: List[object], label_config: str, credentials: Credentials,
-            budget_s: Optional[float]) -> Outcome:
+            budget_s: Optional[float], project: Optional[int] = None) -> Outcome:
         """One entry per task, in order, and why each task not predicted was not. Without a
-        budget (the job workers) it waits for the model and runs every task."""
+        budget (the job workers) it waits for the model and runs every task. The project's
+        learned examples (if any) join the text."""
         started = time.perf_counter()
         deadline = time.monotonic() + budget_s if budget_s is not None else float("inf")
         outcome = Outcome([NOT_PREDICTED] * len(tasks), {})
@@ -228,7 +262,9 @@ class PredictionService:
         except ModelUnavailable as err:
             log.error("tasks %s not predicted: %s", ids(job_tasks), err)
             return not_predicted(str(err))
-        job = Job(job_tasks, targets_by_image(list(targets)), interface, segmenter, credentials, deadline)
+        examples = self.examples_of(project)
+        job = Job(job_tasks, targets_by_image(list(targets)), interface, segmenter, credentials, deadline,
+                  self.version_for(project, examples), examples)
         # Images are on their way before the model is waited for: a slow host never holds it.
         self.pipeline.fetch_until(job, 2 * self.pipeline.images_per_batch)
         # Another request may hold the model; waiting must not outlast the budget either.

@@ -50,6 +50,10 @@ class Settings:
     max_projects: int = 1000
     cache_dir: Path = Path.home() / ".cache" / "rfclip"
     image_cache_mb: int = 2048
+    prototypes: bool = True
+    prototype_k: float = 0.5
+    prototype_cap: float = 0.9
+    prototype_max_annotations: int = 2000
     log_level: str = "INFO"
 
     @property
@@ -106,6 +110,11 @@ class Settings:
             max_projects=get("RFCLIP_MAX_PROJECTS", _positive(int), defaults.max_projects),
             cache_dir=get("RFCLIP_CACHE_DIR", lambda raw: Path(raw).expanduser(), defaults.cache_dir),
             image_cache_mb=get("RFCLIP_IMAGE_CACHE_MB", _positive(int), defaults.image_cache_mb),
+            prototypes=get("RFCLIP_PROTOTYPES", _parse_bool, defaults.prototypes),
+            prototype_k=get("RFCLIP_PROTOTYPE_K", _positive(float), defaults.prototype_k),
+            prototype_cap=get("RFCLIP_PROTOTYPE_CAP", _fraction, defaults.prototype_cap),
+            prototype_max_annotations=get("RFCLIP_PROTOTYPE_MAX_ANNOTATIONS", _positive(int),
+                                          defaults.prototype_max_annotations),
             log_level=get("LOG_LEVEL", _choice(("DEBUG", "INFO", "WARNING", "ERROR"), upper=True), defaults.log_level),
         )
         if settings.allowed_local_dir is not None:
@@ -174,6 +183,13 @@ def _choice(options: Tuple[str, ...], upper: bool = False) -> Callable[[str], st
         return value
 
     return parse
+
+
+def _fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be between 0 and 1")
+    return value
 
 
 def _parse_budget(raw: str) -> float:

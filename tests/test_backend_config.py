@@ -90,6 +90,10 @@ def test_settings_defaults_and_parsing(tmp_path):
     ({"RFCLIP_QUEUE": "q" * 65}, "RFCLIP_QUEUE"),
     ({"RFCLIP_JOB_TIMEOUT_S": "0"}, "RFCLIP_JOB_TIMEOUT_S"),
     ({"RFCLIP_JOB_LEASE_S": "soon"}, "RFCLIP_JOB_LEASE_S"),
+    ({"RFCLIP_PROTOTYPES": "maybe"}, "RFCLIP_PROTOTYPES"),
+    ({"RFCLIP_PROTOTYPE_K": "0"}, "RFCLIP_PROTOTYPE_K"),
+    ({"RFCLIP_PROTOTYPE_CAP": "1.5"}, "RFCLIP_PROTOTYPE_CAP"),
+    ({"RFCLIP_PROTOTYPE_MAX_ANNOTATIONS": "-3"}, "RFCLIP_PROTOTYPE_MAX_ANNOTATIONS"),
 ])
 def test_bad_settings_name_the_variable(env, variable):
     with pytest.raises(SettingsError, match=variable):

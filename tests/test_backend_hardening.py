@@ -37,10 +37,10 @@ def test_a_batch_that_outlasts_the_budget_does_not_stop_later_requests(tiny_mode
     original = predictor.Segmenter.logits_many
     slow = {"on": True}
 
-    def sometimes_slow(self, rgbs, vocabulary, timer=predictor.untimed):
+    def sometimes_slow(self, rgbs, vocabulary, timer=predictor.untimed, prototypes=None):
         if slow["on"]:
             time.sleep(1.5)
-        return original(self, rgbs, vocabulary, timer)
+        return original(self, rgbs, vocabulary, timer, prototypes)
 
     monkeypatch.setattr(predictor.Segmenter, "logits_many", sometimes_slow)
     client = make_app(tiny_model, tmp_path, predict_budget_s=1.0).test_client()

@@ -69,11 +69,11 @@ def test_a_task_that_breaks_the_model_does_not_take_its_batch_down(tiny_model, t
     original = predictor.Segmenter.logits_many
     batches = []
 
-    def fragile(self, rgbs, vocabulary, timer=predictor.untimed):
+    def fragile(self, rgbs, vocabulary, timer=predictor.untimed, prototypes=None):
         batches.append(len(rgbs))
         if any(rgb.shape[:2] == (33, 33) for rgb in rgbs):
             raise RuntimeError("simulated model failure")
-        return original(self, rgbs, vocabulary, timer)
+        return original(self, rgbs, vocabulary, timer, prototypes)
 
     monkeypatch.setattr(predictor.Segmenter, "logits_many", fragile)
     for name, size in [("a.png", (64, 64)), ("bad.png", (33, 33)), ("c.png", (50, 70))]:

@@ -130,7 +130,7 @@ def test_polygons_rasterize_back_to_the_mask(client, fake_ls, monkeypatch):
 
     from rfclip_engine import predictor
 
-    def halves(self, rgbs, vocabulary, timer):
+    def halves(self, rgbs, vocabulary, timer, prototypes=None):
         h, w = rgbs[0].shape[:2]
         logits = torch.zeros(len(vocabulary), h, w)
         logits[0, :, : w // 3] = 1
@@ -168,7 +168,9 @@ def test_interactive_request_shape(client, fake_ls):
 
 def test_webhooks(client):
     annotation = SAMPLES["POST /webhook (request, ANNOTATION_CREATED)"]["body"]
-    assert client.post("/webhook", json=annotation).get_json()["status"] == "ignored"
+    answer = client.post("/webhook", json=annotation).get_json()
+    assert answer["status"] == "queued" and answer["events"] == 1  # learned from in the background
+    assert client.post("/webhook", json={"action": "TASKS_CREATED"}).get_json()["status"] == "ignored"
     update = {"action": "PROJECT_UPDATED", "project": {"id": 5, "label_config": BRUSH_CONFIG}}
     assert client.post("/webhook", json=update).get_json()["status"] == "ok"
 

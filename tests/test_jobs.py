@@ -457,6 +457,6 @@ def test_overflow_takes_only_real_task_ids():
 
     recorder = Recorder()
     tasks = [{"id": True}, {"id": -3}, {"id": "7"}, "junk", {"id": 5}, {"id": 2}]
-    assert Overflow(recorder, "v").submit(3, tasks, list(range(len(tasks)))) == 2
+    assert Overflow(recorder, lambda project: "v").submit(3, tasks, list(range(len(tasks)))) == 2
     assert recorder.planned == [(3, [([2, 5], [2, 5])], "all")]
-    assert Overflow(recorder, "v").submit(None, tasks, [4]) == 0  # no usable project id: nothing queued
+    assert Overflow(recorder, lambda project: "v").submit(None, tasks, [4]) == 0  # no usable project id: nothing queued

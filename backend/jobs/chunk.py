@@ -26,6 +26,7 @@ class ChunkResult:
     skipped: int = 0  # already held a prediction of this model version
     failed: Dict[int, str] = field(default_factory=dict)  # task id -> reason
     removed: int = 0  # extra copies deleted by the reconcile
+    version: str = ""  # the model version the chunk's predictions carry (the project's examples in it)
     stage_seconds: Dict[str, float] = field(default_factory=dict)
 
     def timed(self, stage: str) -> ContextManager[None]:
@@ -47,18 +48,20 @@ def needs_prediction(task: StudioTask, version: str, mode: str) -> bool:
 
 def predict_chunk(service: PredictionService, studio: Studio, project: int, tasks: Sequence[StudioTask],
                   label_config: str, credentials: Credentials, mode: str) -> ChunkResult:
-    version = service.model_version
+    version = service.version_for(project)
     todo = [t for t in tasks if needs_prediction(t, version, mode)]
-    result = ChunkResult(skipped=len(tasks) - len(todo))
+    result = ChunkResult(skipped=len(tasks) - len(todo), version=version)
     if not todo:
         return result
     with result.timed("predict"):
-        outcome = service.run([{"id": t.id, "data": t.data} for t in todo], label_config, credentials, None)
+        outcome = service.run([{"id": t.id, "data": t.data} for t in todo], label_config, credentials, None, project)
     for stage, seconds in outcome.stage_seconds.items():  # the pipeline's own stages inside "predict"
         result.stage_seconds[f"predict: {stage}"] = seconds
     result.failed = {todo[n].id: reason for n, reason in outcome.failures.items()}
-    predictions = [{"task": t.id, "model_version": version, "result": entry["result"], "score": entry["score"]}
-                   for t, entry in zip(todo, outcome.entries) if isinstance(entry, dict)]
+    predictions = [{"task": t.id, "model_version": entry["model_version"], "result": entry["result"],
+                    "score": entry["score"]} for t, entry in zip(todo, outcome.entries) if isinstance(entry, dict)]
+    # new corrections may have moved the project's version since the check above
+    version = result.version = predictions[0]["model_version"] if predictions else version
     with result.timed("check"):
         now = studio.current(project, [p["task"] for p in predictions])
     fresh = []

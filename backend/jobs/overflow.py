@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from redis.exceptions import RedisError
 
@@ -16,8 +16,10 @@ WORKERS_SEEN_S = 10.0  # how long a count of the queue's workers is trusted
 
 
 class Overflow:
-    def __init__(self, queue: JobQueue, version: str, chunk: int = 32) -> None:
-        self.queue, self.version, self.chunk = queue, version, chunk
+    """`version_for(project)`: the model version of a project's predictions (PredictionService's)."""
+
+    def __init__(self, queue: JobQueue, version_for: Callable[[int], str], chunk: int = 32) -> None:
+        self.queue, self.version_for, self.chunk = queue, version_for, chunk
         self._workers, self._counted = 0, float("-inf")
 
     def _has_workers(self) -> bool:
@@ -36,7 +38,7 @@ class Overflow:
                 log.info("project %s: %d tasks not reached within the budget; no worker listens on queue %s, so "
                          "Label Studio will ask again", project, len(ids), self.queue.queue.name)
                 return 0
-            enqueued = self.queue.enqueue(project, self.version, plan_chunks(ids, ids, self.chunk), "all")
+            enqueued = self.queue.enqueue(project, self.version_for(project), plan_chunks(ids, ids, self.chunk), "all")
         except RedisError as err:
             log.warning("project %s: %d tasks not reached within the budget could not be queued: %s", project,
                         len(ids), err)

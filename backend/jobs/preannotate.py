@@ -82,7 +82,7 @@ def preannotate(service: PredictionService, studio: Studio, project: int, creden
     stop = stop or threading.Event()
     label_config = studio.label_config(project)
     service.targets(label_config)
-    selected, todo = select(studio, project, service.model_version, mode, ids, view, progress)
+    selected, todo = select(studio, project, service.version_for(project), mode, ids, view, progress)
     report = Report(selected=len(selected), skipped=len(selected) - len(todo))
     bar = tqdm(total=len(todo), desc=f"project {project}", unit=" tasks", disable=not progress)
     with stop_on_interrupt(stop), bar:
@@ -104,10 +104,11 @@ def enqueue(service: PredictionService, studio: Studio, queue: JobQueue, project
     waiting or running are left alone); the model is not loaded here. With `set_version` the
     workers make this model version the project's active one as soon as they have pushed."""
     service.targets(studio.label_config(project))
-    selected, todo = select(studio, project, service.model_version, mode, ids, view, progress)
+    version = service.version_for(project)
+    selected, todo = select(studio, project, version, mode, ids, view, progress)
     report = Report(selected=len(selected), skipped=len(selected) - len(todo))
     plan = plan_chunks([t.id for t in selected], [t.id for t in todo], chunk)
-    return report, queue.enqueue(project, service.model_version, plan, mode, set_version)
+    return report, queue.enqueue(project, version, plan, mode, set_version)
 
 
 def follow(queue: JobQueue, project: int, version: str, job_ids: List[str], progress: bool = True,

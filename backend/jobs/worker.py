@@ -52,7 +52,7 @@ class ChunkRunner:
 
     def run(self, spec: object, job_id: str) -> dict:
         project, version, ids, mode, set_version = parse_spec(spec)
-        if version != self.service.model_version:
+        if not same_model(version, self.service.model_version):
             raise VersionMismatch(f"this worker predicts {self.service.model_version}, the chunk wants {version}: "
                                   "run workers of one model version per queue")
         lock = self.queue.chunk_lock(job_id, self.lease_s)
@@ -71,7 +71,7 @@ class ChunkRunner:
                 result.stage_seconds["list"] = listed
                 if set_version and result.predicted:
                     # only now: Label Studio refuses a version that no prediction has yet
-                    self.studio.set_model_version(project, version)
+                    self.studio.set_model_version(project, result.version)
                 outcome = {**result.to_json(), "seconds": round(time.perf_counter() - started, 3),
                            "worker": self.worker_name}
                 self.queue.record(project, version, job_id, outcome)
@@ -84,6 +84,12 @@ class ChunkRunner:
                  result.predicted, result.skipped, len(result.failed), outcome["seconds"],
                  ", ".join(f"{stage} {s:.2f} s" for stage, s in result.stage_seconds.items()))
         return outcome
+
+
+def same_model(version: str, model_version: str) -> bool:
+    """Whether a chunk's version is this model's, with or without a project's examples tag (the
+    tag moves as annotators correct masks; the model and its settings must not)."""
+    return version == model_version or version.startswith(model_version + "-p")
 
 
 MODES = ("unpredicted", "all", "ids")

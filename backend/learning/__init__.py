@@ -1,0 +1,1 @@
+"""Learning from corrected masks: annotations -> visual prototypes per project."""

@@ -1,0 +1,296 @@
+"""Learning from annotations: masks out of Label Studio results, the webhook's events, the
+prototype bank (in memory and in a real Redis), and the backend learning from its webhook."""
+import io
+import logging
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backend.label_config import parse_label_config
+from backend.learning.annotations import brush_mask, label_masks, polygon_mask
+from backend.learning.bank import MemoryBank, RedisBank, fingerprint
+from backend.learning.learner import Forget, Learn, webhook_events
+from backend.regions import mask_to_rle
+from rfclip_engine.prototypes import Example
+
+from .backend_support import BRUSH_CONFIG, make_app
+
+TWO_CONTROLS = ('<View><Image name="image" value="$image"/>'
+                '<BrushLabels name="brush" toName="image"><Label value="cat"/><Label value="dog"/></BrushLabels>'
+                '<PolygonLabels name="poly" toName="image"><Label value="cat"/><Label value="sky"/></PolygonLabels>'
+                '<Choices name="other" toName="image"><Choice value="x"/></Choices></View>')
+
+
+def brush(mask, label, from_name="brush"):
+    h, w = mask.shape
+    return {"from_name": from_name, "to_name": "image", "type": "brushlabels", "original_width": w,
+            "original_height": h, "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}}
+
+
+def polygon(points, label, w, h):
+    return {"from_name": "poly", "to_name": "image", "type": "polygonlabels", "original_width": w,
+            "original_height": h, "value": {"points": points, "polygonlabels": [label]}}
+
+
+def test_brush_rle_comes_back_as_the_mask_drawn():
+    rng = np.random.default_rng(0)
+    mask = rng.random((37, 53)) < 0.3
+    assert np.array_equal(brush_mask(mask_to_rle(mask), 53, 37), mask)
+
+
+def test_polygon_is_filled_at_the_image_size():
+    mask = polygon_mask([[10, 20], [60, 20], [60, 80], [10, 80]], 100, 50)  # percent of 100 x 50
+    expected = np.zeros((50, 100), bool)
+    expected[10:41, 10:61] = True
+    assert (mask != expected).sum() <= 2 * (31 + 51)  # the outline's rounding at most
+
+
+def test_masks_per_control_and_label_with_unions_and_unknowns_left_out(caplog):
+    caplog.set_level(logging.WARNING, logger="rfclip.backend.learning")
+    targets = parse_label_config(TWO_CONTROLS)
+    a, b = np.zeros((20, 30), bool), np.zeros((20, 30), bool)
+    a[:5], b[10:] = True, True
+    result = [brush(a, "cat"), brush(b, "cat"), brush(a, "dog"), brush(a, "horse"),  # horse: not in the config
+              polygon([[0, 0], [50, 0], [50, 50]], "sky", 30, 20),
+              {"from_name": "other", "to_name": "image", "type": "choices", "value": {"choices": ["x"]}},
+              {**brush(a, "dog"), "value": {"rle": [0, 0, 0, 9, 1], "brushlabels": ["dog"]}}]  # wrong size: left out
+    masks = label_masks(result, targets, 10_000)
+    assert set(masks) == {"image"}
+    assert set(masks["image"]) == {("brush", "cat"), ("brush", "dog"), ("poly", "sky")}
+    assert np.array_equal(masks["image"][("brush", "cat")], a | b)
+    assert "rle holds 9 bytes" in caplog.text
+
+
+def test_sizes_the_annotation_states_are_checked_before_decoding():
+    targets = parse_label_config(BRUSH_CONFIG)
+    huge = {**brush(np.ones((4, 4), bool), "cat", "tag"), "original_width": 100_000, "original_height": 100_000}
+    assert label_masks([huge], targets, 1_000_000) == {}
+    lying = brush(np.ones((4, 4), bool), "cat", "tag")
+    lying["value"]["rle"] = list((2 ** 31).to_bytes(4, "big")) + lying["value"]["rle"][4:]
+    assert label_masks([lying], targets, 1_000_000) == {}
+
+
+def test_webhook_events_of_every_learning_action():
+    project = {"id": 3, "label_config": BRUSH_CONFIG}
+    task = {"id": 9, "data": {"image": "x.png"}}
+    created = webhook_events({"action": "ANNOTATION_CREATED", "project": project, "task": task,
+                              "annotation": {"id": 5, "task": 9, "result": [{"x": 1}]}}, lambda p: None)
+    assert created == [Learn(3, 5, task, [{"x": 1}], BRUSH_CONFIG)]
+    updated = webhook_events({"action": "ANNOTATION_UPDATED", "project": project, "task": task,
+                              "annotation": {"id": 5, "task": 9, "result": [], "was_cancelled": True}},
+                             lambda p: None)
+    assert updated[0].cancelled
+    other = {"id": 10, "data": {"image": "y.png"}}
+    bulk = webhook_events({"action": "ANNOTATIONS_CREATED", "project": {"id": 3}, "task": [task, other],
+                           "annotation": [{"id": 6, "task": 10, "result": []}, {"id": 7, "task": 9, "result": []}]},
+                          lambda p: BRUSH_CONFIG if p == 3 else None)
+    assert [(e.annotation, e.task["id"]) for e in bulk] == [(6, 10), (7, 9)]
+    deleted = webhook_events({"action": "ANNOTATIONS_DELETED", "project": project,
+                              "annotations": [{"id": 5}, {"id": "bad"}, {"id": 6}]}, lambda p: None)
+    assert deleted == [Forget(3, (5, 6))]
+    assert webhook_events({"action": "TASKS_CREATED"}, lambda p: None) == []
+
+
+@pytest.mark.parametrize("body", [
+    {"action": "ANNOTATION_CREATED", "annotation": {"id": 1}, "task": {"id": 1, "data": {}}},  # no project
+    {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 1}, "task": {"id": 1, "data": {}}},
+    {"action": "ANNOTATION_CREATED", "project": {"id": 3, "label_config": BRUSH_CONFIG}, "annotation": {"id": 1},
+     "task": {"id": 1}},  # no task data
+    {"action": "ANNOTATIONS_CREATED", "project": {"id": 3, "label_config": BRUSH_CONFIG}, "annotation": {"id": 1},
+     "task": []},  # the bulk form needs lists
+    {"action": "ANNOTATIONS_DELETED", "project": {"id": 3}, "annotations": "all"},
+])
+def test_malformed_webhooks_are_refused_with_a_reason(body):
+    with pytest.raises(ValueError):
+        webhook_events(body, lambda p: None)
+
+
+def example(seed, dim=8):
+    vector = torch.nn.functional.normalize(torch.randn(dim, generator=torch.Generator().manual_seed(seed)), dim=0)
+    return Example(vector, 0.8, 0.2, 100 + seed)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def bank_factory(request):
+    if request.param == "memory":
+        yield lambda **kw: MemoryBank(**kw)
+        return
+    from .fakes import RedisServer
+
+    server = RedisServer()
+    server.start()
+    yield lambda **kw: RedisBank.from_url(server.url, "rfclip-test-v1", **kw)
+    server.stop()
+
+
+def test_bank_put_replace_remove_and_projects_apart(bank_factory):
+    bank = bank_factory(max_annotations=100)
+    cat, dog = ("tag", "cat"), ("tag", "dog")
+    bank.put(1, 10, 100, {cat: example(1), dog: example(2)})
+    bank.put(1, 11, 101, {cat: example(3)})
+    bank.put(2, 10, 500, {dog: example(4)})  # the same annotation id in another project
+    assert bank.counts(1) == {cat: 2, dog: 1} and bank.counts(2) == {dog: 1}
+    found = bank.examples(1)[cat]
+    torch.testing.assert_close(found[0].vector, example(1).vector)  # oldest first
+    assert (found[1].inside, found[1].outside, found[1].pixels) == (0.8, 0.2, 103)
+    bank.put(1, 10, 100, {dog: example(5)})  # an update replaces the annotation's contribution
+    assert bank.counts(1) == {cat: 1, dog: 1}
+    torch.testing.assert_close(bank.examples(1)[dog][0].vector, example(5).vector)
+    assert bank.remove(1, [11, 99]) == 1
+    assert bank.counts(1) == {dog: 1}
+    bank.put(1, 10, 100, {})  # emptied: forgotten
+    assert bank.counts(1) == {} and bank.counts(2) == {dog: 1}
+
+
+def test_bank_keeps_the_newest_annotations_within_its_bound(bank_factory):
+    bank = bank_factory(max_annotations=3)
+    for annotation in range(5):
+        bank.put(1, annotation, annotation, {("tag", "cat"): example(annotation)})
+        time.sleep(0.01)
+    kept = bank.examples(1)[("tag", "cat")]
+    assert [e.pixels for e in kept] == [102, 103, 104]
+
+
+def test_redis_bank_is_shared_survives_restarts_and_is_keyed_by_model(redis_server, tmp_path):
+    from .fakes import RedisServer
+
+    server = RedisServer(data_dir=tmp_path / "redis")
+    server.start()
+    try:
+        writer = RedisBank.from_url(server.url, "model-a")
+        reader = RedisBank.from_url(server.url, "model-a")
+        writer.put(1, 10, 100, {("tag", "cat"): example(1)})
+        assert reader.counts(1) == {("tag", "cat"): 1}
+        assert RedisBank.from_url(server.url, "model-b").counts(1) == {}  # another model's features never mix
+        server.stop()
+        import redis
+
+        with pytest.raises(redis.RedisError):
+            reader.examples(1)
+        assert list(reader.last(1)) == [("tag", "cat")]  # what predictions go on with meanwhile
+        server.start()
+        assert RedisBank.from_url(server.url, "model-a").counts(1) == {("tag", "cat"): 1}
+    finally:
+        server.stop()
+
+
+def test_fingerprint_moves_when_a_count_crosses_a_power_of_two():
+    seen = []
+    for n in range(1, 10):
+        seen.append(fingerprint({("tag", "cat"): [example(0)] * n}))
+    assert fingerprint({}) == ""
+    assert seen[1] == seen[2] and seen[3] == seen[6] and seen[7] == seen[8]
+    assert len({seen[0], seen[1], seen[3], seen[7]}) == 4
+
+
+def png_of(rgb):
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def two_colour_image():
+    image = np.zeros((64, 96, 3), np.uint8)
+    image[:, :48] = (220, 30, 30)
+    image[:, 48:] = (30, 30, 220)
+    return image
+
+
+def annotation_body(annotation_id, image_url, mask, label="cat", action="ANNOTATION_CREATED", project=5):
+    return {"action": action, "project": {"id": project, "label_config": BRUSH_CONFIG},
+            "task": {"id": 77, "data": {"image": image_url}},
+            "annotation": {"id": annotation_id, "task": 77, "result": [brush(mask, label, "tag")]}}
+
+
+def test_the_backend_learns_from_its_webhook_and_its_version_follows(tiny_model, tmp_path, fake_ls):
+    app = make_app(tiny_model, tmp_path)
+    client, learner = app.test_client(), app.extensions["rfclip"]["learner"]
+    service = app.extensions["rfclip"]["service"]
+    fake_ls.public["a.png"] = png_of(two_colour_image())
+    url = f"{fake_ls.url}/img/a.png"
+    before = client.post("/setup", json={"project": "5.1", "schema": BRUSH_CONFIG}).get_json()["model_version"]
+    assert before == service.model_version
+    left = np.zeros((64, 96), bool)
+    left[:, :48] = True
+
+    answer = client.post("/webhook", json=annotation_body(1, url, left))
+    assert answer.get_json() == {"status": "queued", "events": 1, "dropped": 0}
+    assert learner.wait_idle(30)
+    assert service.bank.counts(5) == {("tag", "cat"): 1}
+    after = client.post("/setup", json={"project": "5.2", "schema": BRUSH_CONFIG}).get_json()["model_version"]
+    assert after.startswith(before + "-p") and after != before
+    (entry,) = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": url}}], "project": "5.3",
+                                             "label_config": BRUSH_CONFIG}).get_json()["results"]
+    assert entry["model_version"] == after
+    # another project is not touched
+    assert client.post("/setup", json={"project": "6.1", "schema": BRUSH_CONFIG}).get_json()["model_version"] == before
+
+    # an update replaces the annotation's examples: still one cat, now a dog too
+    body = annotation_body(1, url, left, action="ANNOTATION_UPDATED")
+    body["annotation"]["result"].append(brush(~left, "dog", "tag"))
+    client.post("/webhook", json=body)
+    assert learner.wait_idle(30)
+    assert service.bank.counts(5) == {("tag", "cat"): 1, ("tag", "dog"): 1}
+    client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "project": {"id": 5}, "annotations": [{"id": 1}]})
+    assert learner.wait_idle(30)
+    assert service.bank.counts(5) == {}
+    assert client.post("/setup", json={"project": "5.4", "schema": BRUSH_CONFIG}).get_json()["model_version"] == before
+
+
+def test_the_webhook_answers_at_once_while_learning_runs(tiny_model, tmp_path, fake_ls, monkeypatch):
+    app = make_app(tiny_model, tmp_path)
+    client, learner = app.test_client(), app.extensions["rfclip"]["learner"]
+    service = app.extensions["rfclip"]["service"]
+    original = service.learn
+
+    def slow(rgb, masks):
+        time.sleep(2.0)
+        return original(rgb, masks)
+
+    monkeypatch.setattr(service, "learn", slow)
+    fake_ls.public["a.png"] = png_of(two_colour_image())
+    mask = np.zeros((64, 96), bool)
+    mask[:30] = True
+    started = time.monotonic()
+    for annotation in (1, 2):
+        assert client.post("/webhook", json=annotation_body(annotation, f"{fake_ls.url}/img/a.png", mask)).status_code == 200
+    assert time.monotonic() - started < 1.0
+    assert service.bank.counts(5) == {}
+    assert learner.wait_idle(30)
+    assert service.bank.counts(5) == {("tag", "cat"): 2}
+
+
+def test_an_annotation_whose_image_fails_is_logged_and_the_next_is_learned(tiny_model, tmp_path, fake_ls, caplog):
+    app = make_app(tiny_model, tmp_path)
+    client, learner = app.test_client(), app.extensions["rfclip"]["learner"]
+    fake_ls.public["a.png"] = png_of(two_colour_image())
+    mask = np.zeros((64, 96), bool)
+    mask[:30] = True
+    client.post("/webhook", json=annotation_body(1, f"{fake_ls.url}/img/missing.png", mask))
+    client.post("/webhook", json=annotation_body(2, f"{fake_ls.url}/img/a.png", mask))
+    assert learner.wait_idle(30)
+    assert app.extensions["rfclip"]["service"].bank.counts(5) == {("tag", "cat"): 1}
+    assert "project 5: learning failed" in caplog.text
+
+
+def test_learning_is_shared_through_redis(tiny_model, tmp_path, fake_ls, redis_server):
+    first = make_app(tiny_model, tmp_path / "a", redis_url=redis_server.url)
+    second = make_app(tiny_model, tmp_path / "b", redis_url=redis_server.url)
+    fake_ls.public["a.png"] = png_of(two_colour_image())
+    mask = np.zeros((64, 96), bool)
+    mask[:, :48] = True
+    first.test_client().post("/webhook", json=annotation_body(1, f"{fake_ls.url}/img/a.png", mask))
+    assert first.extensions["rfclip"]["learner"].wait_idle(30)
+    versions = [app.test_client().post("/setup", json={"project": "5.1", "schema": BRUSH_CONFIG}).get_json()
+                ["model_version"] for app in (first, second)]
+    assert versions[0] == versions[1] and "-p" in versions[0]
+
+
+def test_prototypes_off_ignores_annotations(tiny_model, tmp_path):
+    app = make_app(tiny_model, tmp_path, prototypes=False)
+    answer = app.test_client().post("/webhook", json=annotation_body(1, "x.png", np.ones((4, 4), bool))).get_json()
+    assert answer["status"] == "ignored" and "RFCLIP_PROTOTYPES" in answer["reason"]
