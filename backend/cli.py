@@ -96,6 +96,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wrk = sub.add_parser("worker", help="run queued chunks with the model loaded once (one process per GPU)")
     wrk.add_argument("--queue", help="queue name (default $RFCLIP_QUEUE or rfclip)")
     wrk.add_argument("--burst", action="store_true", help="quit when the queue is empty")
+    learn = sub.add_parser("learn", help="build the project's visual prototypes from its existing annotations")
+    learn.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    learn.add_argument("--no-progress", action="store_true", help="no progress bar")
     jobs = sub.add_parser("jobs", help="the state of the queued runs")
     jobs.add_argument("--project", type=int, help="only this project")
     jobs.add_argument("--json", action="store_true", help="as JSON (the same as GET /jobs)")
@@ -243,6 +246,44 @@ def worker_command(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def learn_command(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit status 0 when every annotation was read, 1 when some failed or the run stopped, 2 on
+    bad usage or a project the backend cannot predict."""
+    from .jobs.studio import Studio
+    from .label_config import LabelConfigError
+    from .learning.learner import Learner
+    from .learning.project import learn_project
+    from .media import Credentials
+    from .runtime import build_runtime
+
+    if not (settings.label_studio_url and settings.label_studio_api_key):
+        return _fail("learn", "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+    if not settings.prototypes:
+        return _fail("learn", "prototypes are off (RFCLIP_PROTOTYPES=off)")
+    if settings.redis_url is None:
+        return _fail("learn", "set REDIS_URL: without it a backend keeps what it learns in its own process, "
+                              "so nothing learned here would reach it")
+    runtime = build_runtime(settings)
+    runtime.holder.start()
+    credentials = Credentials(settings.label_studio_url, settings.label_studio_api_key)
+    learner = Learner(runtime.service, lambda project: credentials)
+    try:
+        report = learn_project(learner, Studio(settings.label_studio_url, settings.label_studio_api_key),
+                               args.project, progress=not args.no_progress)
+        counts = runtime.service.bank.counts(args.project)
+    except LabelConfigError as err:
+        return _fail("learn", f"project {args.project}: {err}")
+    except Exception as err:  # Label Studio or Redis down after the retries, a refused token, ...
+        return _fail("learn", f"stopped: {_error(err)}; a rerun learns everything again", 1)
+    labels = ", ".join(f"{label} {n}" for (_, label), n in sorted(counts.items())) or "none"
+    print(f"project {args.project}: {report.annotations} annotations, {report.learned} learned, {report.empty} with "
+          f"no predicted label, {len(report.failed)} failed, {report.forgotten} forgotten (no longer in the "
+          f"project); examples per label: {labels}; model version {runtime.service.version_for(args.project)}")
+    for annotation, reason in sorted(report.failed.items()):
+        print(f"  annotation {annotation}: {reason}")
+    return 0 if not report.failed and not report.stopped else 1
+
+
 def jobs_command(settings: Settings, args: argparse.Namespace) -> int:
     from .jobs.queue import JobQueue
 
@@ -276,7 +317,8 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-COMMANDS = {"preannotate": preannotate_command, "worker": worker_command, "jobs": jobs_command}
+COMMANDS = {"preannotate": preannotate_command, "worker": worker_command, "learn": learn_command,
+            "jobs": jobs_command}
 
 
 if __name__ == "__main__":

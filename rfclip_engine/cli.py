@@ -1,6 +1,6 @@
 """The `rfclip` command: `segment` images into an open vocabulary, `calibrate` a backbone.
 
-    rfclip segment IMAGE_OR_DIR --labels "cat,dog,grass" --out OUT [--pamr] [--checkpoint PATH]
+    rfclip segment IMAGE_OR_DIR --labels "cat,dog,grass" --out OUT [--pamr] [--checkpoint PATH] [--examples DIR]
     rfclip calibrate --model NAME --checkpoint PATH --images DIR --out dims.json
     rfclip eval --dataset voc21 --root data/VOCdevkit/VOC2012 [--pamr] [--limit N] [--out results.json]
 
@@ -27,6 +27,7 @@ from .evaluation import SegmentationDataset, dataset_specs, evaluate, format_tab
 from .imageio import ImageError, load_rgb
 from .loading import WeightsUnavailableError, load_model, resolve_device
 from .predictor import Segmenter
+from .prototypes import Example, Prototypes
 from .presets import save_preset_file
 from .text import Vocabulary
 from .visualize import colorize, overlay, palette
@@ -154,14 +155,65 @@ def _save_label_map(path: Path, label_map: np.ndarray, n_classes: int) -> None:
     Image.fromarray(raw).save(path)
 
 
+LABEL_MAP_SUFFIX = "_labelmap.png"
+
+
+def _example_pairs(folder: Path) -> List[Tuple[Path, Path]]:
+    """(image, label map) pairs of an examples folder: NAME_labelmap.png beside NAME.<image>."""
+    if not folder.is_dir():
+        raise UsageError(f"--examples {folder}: not a folder")
+    images = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+              and not p.name.endswith(LABEL_MAP_SUFFIX)}
+    pairs = []
+    for label_map in sorted(folder.glob(f"*{LABEL_MAP_SUFFIX}")):
+        stem = label_map.name[: -len(LABEL_MAP_SUFFIX)]
+        if stem not in images:
+            raise UsageError(f"--examples: {label_map.name} has no image {stem}.<png|jpg|...> beside it")
+        pairs.append((images[stem], label_map))
+    if not pairs:
+        raise UsageError(f"--examples {folder}: no NAME{LABEL_MAP_SUFFIX} label maps (class indices in --labels "
+                         "order, 255 unlabeled: what --raw writes)")
+    return pairs
+
+
+def _learn_examples(segmenter: Segmenter, folder: Path, vocabulary: Vocabulary, max_pixels: int) -> Optional[Prototypes]:
+    """Each class's examples from the folder's image + label-map pairs."""
+    per_class: List[List[Example]] = [[] for _ in vocabulary.names]
+    for image_path, map_path in tqdm(_example_pairs(folder), unit="example", desc="examples"):
+        try:
+            rgb = load_rgb(image_path, max_pixels)
+            labels = np.asarray(Image.open(map_path))
+        except (ImageError, OSError) as err:
+            raise UsageError(f"--examples: {image_path.name} or its label map cannot be read: {err}") from None
+        if labels.ndim != 2 or labels.shape != rgb.shape[:2]:
+            raise UsageError(f"--examples: {map_path.name} must be a single-channel map of its image's size "
+                             f"{rgb.shape[1]}x{rgb.shape[0]}, not {labels.shape}")
+        unlabeled = np.iinfo(labels.dtype).max if labels.dtype.kind in "ui" else None
+        values = set(np.unique(labels).tolist()) - {unlabeled}
+        if any(not 0 <= v < len(vocabulary) for v in values):
+            raise UsageError(f"--examples: {map_path.name} holds class indices {sorted(values)}, but --labels has "
+                             f"{len(vocabulary)} classes (0 to {len(vocabulary) - 1}; {unlabeled} = unlabeled)")
+        present = sorted(values)
+        for c, example in zip(present, segmenter.examples(rgb, np.stack([labels == c for c in present]))):
+            if example is not None:
+                per_class[c].append(example)
+    counts = ", ".join(f"{name} {len(found)}" for name, found in zip(vocabulary.names, per_class) if found)
+    print(f"examples per class: {counts or 'none'}", file=sys.stderr)
+    return segmenter.prototypes(per_class)
+
+
 def segment_command(args: argparse.Namespace) -> int:
     vocabulary = _vocabulary(args)
     files = _list_images(Path(args.input))
+    pairs_folder = Path(args.examples) if args.examples else None
+    if pairs_folder is not None:
+        _example_pairs(pairs_folder)  # bad usage is said before the model loads
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = _load(args)
     config = _segmenter_config(args, model.device)
     segmenter = Segmenter(model, config, max_pixels=args.max_pixels)
+    prototypes = _learn_examples(segmenter, pairs_folder, vocabulary, args.max_pixels) if pairs_folder else None
     colors = palette(len(vocabulary))
     (out / "classes.json").write_text(json.dumps(
         [{"index": i, "name": n, "queries": list(q), "color": colors[i].tolist()}
@@ -180,7 +232,8 @@ def segment_command(args: argparse.Namespace) -> int:
                 tqdm.write(f"error: {path}: {err}", file=sys.stderr)
                 progress.update(1)
         # the crops of these images share the encoder's batches
-        logits = segmenter.logits_many([rgb for _, _, rgb in readable], vocabulary) if readable else []
+        logits = segmenter.logits_many([rgb for _, _, rgb in readable], vocabulary, prototypes=prototypes) \
+            if readable else []
         for (path, stem, rgb), image_logits in zip(readable, logits):
             label_map = segmenter.decide(image_logits, vocabulary.names, rgb.shape[:2]).label_map.numpy()
             colorize(label_map, colors).save(out / f"{stem}_labels.png")
@@ -267,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--images-per-batch", type=_positive_int, default=4,
                      help="images whose crops share forward passes (default 4)")
     seg.add_argument("--raw", action="store_true", help="also write the raw label map")
+    seg.add_argument("--examples", help="a folder of corrected examples: NAME.png (or .jpg, ...) with "
+                                        "NAME_labelmap.png (class indices in --labels order, 255 unlabeled, as --raw "
+                                        "writes); each class's mean feature inside its pixels joins its text")
     seg.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse larger images (default 1e8)")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_arguments(seg)

@@ -117,3 +117,54 @@ def test_calibrate_command_writes_a_usable_file(tmp_path, capsys):
     assert load_preset_file(out).dims == (11,)
     loaded = load_model(TINY_CONFIG, pretrained=str(ckpt), distraction_dims=str(out))
     assert loaded.preset.dims == (11,)
+
+
+def halves(path, size, left, right):
+    image = np.zeros((*size, 3), np.uint8)
+    image[:, : size[1] // 2], image[:, size[1] // 2:] = left, right
+    Image.fromarray(image).save(path)
+
+
+def test_segment_with_examples_follows_their_labels(tmp_path, checkpoint, capsys):
+    red, blue = (230, 20, 20), (20, 20, 230)
+    halves(tmp_path / "scene.png", (64, 96), red, blue)
+    truth = np.zeros((64, 96), np.uint8)
+    truth[:, 48:] = 1
+    agreement = {}
+    for name, first in (("right", 0), ("swapped", 1)):
+        examples = tmp_path / f"examples-{name}"
+        examples.mkdir()
+        halves(examples / "one.png", (80, 80), red, blue)
+        label_map = np.full((80, 80), first, np.uint8)
+        label_map[:, 40:] = 1 - first
+        label_map[:5] = 255  # unlabeled pixels teach nothing
+        Image.fromarray(label_map).save(examples / "one_labelmap.png")
+        out = tmp_path / f"out-{name}"
+        code = main(["segment", str(tmp_path / "scene.png"), "--labels", "red,blue", "--raw", "--examples",
+                     str(examples), "--checkpoint", checkpoint, "--distraction-dims", "1,2,3", "--out", str(out),
+                     *FAST])
+        assert code == 0 and "examples per class: red 1, blue 1" in capsys.readouterr().err
+        agreement[name] = (np.array(Image.open(out / "scene_labelmap.png")) == truth).mean()
+    assert agreement["right"] > 0.9 and agreement["swapped"] < 0.1
+
+
+def test_examples_usage_errors(tmp_path, checkpoint, capsys):
+    write_image(tmp_path / "x.png", (64, 64))
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    args = ["segment", str(tmp_path / "x.png"), "--labels", "a,b", "--examples", str(examples), "--checkpoint",
+            checkpoint, "--distraction-dims", "1,2,3", "--out", str(tmp_path / "o"), *FAST]
+
+    def refused(expected):
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        assert info.value.code == 2 and expected in capsys.readouterr().err
+
+    refused("no NAME_labelmap.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(examples / "lone_labelmap.png")
+    refused("has no image lone")
+    write_image(examples / "lone.png", (64, 64))
+    Image.fromarray(np.full((64, 64), 7, np.uint8)).save(examples / "lone_labelmap.png")
+    refused("holds class indices [7]")
+    Image.fromarray(np.zeros((32, 64), np.uint8)).save(examples / "lone_labelmap.png")
+    refused("image's size 64x64")

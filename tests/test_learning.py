@@ -294,3 +294,63 @@ def test_prototypes_off_ignores_annotations(tiny_model, tmp_path):
     app = make_app(tiny_model, tmp_path, prototypes=False)
     answer = app.test_client().post("/webhook", json=annotation_body(1, "x.png", np.ones((4, 4), bool))).get_json()
     assert answer["status"] == "ignored" and "RFCLIP_PROTOTYPES" in answer["reason"]
+
+
+class AnnotatedStudio:
+    """A project's tasks with their annotations, in memory."""
+
+    def __init__(self, tasks):
+        self.listed = tasks
+
+    def label_config(self, project):
+        return BRUSH_CONFIG
+
+    def tasks(self, project, view=None):
+        return iter(self.listed)
+
+
+def test_learn_project_learns_every_annotation_and_forgets_the_stale(tiny_model, tmp_path, fake_ls):
+    from backend.jobs.studio import StudioTask
+    from backend.learning.project import learn_project
+
+    app = make_app(tiny_model, tmp_path)
+    learner, service = app.extensions["rfclip"]["learner"], app.extensions["rfclip"]["service"]
+    fake_ls.public["a.png"] = png_of(two_colour_image())
+    left = np.zeros((64, 96), bool)
+    left[:, :48] = True
+    good = {"image": f"{fake_ls.url}/img/a.png"}
+
+    def annotation(i, result, cancelled=False):
+        return {"id": i, "result": result, "was_cancelled": cancelled}
+
+    studio = AnnotatedStudio([
+        StudioTask(1, good, (), (annotation(11, [brush(left, "cat", "tag")]), annotation(12, [brush(~left, "dog", "tag")]))),
+        StudioTask(2, {"image": f"{fake_ls.url}/img/missing.png"}, (), (annotation(13, [brush(left, "cat", "tag")]),)),
+        StudioTask(3, good, (), (annotation(14, []), annotation(15, [brush(left, "cat", "tag")], cancelled=True))),
+        StudioTask(4, good, ()),
+    ])
+    service.bank.put(5, 99, 1, {("tag", "cat"): example(1)})  # learned once, deleted since in Label Studio
+    report = learn_project(learner, studio, 5, progress=False)
+    assert (report.annotations, report.learned, report.empty, report.forgotten) == (5, 2, 2, 1)
+    assert list(report.failed) == [13] and report.failed[13].startswith("MediaError")  # its image: 404
+    assert service.bank.counts(5) == {("tag", "cat"): 1, ("tag", "dog"): 1}
+    assert service.bank.annotations(5) == [11, 12]
+
+
+def test_learn_command_needs_the_shared_bank(monkeypatch, capsys):
+    from backend import cli
+
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "k")
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert cli.main(["learn", "--project", "1"]) == 2
+    assert "set REDIS_URL" in capsys.readouterr().err
+
+
+def test_workers_take_chunks_of_their_model_with_any_examples_tag():
+    from backend.jobs.worker import same_model
+
+    assert same_model("rfclip-m-1a2b", "rfclip-m-1a2b")
+    assert same_model("rfclip-m-1a2b-p0c0ffe", "rfclip-m-1a2b")
+    assert not same_model("rfclip-m-9999-p0c0ffe", "rfclip-m-1a2b")
+    assert not same_model("rfclip-m-1a2bc", "rfclip-m-1a2b")

@@ -21,6 +21,7 @@ class StudioTask:
     id: int
     data: dict
     predictions: Tuple[Tuple[int, str], ...] = ()  # (id, model_version) of those it holds
+    annotations: Tuple[dict, ...] = ()  # {"id", "result", "was_cancelled"} of those it holds
 
     @property
     def model_versions(self) -> FrozenSet[str]:
@@ -48,7 +49,10 @@ class Studio:
         for task in pager:
             predictions = tuple((int(_field(p, "id") or 0), str(_field(p, "model_version") or ""))
                                 for p in (task.predictions or []))
-            yield StudioTask(task.id, dict(task.data or {}), predictions)
+            annotations = tuple({"id": _field(a, "id"), "result": _field(a, "result") or [],
+                                 "was_cancelled": bool(_field(a, "was_cancelled"))}
+                                for a in (getattr(task, "annotations", None) or []))
+            yield StudioTask(task.id, dict(task.data or {}), predictions, annotations)
 
     def current(self, project: int, ids: Sequence[int]) -> Dict[int, StudioTask]:
         """These tasks as they are now (data and predictions); deleted ones are absent."""
@@ -94,9 +98,10 @@ class Studio:
         self.client.projects.update(id=project, model_version=version, request_options=RETRIES)
 
 
-def _field(prediction: object, name: str) -> object:
-    """A listed prediction's field: the SDK gives objects, or dicts for fields it does not model."""
-    return prediction.get(name) if isinstance(prediction, dict) else getattr(prediction, name, None)
+def _field(item: object, name: str) -> object:
+    """A listed prediction's or annotation's field: the SDK gives objects, or dicts for fields it
+    does not model."""
+    return item.get(name) if isinstance(item, dict) else getattr(item, name, None)
 
 
 def parse_selection(raw: str, limit: int = 1_000_000) -> Optional[List[int]]:

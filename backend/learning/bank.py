@@ -106,6 +106,10 @@ class PrototypeBank(ABC):
     def counts(self, project: int) -> Dict[LabelKey, int]:
         return {key: len(found) for key, found in self.examples(project).items()}
 
+    def annotations(self, project: int) -> List[int]:
+        """Ids of the annotations the project's bank holds."""
+        return sorted(self._entries(project))
+
     @staticmethod
     def _oldest(entries: Mapping[int, bytes], count: int) -> List[int]:
         """The `count` (may be <= 0: none) annotations added first."""
