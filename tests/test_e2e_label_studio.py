@@ -327,3 +327,47 @@ def test_a_retrieve_beyond_the_budget_overflows_into_the_queue(stack, queue_redi
     finally:
         stop(worker)
         stop(backend)
+
+
+# --- active learning: an annotation through the API, its webhook, the next Retrieve
+
+def brush_result(mask, label):
+    from backend.regions import mask_to_rle
+
+    height, width = mask.shape
+    return {"from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": width,
+            "original_height": height, "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}}
+
+
+def backend_version(stack, project):
+    answer = requests.post(f"{stack['backend']}/setup", json={"project": f"{project}.1", "schema": CONFIG}, timeout=10)
+    return answer.json()["model_version"]
+
+
+def test_a_corrected_mask_is_learned_and_used_by_the_next_retrieve(stack):
+    pid, (first, second) = image_project(stack, "rfclip learning", 2, "learn")
+    api(stack, "POST", "/api/ml", json={"url": stack["backend"], "project": pid, "title": "rfclip",
+                                        "is_interactive": False})  # registers the backend's /webhook
+    base = backend_version(stack, pid)
+    left = np.zeros((60, 80), bool)
+    left[:, :40] = True
+    annotation = api(stack, "POST", f"/api/tasks/{first}/annotations",
+                     json={"result": [brush_result(left, "cat"), brush_result(~left, "dog")]})
+    wait_until(lambda: backend_version(stack, pid) != base, 60, "the annotation's webhook learned")
+    learned = backend_version(stack, pid)
+    assert learned.startswith(base + "-p")
+    assert f"project {pid}: annotation {annotation['id']} taught cat (1 examples), dog (1 examples)" in \
+        stack["backend_log"].read_text()
+
+    api(stack, "POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}",
+        json={"selectedItems": {"all": False, "included": [second]}})
+    (prediction,) = api(stack, "GET", f"/api/predictions?task={second}")
+    assert prediction["model_version"] == learned and prediction["result"]
+
+    # the annotator takes the dog back: the update replaces what the annotation taught
+    api(stack, "PATCH", f"/api/annotations/{annotation['id']}", json={"result": [brush_result(left, "cat")]})
+    wait_until(lambda: backend_version(stack, pid) not in (base, learned), 60, "the update learned")
+    api(stack, "DELETE", f"/api/annotations/{annotation['id']}")
+    wait_until(lambda: backend_version(stack, pid) == base, 60, "the deleted annotation forgotten")
+    assert backend_version(stack, pid + 1000) == base  # nothing reached another project
