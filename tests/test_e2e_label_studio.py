@@ -6,6 +6,7 @@ Outside CI, without LABEL_STUDIO_BIN, this test is skipped with that reason; in 
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -371,3 +372,74 @@ def test_a_corrected_mask_is_learned_and_used_by_the_next_retrieve(stack):
     api(stack, "DELETE", f"/api/annotations/{annotation['id']}")
     wait_until(lambda: backend_version(stack, pid) == base, 60, "the deleted annotation forgotten")
     assert backend_version(stack, pid + 1000) == base  # nothing reached another project
+
+
+# --- a real browser: Debian's chromium driven by Playwright (never a browser download)
+
+ARTIFACTS = Path(os.environ.get("RFCLIP_TEST_ARTIFACTS", REPO / "test-artifacts")) / "browser"
+CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")
+# no background networking: this machine's closed network refuses it, many connections at a time
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def test_reviewers_sort_by_prediction_score_and_find_the_regions(stack):
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)"
+    pid = api(stack, "POST", "/api/projects", json={"title": "rfclip browser", "label_config": CONFIG})["id"]
+    # uploads, so that Label Studio itself serves the images to the browser
+    api(stack, "POST", f"/api/projects/{pid}/import",
+        files={f"file{i}": (f"browse{i}.png", png_bytes(120, 160, seed=200 + i), "image/png") for i in range(4)})
+    ids = sorted(t["id"] for t in api(stack, "GET", f"/api/tasks?project={pid}")["tasks"])
+    assert len(ids) == 4
+    code, out = preannotate(stack, pid)
+    assert code == 0 and "4 predicted" in out, out
+    scores = {t: api(stack, "GET", f"/api/predictions?task={t}")[0]["score"] for t in ids}
+    ascending = sorted(scores, key=lambda t: (scores[t], t))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 800})
+        step = 0
+
+        def shot(name):
+            nonlocal step
+            step += 1
+            page.screenshot(path=str(ARTIFACTS / f"{step:02d}-{name}.png"))
+
+        try:
+            page.goto(f"{stack['ls']}/user/login/")
+            page.fill("input[name=email]", "e2e@example.com")
+            page.fill("input[name=password]", "e2e-password-123")
+            page.click("button[type=submit]")
+            page.wait_for_load_state("networkidle")
+            page.goto(f"{stack['ls']}/projects/{pid}/data")
+            page.wait_for_load_state("networkidle")
+            shot("data-manager")
+            page.get_by_role("button", name="Columns").click()
+            page.get_by_text("Prediction score", exact=True).click()
+            page.keyboard.press("Escape")
+            page.get_by_role("button", name="Order by").click()
+            page.get_by_text("Prediction score", exact=True).last.click()
+            page.keyboard.press("Escape")
+            page.wait_for_timeout(1500)
+            shot("sorted-by-score")
+            shown = [float(line) for line in page.locator("body").inner_text().split("\n")
+                     if re.fullmatch(r"[01]\.\d{3}", line.strip())]
+            assert shown == [round(scores[t], 3) for t in ascending], (shown, scores)
+            page.locator("[class*=row-wrapper]").first.click()
+            page.get_by_text("Regions", exact=True).first.wait_for()
+            page.wait_for_timeout(1500)
+            shot("least-certain-task")
+            assert "issue loading URL" not in page.locator("body").inner_text()  # the image is there too
+            first = api(stack, "GET", f"/api/predictions?task={ascending[0]}")[0]
+            outliner = page.locator("body").inner_text().split("Regions", 1)[1]
+            for region in first["result"]:
+                assert region["value"]["brushlabels"][0] in outliner
+                assert f"{region['score']:.2f}" in outliner
+        except Exception:
+            shot("failure")
+            raise
+        finally:
+            browser.close()
