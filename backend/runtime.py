@@ -52,6 +52,7 @@ def build_runtime(settings: Settings, segmenter_loader: SegmenterLoader = load_s
                            destination_policy(settings),
                            # decoding a big JPEG reduced, to twice the working size, loses nothing the model sees
                            min_short_side=2 * segmenter_config(settings, torch.device("cpu")).short_side)
-    bank = open_bank(settings.redis_url, model_version(settings), settings.prototype_max_annotations) \
+    bank = open_bank(settings.redis_url, model_version(settings), settings.prototype_max_annotations,
+                     settings.max_projects) \
         if settings.prototypes else None
     return Runtime(text_cache, holder, PredictionService(settings, holder, fetcher, bank=bank))

@@ -155,6 +155,40 @@ def test_bank_keeps_the_newest_annotations_within_its_bound(bank_factory):
     assert [e.pixels for e in kept] == [102, 103, 104]
 
 
+def test_memory_bank_keeps_the_most_recently_taught_projects(bank_factory):
+    bank = bank_factory(max_annotations=10, max_projects=2)
+    cat = ("tag", "cat")
+    for project in (1, 2, 3):
+        bank.put(project, 1, 1, {cat: example(project)})
+    bank.examples(2)
+    if isinstance(bank, MemoryBank):
+        assert bank.counts(1) == {} and bank.counts(3) == {cat: 1}  # the least recently taught is gone
+    else:
+        assert bank.counts(1) == {cat: 1}  # Redis keeps every project (each key expires on its own)
+    assert len(bank._cache) <= 2  # the decoded states held in this process stay bounded too
+
+
+def test_an_entry_that_does_not_decode_is_left_out(bank_factory, caplog):
+    caplog.set_level(logging.WARNING, logger="rfclip.backend.learning")
+    bank = bank_factory(max_annotations=10)
+    bank.put(1, 1, 1, {("tag", "cat"): example(1)})
+    bank._store(1, 2, b"not json")  # written by something else
+    assert bank.counts(1) == {("tag", "cat"): 1}
+    assert "does not decode" in caplog.text
+
+
+def test_redis_bank_keys_expire_after_the_last_change(redis_server):
+    from backend.learning.bank import KEEP_S
+
+    bank = RedisBank.from_url(redis_server.url, "model-ttl")
+    bank.put(1, 10, 100, {("tag", "cat"): example(1)})
+    key = bank._key(1)
+    assert 0 < bank.client.ttl(key) <= KEEP_S and 0 < bank.client.ttl(key + ":revision") <= KEEP_S
+    bank.client.expire(key + ":revision", 5)
+    bank.remove(1, [10])
+    assert bank.client.ttl(key + ":revision") > 5  # a change renews it
+
+
 def test_redis_bank_is_shared_survives_restarts_and_is_keyed_by_model(redis_server, tmp_path):
     from .fakes import RedisServer
 

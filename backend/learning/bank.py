@@ -14,11 +14,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import math
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -29,7 +30,9 @@ from rfclip_engine.prototypes import Example
 
 from .annotations import LabelKey
 
+log = logging.getLogger("rfclip.backend.learning")
 Examples = Dict[LabelKey, List[Example]]  # oldest first
+KEEP_S = 90 * 24 * 3600  # a project's bank in Redis lasts this long after its last change
 
 
 def encode(task: int, examples: Mapping[LabelKey, Example], added: float) -> bytes:
@@ -49,9 +52,24 @@ def decode(raw: bytes) -> Tuple[float, Dict[LabelKey, Example]]:
     return float(entry["added"]), examples
 
 
+def _added(raw: bytes) -> float:
+    """When the entry was written; one that does not decode counts as the oldest, to go first."""
+    try:
+        return float(json.loads(raw)["added"])
+    except (ValueError, KeyError, TypeError):
+        return -math.inf
+
+
 def group(entries: Iterable[bytes]) -> Examples:
-    """Every annotation's examples, per label, oldest annotation first."""
-    decoded = sorted((decode(raw) for raw in entries), key=lambda pair: pair[0])
+    """Every annotation's examples, per label, oldest annotation first; an entry that does not
+    decode (written by someone else) is left out with a warning, never fails a prediction."""
+    decoded = []
+    for raw in entries:
+        try:
+            decoded.append(decode(raw))
+        except (ValueError, KeyError, TypeError) as err:
+            log.warning("a prototype bank entry is left out: it does not decode (%s)", type(err).__name__)
+    decoded.sort(key=lambda pair: pair[0])
     out: Examples = defaultdict(list)
     for _, examples in decoded:
         for key, example in examples.items():
@@ -73,9 +91,9 @@ class PrototypeBank(ABC):
     """The bank's operations; `MemoryBank` and `RedisBank` store the entries. `examples` keeps
     the last decoded state per project and decodes again only when the revision moved."""
 
-    def __init__(self, max_annotations: int) -> None:
-        self.max_annotations = max_annotations
-        self._cache: Dict[int, Tuple[int, Examples]] = {}
+    def __init__(self, max_annotations: int, max_projects: int) -> None:
+        self.max_annotations, self.max_projects = max_annotations, max_projects
+        self._cache: "OrderedDict[int, Tuple[int, Examples]]" = OrderedDict()  # the most recently used projects
         self._cache_lock = threading.Lock()
 
     def put(self, project: int, annotation: int, task: int, examples: Mapping[LabelKey, Example]) -> None:
@@ -95,6 +113,9 @@ class PrototypeBank(ABC):
         loaded = group(self._entries(project).values())
         with self._cache_lock:
             self._cache[project] = (revision, loaded)
+            self._cache.move_to_end(project)
+            while len(self._cache) > self.max_projects:
+                self._cache.popitem(last=False)
         return loaded
 
     def last(self, project: int) -> Examples:
@@ -115,7 +136,7 @@ class PrototypeBank(ABC):
         """The `count` (may be <= 0: none) annotations added first."""
         if count <= 0:
             return []
-        return [a for _, a in sorted((json.loads(raw)["added"], a) for a, raw in entries.items())[:count]]
+        return [a for _, a in sorted((_added(raw), a) for a, raw in entries.items())[:count]]
 
     @abstractmethod
     def revision(self, project: int) -> int:
@@ -133,12 +154,12 @@ class PrototypeBank(ABC):
 
 
 class MemoryBank(PrototypeBank):
-    """The bank of one process (no REDIS_URL)."""
+    """The bank of one process (no REDIS_URL): the `max_projects` most recently taught projects."""
 
-    def __init__(self, max_annotations: int = 2000) -> None:
-        super().__init__(max_annotations)
+    def __init__(self, max_annotations: int = 2000, max_projects: int = 1000) -> None:
+        super().__init__(max_annotations, max_projects)
         self._lock = threading.Lock()
-        self._data: Dict[int, Dict[int, bytes]] = defaultdict(dict)
+        self._data: "OrderedDict[int, Dict[int, bytes]]" = OrderedDict()
         self._revisions: Dict[int, int] = defaultdict(int)
 
     def revision(self, project: int) -> int:
@@ -147,18 +168,21 @@ class MemoryBank(PrototypeBank):
 
     def remove(self, project: int, annotations: Iterable[int]) -> int:
         with self._lock:
-            removed = sum(self._data[project].pop(a, None) is not None for a in annotations)
+            removed = sum(self._data.get(project, {}).pop(a, None) is not None for a in annotations)
             if removed:
                 self._revisions[project] += 1
             return removed
 
     def _store(self, project: int, annotation: int, raw: bytes) -> None:
         with self._lock:
-            entries = self._data[project]
+            entries = self._data.setdefault(project, {})
+            self._data.move_to_end(project)
             entries[annotation] = raw
             for old in self._oldest(entries, len(entries) - self.max_annotations):
                 del entries[old]
             self._revisions[project] += 1
+            while len(self._data) > self.max_projects:
+                self._data.popitem(last=False)
 
     def _entries(self, project: int) -> Dict[int, bytes]:
         with self._lock:
@@ -170,15 +194,17 @@ class RedisBank(PrototypeBank):
     when Redis does not answer: the caller decides (learning fails visibly, predictions go on
     with the last state they read)."""
 
-    def __init__(self, client: redis.Redis, model_version: str, max_annotations: int = 2000) -> None:
-        super().__init__(max_annotations)
+    def __init__(self, client: redis.Redis, model_version: str, max_annotations: int = 2000,
+                 max_projects: int = 1000) -> None:
+        super().__init__(max_annotations, max_projects)
         self.client = client
         self.prefix = f"rfclip:prototypes:{model_version}"
 
     @classmethod
-    def from_url(cls, url: str, model_version: str, max_annotations: int = 2000) -> "RedisBank":
+    def from_url(cls, url: str, model_version: str, max_annotations: int = 2000,
+                 max_projects: int = 1000) -> "RedisBank":
         return cls(redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0), model_version,
-                   max_annotations)
+                   max_annotations, max_projects)
 
     def _key(self, project: int) -> str:
         return f"{self.prefix}:{project}"
@@ -193,7 +219,8 @@ class RedisBank(PrototypeBank):
         pipe = self.client.pipeline()
         pipe.hdel(self._key(project), *fields)
         pipe.incr(self._key(project) + ":revision")
-        removed, _ = pipe.execute()
+        pipe.expire(self._key(project) + ":revision", KEEP_S)
+        removed = pipe.execute()[0]
         return int(removed)
 
     def _store(self, project: int, annotation: int, raw: bytes) -> None:
@@ -202,7 +229,9 @@ class RedisBank(PrototypeBank):
         pipe.hset(key, str(annotation), raw)
         pipe.hlen(key)
         pipe.incr(key + ":revision")
-        _, size, _ = pipe.execute()
+        for name in (key, key + ":revision"):
+            pipe.expire(name, KEEP_S)
+        size = pipe.execute()[1]
         if size > self.max_annotations:
             self.remove(project, self._oldest(self._entries(project), size - self.max_annotations))
 
@@ -210,7 +239,7 @@ class RedisBank(PrototypeBank):
         return {int(a): raw for a, raw in self.client.hgetall(self._key(project)).items()}
 
 
-def open_bank(redis_url: Optional[str], model_version: str, max_annotations: int) -> PrototypeBank:
+def open_bank(redis_url: Optional[str], model_version: str, max_annotations: int, max_projects: int) -> PrototypeBank:
     if redis_url:
-        return RedisBank.from_url(redis_url, model_version, max_annotations)
-    return MemoryBank(max_annotations)
+        return RedisBank.from_url(redis_url, model_version, max_annotations, max_projects)
+    return MemoryBank(max_annotations, max_projects)
