@@ -16,17 +16,22 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import FrozenSet, Iterator, List, Optional, Union
+from typing import FrozenSet, Iterator, List, Optional, Tuple, Union
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
-from urllib3.util import connection
+from urllib3.util import Retry, connection
 
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 ALLOW_PRIVATE_SETTING = "RFCLIP_ALLOW_PRIVATE_URLS"
+# A busy host (Label Studio's own server on a loaded machine) now and then drops a connection or
+# answers 502-504; a GET is tried again, twice at most, inside the same wall-clock deadline.
+TRANSIENT_RETRIES = Retry(total=2, connect=2, read=2, status=2, other=0, redirect=False,
+                          status_forcelist=(502, 503, 504), allowed_methods=frozenset({"GET"}),
+                          backoff_factor=0.25, raise_on_status=False)
 
 
 class DownloadRefused(Exception):
@@ -169,7 +174,7 @@ class GuardedAdapter(HTTPAdapter):
         https = type("GuardedHTTPSConnection", (_GuardedConnectionMixin, HTTPSConnection), attrs)
         self._pools = {"http": type("GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http}),
                        "https": type("GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https})}
-        super().__init__()
+        super().__init__(max_retries=TRANSIENT_RETRIES)
 
     def init_poolmanager(self, *args, **kwargs) -> None:
         super().init_poolmanager(*args, **kwargs)
@@ -200,7 +205,23 @@ class GuardedSession(requests.Session):
             self._state.deadline = None
             deadline.cancel()
 
+    def last_failure(self) -> Optional[Tuple[str, str]]:
+        """(URL, what went wrong) of this thread's latest GET, None when it succeeded: a caller's
+        own fallback request may fail otherwise than the error that caller reports."""
+        return getattr(self._state, "failure", None)
+
     def get(self, url, **kwargs):  # type: ignore[override]
+        self._state.failure = None
+        try:
+            response = self._get(url, **kwargs)
+        except Exception as err:
+            self._state.failure = (url, str(err) if isinstance(err, DownloadRefused) else type(err).__name__)
+            raise
+        if not response.ok:
+            self._state.failure = (url, f"HTTP {response.status_code}")
+        return response
+
+    def _get(self, url, **kwargs):
         kwargs["stream"] = True
         kwargs["timeout"] = (min(5.0, self.timeout_s), self.timeout_s)
         headers = dict(kwargs.pop("headers", None) or {})

@@ -49,6 +49,8 @@ class FakeLabelStudio(LoopbackServer):
         self.public: Dict[str, bytes] = {}  # "cat.png" -> bytes
         self.delay_s: Dict[str, float] = {}  # "cat.png" -> seconds before it is served
         self.requests: List[dict] = []
+        self.proxy_status: Optional[int] = None  # e.g. 400, as Label Studio's own server answers its upload proxy
+        self.drops: Dict[str, int] = {}  # path -> connections closed before any answer (a busy server)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -58,6 +60,12 @@ class FakeLabelStudio(LoopbackServer):
             def do_GET(self):
                 fake.requests.append({"path": self.path, "headers": dict(self.headers)})
                 url = urlparse(self.path)
+                if fake.drops.get(url.path, 0) > 0:
+                    fake.drops[url.path] -= 1
+                    self.close_connection = True
+                    return None
+                if url.path.startswith("/storage-data/uploaded") and fake.proxy_status:
+                    return self.send_error(fake.proxy_status)
                 if url.path.startswith("/storage-data/uploaded"):
                     key = (parse_qs(url.query).get("filepath") or [""])[0].removeprefix("upload/")
                     return self._private(key)

@@ -260,6 +260,28 @@ def test_the_image_cache_is_keyed_by_url_and_credentials(tmp_path, fake_ls):
     assert all(len(f.name) == 64 for f in fetcher.cache_dir.iterdir())
 
 
+def test_an_upload_is_fetched_through_label_studio_s_refusing_proxy_and_a_dropped_connection(tmp_path, fake_ls):
+    """As a real Label Studio does: its upload proxy answers 400 (USE_NGINX_FOR_UPLOADS) and the
+    SDK falls back to /data/upload/; a busy server drops that connection once: tried again."""
+    fetcher = ImageFetcher(tmp_path, None, 10 << 20, 5.0, 10 ** 8, policy=DestinationPolicy(allow_private=True))
+    fake_ls.uploads["1/a.png"] = png(30, 30, seed=1)
+    fake_ls.proxy_status = 400
+    fake_ls.drops["/data/upload/1/a.png"] = 1
+    assert fetcher.fetch("/data/upload/1/a.png", 1, Credentials(fake_ls.url, TOKEN)).rgb.shape == (30, 30, 3)
+    assert [r["path"] for r in fake_ls.requests][-2:] == ["/data/upload/1/a.png"] * 2
+
+
+def test_a_failing_fallback_is_reported_as_itself(tmp_path, fake_ls):
+    fetcher = ImageFetcher(tmp_path, None, 10 << 20, 5.0, 10 ** 8, policy=DestinationPolicy(allow_private=True))
+    fake_ls.uploads["1/a.png"] = png(30, 30, seed=1)
+    fake_ls.proxy_status = 400
+    fake_ls.drops["/data/upload/1/a.png"] = 10  # more than the retries
+    with pytest.raises(MediaError, match=r"^ConnectionError fetching /data/upload/1/a.png \(after HTTP 400 from "
+                                         r"/storage-data/uploaded/\)$"):
+        fetcher.fetch("/data/upload/1/a.png", 1, Credentials(fake_ls.url, TOKEN))
+    assert fake_ls.drops["/data/upload/1/a.png"] == 7  # one try and two retries
+
+
 def test_health_shows_a_short_state_and_status_the_details(tiny_model, tmp_path):
     def failing_loader(settings, cache):
         raise FileNotFoundError("/srv/secret-models/ViT-B-16.pt not found")
