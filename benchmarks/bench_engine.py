@@ -1,6 +1,7 @@
 """Speed and memory of the RF-CLIP engine per mode, as ratios to plain CLIP measured in the same run.
 
     python benchmarks/bench_engine.py [--model ViT-B-16] [--repeats 3] [--device auto] [--quick]
+        [--batches 1 8 32 128] [--precision fp32|fp16|bf16] [--peak-tflops N] [--skip-cases]
 
 Cases: one 336x448 image (short side 336: 6 crops), one 560x1120 image at short side 560 (the
 Cityscapes setting: 36 crops), and a batch of 8 336x448 images (48 crops in shared batches).
@@ -11,6 +12,15 @@ the timed ones: RSS growth sampled every 5 ms on the CPU, allocated device memor
 profile of one rfclip run shows where its extra time goes, and a 4000x3000 photo with 50 classes
 and PAMR shows the peak memory above the loaded model. Runs on the CPU, then on CUDA when present
 (fp16 autocast there, as the segmenter runs by default). Writes a JSON file beside the tables.
+
+Operator launches: every forward is profiled once per mode and the operators called from Python
+that do work (views left out) are counted per block: on a GPU each is at least one kernel launch,
+so the count is a proxy for launch overhead that any CPU can measure.
+
+`--batches`: the encoder alone on that many 224x224 crops per forward, clip against rfclip: crops/s,
+their ratio, the share of the device's dense peak that the physical floor (35.1 GFLOP per crop for
+ViT-B/16) reaches, peak memory; and how far fp16 / bf16 autocast dense features and label maps stand
+from fp32's on a few images. This is the GPU check (`benchmarks/gpu_check.sh`).
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -44,6 +55,18 @@ CASES = {  # name: (image size, number of images, short side)
     "8 x 336x448": ((336, 448), 8, 336),
 }
 STEP_LABELS = ("rfclip.distractors", "rfclip.key_key", "rfclip.fiedler", "rfclip.redistribution")
+# operators that only make a view or a no-op conversion: no kernel is launched for them
+NO_KERNEL = frozenset({
+    "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::_reshape_alias", "aten::transpose", "aten::t",
+    "aten::permute", "aten::select", "aten::slice", "aten::narrow", "aten::as_strided", "aten::expand",
+    "aten::expand_as", "aten::unsqueeze", "aten::squeeze", "aten::flatten", "aten::unflatten", "aten::chunk",
+    "aten::split", "aten::unbind", "aten::alias", "aten::detach", "aten::lift_fresh", "aten::view_as",
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::resolve_conj",
+    "aten::contiguous", "aten::to",  # `to` and `contiguous` launch work only through a child (_to_copy, clone)
+})
+CROP_GFLOP = 35.1  # ViT-B/16, one 224x224 crop: the physical floor of plain CLIP's forward
+DENSE_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+                     "A10": 125.0, "RTX 4090": 165.0}  # dense bf16 / fp16 tensor-core peaks, by device name
 
 
 def segmenter(model, mode: dict, short_side: int, precision: str) -> Segmenter:
@@ -69,6 +92,12 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="only the 336x448 case")
+    parser.add_argument("--skip-cases", action="store_true",
+                        help="leave out the segmenter cases and the big photo (launches and --batches only)")
+    parser.add_argument("--batches", type=int, nargs="*", default=[],
+                        help="crops per forward for the encoder-only throughput and precision check")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the device's dense bf16/fp16 peak; default: from the device's name")
     parser.add_argument("--json", default=str(Path(__file__).with_name("bench_engine.json")))
     args = parser.parse_args()
 
@@ -93,6 +122,119 @@ def bench_device(device: torch.device, precision: str, args: argparse.Namespace)
                        distraction_dims=list(preset.dims) if preset else None)
     memory = "peak RSS MB" if device.type == "cpu" else "peak device MB"
     vocabulary = Vocabulary.from_names([f"class {i}" for i in range(args.classes)])
+    report = {"launches": launch_counts(model, device)}
+    if args.batches:
+        report["batches"] = bench_batches(model, device, precision, args)
+    if not args.skip_cases:
+        report.update(bench_cases(model, device, precision, vocabulary, memory, args))
+    return report
+
+
+def launch_counts(model, device: torch.device) -> dict:
+    """Operators that launch work, per block, in one forward of 2 crops per mode."""
+    pixels = torch.randn(2, 3, 224, 224, device=device)
+    blocks = len(model.visual.transformer.resblocks)
+    counts = {}
+    for mode in ("clip", "kk-proxy", "rfclip"):
+        config = RFCLIPConfig(mode=mode)
+        model.encode_dense(pixels, config)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model.encode_dense(pixels, config)
+        launched = [e for e in prof.events() if e.name.startswith("aten::") and e.name not in NO_KERNEL
+                    and not _inside_operator(e)]
+        steps = {label: sum(_inside(e, label) for e in launched) for label in STEP_LABELS}
+        counts[mode] = {"per_forward": len(launched), "per_block": len(launched) / blocks, "per_step": steps}
+    base = counts["clip"]["per_block"]
+    print(f"\noperator launches per block ({blocks} blocks, one forward; views and no-op conversions left out)")
+    print(markdown_table(
+        ["mode", "per forward", "per block", "x clip", *(label.split(".")[1] for label in STEP_LABELS)],
+        [[mode, c["per_forward"], f"{c['per_block']:.1f}", f"{c['per_block'] / base:.1f}",
+          *(f"{c['per_step'][label] / blocks:.1f}" for label in STEP_LABELS)] for mode, c in counts.items()]))
+    return counts
+
+
+def _inside_operator(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def _inside(event, label: str) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == label:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def peak_tflops(device: torch.device, given: Optional[float] = None) -> float:
+    if given or device.type != "cuda":
+        return given or float("nan")
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in DENSE_PEAK_TFLOPS.items() if key in name), float("nan"))
+
+
+def bench_batches(model, device: torch.device, precision: str, args: argparse.Namespace) -> dict:
+    """Encoder-only crops/s of clip and rfclip at each batch, and the autocast precision check."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    peak = peak_tflops(device, args.peak_tflops)
+    out = {"precision": precision, "peak_tflops": peak, "rows": {}}
+    for batch in args.batches:
+        pixels = torch.randn(batch, 3, 224, 224, device=device)
+        row = {}
+        times = {"clip": [], "rfclip": []}
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            for mode in times:
+                model.encode_dense(pixels, RFCLIPConfig(mode=mode))  # warm-up
+            for _ in range(args.repeats):
+                for mode in times:
+                    times[mode].append(timed(lambda m=mode: model.encode_dense(pixels, RFCLIPConfig(mode=m)), device))
+            for mode in times:
+                _, peak_bytes = run_with_peak_memory(lambda m=mode: model.encode_dense(pixels, RFCLIPConfig(mode=m)),
+                                                     device)
+                crops_per_s = batch / min(times[mode])
+                row[mode] = {"crops_per_s": crops_per_s, "median_crops_per_s": batch / statistics.median(times[mode]),
+                             "floor_share_of_peak": crops_per_s * CROP_GFLOP / (peak * 1e3),
+                             "peak_memory_mb": peak_bytes / 2 ** 20}
+        row["rfclip_throughput_x_clip"] = row["rfclip"]["crops_per_s"] / row["clip"]["crops_per_s"]
+        out["rows"][batch] = row
+    print(f"\nencoder alone, 224x224 crops, {precision}, best of {args.repeats} "
+          f"(floor: {CROP_GFLOP} GFLOP per crop against a dense peak of {peak:g} TFLOPS)")
+    print(markdown_table(
+        ["batch", "clip crops/s", "rfclip crops/s", "rfclip / clip", "clip % of peak", "rfclip % of peak",
+         "clip peak MB", "rfclip peak MB"],
+        [[b, f"{r['clip']['crops_per_s']:.1f}", f"{r['rfclip']['crops_per_s']:.1f}",
+          f"{r['rfclip_throughput_x_clip']:.2f}", f"{100 * r['clip']['floor_share_of_peak']:.1f}",
+          f"{100 * r['rfclip']['floor_share_of_peak']:.1f}", f"{r['clip']['peak_memory_mb']:.0f}",
+          f"{r['rfclip']['peak_memory_mb']:.0f}"] for b, r in out["rows"].items()]))
+    if dtype is not None:
+        out["agreement"] = precision_agreement(model, device, dtype)
+    return out
+
+
+def precision_agreement(model, device: torch.device, dtype: torch.dtype, images: int = 4, classes: int = 10) -> dict:
+    """Dense rfclip features under autocast against fp32, and the label maps they give for random
+    class embeddings: relative error, and the share of patches whose label agrees."""
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randn(images, 3, 224, 224, generator=generator).to(device)
+    text = torch.nn.functional.normalize(torch.randn(classes, model.visual.output_dim, generator=generator), dim=-1)
+    reference = model.encode_dense(pixels, RFCLIPConfig()).float()
+    with torch.autocast(device.type, dtype=dtype):
+        low = model.encode_dense(pixels, RFCLIPConfig()).float()
+    relative = (torch.linalg.vector_norm(low - reference) / torch.linalg.vector_norm(reference)).item()
+    labels = [torch.nn.functional.normalize(f, dim=-1) @ text.to(device).T for f in (reference, low)]
+    agree = (labels[0].argmax(-1) == labels[1].argmax(-1)).float().mean().item()
+    print(f"\n{dtype} autocast vs fp32, rfclip, {images} crops: dense features relative error {relative:.2e}, "
+          f"patch labels agree {100 * agree:.2f} %")
+    return {"relative_error": relative, "label_agreement": agree}
+
+
+def bench_cases(model, device: torch.device, precision: str, vocabulary, memory: str,
+                args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     cases = {"336x448": CASES["336x448"]} if args.quick else CASES
     repeats = args.repeats

@@ -36,6 +36,9 @@ class RFCLIPConfig:
     fiedler_solver: "lanczos" (only the Fiedler vector, warm-started across blocks; the default)
         or "exact" (a full eigendecomposition per block). They give the same partition unless
         the Fiedler eigenvalue is nearly degenerate, where both cuts are about equally good.
+    attention_chunk_mb: the explicit attention and key-key buffers are computed for as many crops
+        at a time as fit in this many MB (float32); None: 4 MB on the CPU (they stay in cache),
+        the whole batch on an accelerator (fewer launches). The result does not depend on it.
     """
 
     mode: str = "rfclip"
@@ -48,12 +51,15 @@ class RFCLIPConfig:
     attention_redistribution: bool = True
     defocus_localization: bool = True
     fiedler_solver: str = "lanczos"
+    attention_chunk_mb: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.fiedler_solver not in FIEDLER_SOLVERS:
             raise ValueError(f"fiedler_solver must be one of {FIEDLER_SOLVERS}, got {self.fiedler_solver!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.attention_chunk_mb is not None and self.attention_chunk_mb <= 0:
+            raise ValueError(f"attention_chunk_mb must be positive or None, got {self.attention_chunk_mb}")
         if self.sigma <= 0:
             raise ValueError(f"sigma must be positive, got {self.sigma}")
         if not 0.0 <= self.beta <= 1.0:

@@ -7,7 +7,7 @@ the RF-CLIP steps can modify; open_clip's modules are never patched or hooked.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,50 @@ def _encode_text_to_end_of_text(clip: CLIP, tokens: torch.Tensor) -> torch.Tenso
     x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
     x = text_global_pool(x, tokens, clip.text_pool_type)
     return clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
+
+
+def crop_parts(batch: int, tokens: int, heads: int, device: torch.device, chunk_mb: Optional[float]) -> List[slice]:
+    """Ranges of crops whose float32 (H, T, T) attention fits in `chunk_mb` (None: the whole batch
+    on an accelerator, 4 MB on the CPU). On the CPU the explicit attention and key-key buffers of
+    a large batch do not fit in the cache between the ops that read them; a range of crops at a
+    time does, and the extra ops cost little there. On a GPU every op is a launch: one range."""
+    if chunk_mb is None:
+        chunk_mb = None if device.type in ("cuda", "mps", "xpu") else 4.0
+    if chunk_mb is None:
+        return [slice(0, batch)]
+    per_crop = heads * tokens * tokens * 4
+    step = max(1, int(chunk_mb * 2 ** 20 // per_crop))
+    return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
+
+
+def _accumulate_key_key(
+    k: torch.Tensor, key_key_sum: Optional[torch.Tensor], parts: Sequence[slice], head_mean: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Adds this block's key-key attention of the patch rows and columns (softmax over all keys,
+    CLS included) to the running sum (B, H, N, N), float32; with `head_mean`, also returns the
+    sum's mean over heads (B, N, N), taken while each range of crops is still in cache."""
+    b, heads, t, _ = k.shape
+    if key_key_sum is None:
+        key_key_sum = k.new_zeros((b, heads, t - 1, t - 1), dtype=torch.float32)
+    similarity = k.new_empty((b, t - 1, t - 1), dtype=torch.float32) if head_mean else None
+    for part in parts:
+        key_key_sum[part].add_(attention_probs(k[part, :, 1:], k[part])[..., 1:])
+        if similarity is not None:
+            torch.mean(key_key_sum[part], dim=1, out=similarity[part])
+    return key_key_sum, similarity
+
+
+def _refocused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, distraction: torch.Tensor, defocused: torch.Tensor,
+    beta: float, parts: Sequence[slice],
+) -> torch.Tensor:
+    """Per-head outputs (B, H, T, d) of the redistributed attention, a range of crops at a time."""
+    heads = torch.empty_like(v)
+    for part in parts:
+        attn = redistribute_attention(attention_probs(q[part], k[part]), distraction[part], defocused[part], beta,
+                                      in_place=True)
+        torch.matmul(attn.to(v.dtype), v[part], out=heads[part])
+    return heads
 
 
 class RFCLIPModel(nn.Module):
@@ -186,6 +230,7 @@ class RFCLIPModel(nn.Module):
         dims = torch.tensor(preset.dims, device=pixels.device) if preset else None
         x, grid = self._embed(pixels)
         blocks = self.visual.transformer.resblocks
+        parts = crop_parts(x.shape[0], x.shape[1], blocks[0].attn.num_heads, x.device, config.attention_chunk_mb)
         n_blocks = len(blocks)
         key_key_sum: Optional[torch.Tensor] = None  # running sum of K_j[:, :, 1:, 1:] over blocks
         fiedler: Optional[torch.Tensor] = None  # the previous block's, to warm-start the solver
@@ -198,24 +243,23 @@ class RFCLIPModel(nn.Module):
                 with record_function("rfclip.distractors"):
                     distraction = self._repair(block, x, grid, dims, preset, config)
             q, k, v = _qkv(block, x)
+            refocus = distraction is not None and config.attention_redistribution and index < n_blocks - 1
+            localize = refocus and config.defocus_localization
+            similarity = None
             if config.mode in ("kk-proxy", "rfclip"):
                 with record_function("rfclip.key_key"):
-                    key_key = attention_probs(k[:, :, 1:], k)[..., 1:].float()  # patch rows only
-                    key_key_sum = key_key if key_key_sum is None else key_key_sum.add_(key_key)
+                    key_key_sum, similarity = _accumulate_key_key(k, key_key_sum, parts, localize)
             if index == n_blocks - 1 and config.mode != "clip":
                 return self._dense_head(block, v, key_key_sum, n_blocks, config.mode, grid)
-            if distraction is not None and config.attention_redistribution:
-                if config.defocus_localization:
+            if refocus:
+                if localize:
                     with record_function("rfclip.fiedler"):
-                        similarity = key_key_sum.mean(dim=1) / (index + 1)
                         defocused, fiedler = find_defocused_tokens(
-                            similarity, distraction, config.fiedler_solver, fiedler)
+                            similarity / (index + 1), distraction, config.fiedler_solver, fiedler)
                 else:
                     defocused = ~distraction
                 with record_function("rfclip.redistribution"):
-                    attn = redistribute_attention(attention_probs(q, k), distraction, defocused, config.beta,
-                                                  in_place=True)
-                heads = attn.to(v.dtype) @ v
+                    heads = _refocused_attention(q, k, v, distraction, defocused, config.beta, parts)
             else:
                 heads = F.scaled_dot_product_attention(q, k, v)
             x = x + block.ls_1(_project_heads(block, heads))

@@ -231,6 +231,28 @@ def test_lanczos_and_exact_solvers_encode_alike(model_name, size, seed, tiny_mod
     assert not torch.allclose(fast, unfocused)  # the partition does shape the output
 
 
+@pytest.mark.parametrize("mode", ["kk-proxy", "rfclip"])
+@torch.no_grad()
+def test_crop_ranges_do_not_change_the_result(mode, tiny_model):
+    model = preset_vit_b16()
+    pixels = scene(5, 224, 0)
+    whole = model.encode_dense(pixels, RFCLIPConfig(mode=mode, sigma=1.5, attention_chunk_mb=1e6))
+    for chunk_mb in (0.1, 4.0):  # one crop at a time; two, then the odd one
+        ranged = model.encode_dense(pixels, RFCLIPConfig(mode=mode, sigma=1.5, attention_chunk_mb=chunk_mb))
+        # the same arithmetic up to GEMM blocking, which depends on the batch
+        torch.testing.assert_close(ranged, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_crop_ranges_cover_the_batch_once():
+    from rfclip_engine.model import crop_parts
+
+    assert crop_parts(5, 197, 12, torch.device("cpu"), 4.0) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert crop_parts(5, 197, 12, torch.device("cpu"), 0.01) == [slice(i, i + 1) for i in range(5)]
+    assert crop_parts(5, 197, 12, torch.device("cuda"), None) == [slice(0, 5)]
+    with pytest.raises(ValueError, match="attention_chunk_mb"):
+        RFCLIPConfig(attention_chunk_mb=0)
+
+
 def normalized_cut(weights, part):
     """Shi and Malik's Ncut(A, B) = cut/assoc(A) + cut/assoc(B), in float64."""
     a = part.double()
