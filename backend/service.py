@@ -90,16 +90,19 @@ class ModelHolder:
 def segmenter_config(settings: Settings, device: torch.device) -> SegmenterConfig:
     return SegmenterConfig(encoder=RFCLIPConfig(mode=settings.mode), pamr=settings.pamr,
                            precision=default_precision(device.type), prototype_k=settings.prototype_k,
-                           prototype_cap=settings.prototype_cap)
+                           prototype_cap=settings.prototype_cap, cuda_graphs=settings.cuda_graphs)
 
 
 def model_version(settings: Settings) -> str:
     """Readable and stable; changes when the model, its weights or any method setting change."""
     weights = settings.weights_tag or settings.pretrained
     weights_path = Path(settings.pretrained)
+    config = asdict(segmenter_config(settings, torch.device("cpu")))
+    # how the forward is executed does not change what it predicts
+    del config["cuda_graphs"], config["encoder"]["attention_chunk_mb"]
     identity = {"engine": engine_version, "model": settings.model, "pretrained": settings.pretrained,
                 "weights_tag": settings.weights_tag, "dims": settings.distraction_dims,
-                "config": asdict(segmenter_config(settings, torch.device("cpu"))), "templates": TEMPLATE_SET}
+                "config": config, "templates": TEMPLATE_SET}
     if weights_path.is_file() or "/" in settings.pretrained or "\\" in settings.pretrained:
         # a file's name only: the version is shown to anyone who asks /health
         weights = settings.weights_tag or weights_path.stem

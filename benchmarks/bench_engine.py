@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine, markdown_table, run_with_peak_memory, synchronize, timed  # noqa: E402
 from rfclip_engine import RFCLIPConfig, Segmenter, SegmenterConfig, Vocabulary, load_model  # noqa: E402
 from rfclip_engine.config import default_precision  # noqa: E402
+from rfclip_engine.graphs import DenseEncoder  # noqa: E402
 from rfclip_engine.presets import find_preset  # noqa: E402
 from rfclip_engine.sliding import crop_boxes  # noqa: E402
 
@@ -179,38 +180,42 @@ def peak_tflops(device: torch.device, given: Optional[float] = None) -> float:
 
 
 def bench_batches(model, device: torch.device, precision: str, args: argparse.Namespace) -> dict:
-    """Encoder-only crops/s of clip and rfclip at each batch, and the autocast precision check."""
+    """Encoder-only crops/s of clip and rfclip at each batch (on CUDA also replayed from CUDA
+    graphs), and the autocast precision check."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     peak = peak_tflops(device, args.peak_tflops)
+    runs = {"clip": ("clip", False), "rfclip": ("rfclip", False)}
+    if device.type == "cuda":
+        runs.update({"clip graphs": ("clip", True), "rfclip graphs": ("rfclip", True)})
+    encoders = {name: (DenseEncoder(model, dtype, cuda_graphs=graphs), RFCLIPConfig(mode=mode))
+                for name, (mode, graphs) in runs.items()}
     out = {"precision": precision, "peak_tflops": peak, "rows": {}}
     for batch in args.batches:
         pixels = torch.randn(batch, 3, 224, 224, device=device)
+        calls = {name: (lambda e=encoder, c=config: e(pixels, c)) for name, (encoder, config) in encoders.items()}
+        times = {name: [] for name in calls}
+        for call in calls.values():
+            call()  # warm-up (and recording, for graphs)
+        for _ in range(args.repeats):
+            for name, call in calls.items():
+                times[name].append(timed(call, device))
         row = {}
-        times = {"clip": [], "rfclip": []}
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            for mode in times:
-                model.encode_dense(pixels, RFCLIPConfig(mode=mode))  # warm-up
-            for _ in range(args.repeats):
-                for mode in times:
-                    times[mode].append(timed(lambda m=mode: model.encode_dense(pixels, RFCLIPConfig(mode=m)), device))
-            for mode in times:
-                _, peak_bytes = run_with_peak_memory(lambda m=mode: model.encode_dense(pixels, RFCLIPConfig(mode=m)),
-                                                     device)
-                crops_per_s = batch / min(times[mode])
-                row[mode] = {"crops_per_s": crops_per_s, "median_crops_per_s": batch / statistics.median(times[mode]),
-                             "floor_share_of_peak": crops_per_s * CROP_GFLOP / (peak * 1e3),
-                             "peak_memory_mb": peak_bytes / 2 ** 20}
-        row["rfclip_throughput_x_clip"] = row["rfclip"]["crops_per_s"] / row["clip"]["crops_per_s"]
+        for name, call in calls.items():
+            _, peak_bytes = run_with_peak_memory(call, device)
+            crops_per_s = batch / min(times[name])
+            row[name] = {"crops_per_s": crops_per_s, "median_crops_per_s": batch / statistics.median(times[name]),
+                         "floor_share_of_peak": crops_per_s * CROP_GFLOP / (peak * 1e3),
+                         "peak_memory_mb": peak_bytes / 2 ** 20}
         out["rows"][batch] = row
-    print(f"\nencoder alone, 224x224 crops, {precision}, best of {args.repeats} "
-          f"(floor: {CROP_GFLOP} GFLOP per crop against a dense peak of {peak:g} TFLOPS)")
+    names = list(runs)
+    print(f"\nencoder alone, 224x224 crops, {precision}, best of {args.repeats}: crops/s (x clip), "
+          f"% of the dense peak that {CROP_GFLOP} GFLOP per crop reach at that rate ({peak:g} TFLOPS), "
+          "peak memory above the start")
     print(markdown_table(
-        ["batch", "clip crops/s", "rfclip crops/s", "rfclip / clip", "clip % of peak", "rfclip % of peak",
-         "clip peak MB", "rfclip peak MB"],
-        [[b, f"{r['clip']['crops_per_s']:.1f}", f"{r['rfclip']['crops_per_s']:.1f}",
-          f"{r['rfclip_throughput_x_clip']:.2f}", f"{100 * r['clip']['floor_share_of_peak']:.1f}",
-          f"{100 * r['rfclip']['floor_share_of_peak']:.1f}", f"{r['clip']['peak_memory_mb']:.0f}",
-          f"{r['rfclip']['peak_memory_mb']:.0f}"] for b, r in out["rows"].items()]))
+        ["batch", *names, *(f"{n} % of peak" for n in names), *(f"{n} MB" for n in names)],
+        [[b, *(f"{r[n]['crops_per_s']:.1f} ({r[n]['crops_per_s'] / r['clip']['crops_per_s']:.2f}x)" for n in names),
+          *(f"{100 * r[n]['floor_share_of_peak']:.1f}" for n in names),
+          *(f"{r[n]['peak_memory_mb']:.0f}" for n in names)] for b, r in out["rows"].items()]))
     if dtype is not None:
         out["agreement"] = precision_agreement(model, device, dtype)
     return out

@@ -7,7 +7,7 @@ the RF-CLIP steps can modify; open_clip's modules are never patched or hooked.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,7 @@ class RFCLIPModel(nn.Module):
         self.weights_tag = weights_tag
         self.weights_id = weights_id  # identifies the exact weights, for caches keyed by model
         self.preset = preset
+        self._dims_cache: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}
         cfg = getattr(clip.visual, "preprocess_cfg", {}) or {}
         self.image_mean: Tuple[float, ...] = tuple(cfg.get("mean", OPENAI_DATASET_MEAN))
         self.image_std: Tuple[float, ...] = tuple(cfg.get("std", OPENAI_DATASET_STD))
@@ -187,6 +188,14 @@ class RFCLIPModel(nn.Module):
             raise ValueError(f"distraction dimensions {bad} are outside the model width {self.width}")
         return preset
 
+    def _dims_on(self, dims: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The dimensions as an index tensor on `device`, made once: a copy from the host inside
+        the forward would stop it from being recorded as a CUDA graph."""
+        key = (tuple(dims), device)
+        if key not in self._dims_cache:
+            self._dims_cache[key] = torch.tensor(dims, device=device)
+        return self._dims_cache[key]
+
     def _embed(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         visual = self.visual
         if pixels.ndim != 4 or pixels.shape[1] != 3:
@@ -227,7 +236,7 @@ class RFCLIPModel(nn.Module):
         Returns (B, h, w, D) on the patch grid.
         """
         preset = self.resolve_preset(config) if config.refocuses else None
-        dims = torch.tensor(preset.dims, device=pixels.device) if preset else None
+        dims = self._dims_on(preset.dims, pixels.device) if preset else None
         x, grid = self._embed(pixels)
         blocks = self.visual.transformer.resblocks
         parts = crop_parts(x.shape[0], x.shape[1], blocks[0].attn.num_heads, x.device, config.attention_chunk_mb)

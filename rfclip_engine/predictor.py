@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from . import pamr
 from .config import SegmenterConfig
+from .graphs import DenseEncoder
 from .imageio import ImageSource, load_rgb
 from .model import RFCLIPModel
 from .postprocess import label_map_tiled, probabilities
@@ -92,6 +93,7 @@ class Segmenter:
             raise ValueError(f"window {config.window} must be a multiple of the patch size {model.patch_size}")
         self.model = model
         self.config = config
+        self.encoder = DenseEncoder(model, _AUTOCAST_DTYPES.get(config.precision), config.cuda_graphs)
         self.text = TextEmbedder(model, text_cache)
         self.max_pixels = max_pixels
 
@@ -204,10 +206,7 @@ class Segmenter:
 
     def _crop_features(self, crops: torch.Tensor) -> torch.Tensor:
         """(N, hp, wp, D) L2-normalized dense features of (N, 3, h, w) crops."""
-        precision = self.config.precision
-        with torch.autocast(self.model.device.type, dtype=_AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32"):
-            features = self.model.encode_dense(crops, self.config.encoder)
-        return F.normalize(features.float(), dim=-1)
+        return F.normalize(self.encoder(crops, self.config.encoder).float(), dim=-1)
 
     def _crop_logits(self, crops: torch.Tensor, text: torch.Tensor, query_class: torch.Tensor, n_classes: int):
         features = self._crop_features(crops)

@@ -131,8 +131,26 @@ def _lanczos_second_vector(matrix: torch.Tensor, inv_sqrt_degree: torch.Tensor, 
         row = row @ matrix  # M is symmetric: the row form of M u
     krylov = basis[:, 1:]
     projected = krylov @ matrix @ krylov.transpose(1, 2)
-    _, vectors = torch.linalg.eigh((projected + projected.transpose(1, 2)) / 2)
-    return (vectors[..., -1:].transpose(1, 2) @ krylov).squeeze(1)
+    ritz = top_eigenvector((projected + projected.transpose(1, 2)) / 2, shift=1.0)
+    return (ritz.unsqueeze(1) @ krylov).squeeze(1)
+
+
+def top_eigenvector(symmetric: torch.Tensor, shift: float, squarings: int = 24) -> torch.Tensor:
+    """Unit eigenvector of the largest eigenvalue of small symmetric matrices (B, k, k) whose
+    eigenvalues are all >= -shift, by repeated squaring of (S + shift I): after s squarings the
+    ratio of the two largest eigenvalues is raised to the power 2^s (2^24 here), so any gap above
+    about 1e-6 of the largest separates them. Unlike `torch.linalg.eigh` it never synchronises
+    with the host (eigh checks its result on the host), so the whole encoder can run as one CUDA
+    graph. Sign is arbitrary. -> (B, k)."""
+    k = symmetric.shape[-1]
+    power = symmetric + shift * torch.eye(k, dtype=symmetric.dtype, device=symmetric.device)
+    for _ in range(squarings):
+        power = power @ power
+        power = power / power.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(power.dtype).tiny)
+    # every column is a multiple of the eigenvector: the largest is the most accurate
+    column = torch.linalg.vector_norm(power, dim=-2).argmax(dim=-1)
+    vector = power.gather(-1, column[:, None, None].expand(-1, k, 1)).squeeze(-1)
+    return F.normalize(vector, dim=-1)
 
 
 def bipartition(fiedler: torch.Tensor) -> torch.Tensor:

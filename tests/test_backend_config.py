@@ -106,3 +106,14 @@ def test_serve_refuses_bad_settings(monkeypatch, capsys):
     monkeypatch.setenv("RFCLIP_PREDICT_BUDGET_S", "500")
     assert main(["serve"]) == 2
     assert "RFCLIP_PREDICT_BUDGET_S" in capsys.readouterr().err
+
+
+def test_model_version_follows_the_method_not_how_it_runs():
+    from backend.service import model_version
+
+    base = model_version(Settings.from_env({}))
+    assert model_version(Settings.from_env({"RFCLIP_CUDA_GRAPHS": "true"})) == base
+    assert Settings.from_env({"RFCLIP_CUDA_GRAPHS": "true"}).cuda_graphs
+    assert model_version(Settings.from_env({"RFCLIP_PAMR": "true"})) != base
+    with pytest.raises(SettingsError, match="RFCLIP_CUDA_GRAPHS"):
+        Settings.from_env({"RFCLIP_CUDA_GRAPHS": "sometimes"})

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU check (issue 12), as one command on a lent GPU machine, from the repository root:
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]          # default OUT_DIR: $OUT, else benchmarks/gpu-out
+#   DEVICE=cpu BATCHES="1 2" REPEATS=1 bash benchmarks/gpu_check.sh /tmp/check   # the same, on the CPU
+#
+# 1. the device test subset (tests/test_device.py with RFCLIP_TEST_DEVICE), 2. bench_engine.py on
+# the device with fp16 and with bf16 autocast: operator launches, encoder-only crops/s of clip and
+# rfclip at each batch, the share of the dense peak, peak memory, autocast against fp32; 3. the
+# segmenter cases at the default precision. Logs and JSON go to OUT_DIR; copy the tables into
+# benchmarks/RESULTS.md.
+#
+# The lent machine has Python 3.12, torch and timm but not open_clip: carry its pure-Python wheels
+# in .whl (ignored by git; see the device tool's README), made here with e.g.
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.2.14
+# and whatever else `python -c "import open_clip"` reports missing there. They are installed
+# into /tmp/site first when .whl holds any.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT_DIR=${1:-${OUT:-benchmarks/gpu-out}}
+DEVICE=${DEVICE:-cuda}
+BATCHES=${BATCHES:-1 8 32 128}
+REPEATS=${REPEATS:-5}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+status=0
+{
+  "$PYTHON" -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__)"
+  if [ "$DEVICE" != cpu ]; then nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; fi
+} 2>&1 | tee "$OUT_DIR/device.txt"
+
+echo "== device tests on $DEVICE"
+RFCLIP_TEST_DEVICE=$DEVICE "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_device.py 2>&1 \
+  | tee "$OUT_DIR/tests.log" || status=1
+
+for precision in fp16 bf16; do
+  echo "== bench_engine on $DEVICE, $precision autocast, batches $BATCHES"
+  # shellcheck disable=SC2086  # BATCHES is a list of numbers
+  "$PYTHON" benchmarks/bench_engine.py --device "$DEVICE" --precision "$precision" --skip-cases \
+    --batches $BATCHES --repeats "$REPEATS" --json "$OUT_DIR/bench_engine_${DEVICE}_${precision}.json" 2>&1 \
+    | tee "$OUT_DIR/bench_engine_${precision}.log" || status=1
+done
+
+echo "== the segmenter cases on $DEVICE"
+"$PYTHON" benchmarks/bench_engine.py --device "$DEVICE" --repeats "$REPEATS" --quick \
+  --json "$OUT_DIR/bench_engine_${DEVICE}_cases.json" 2>&1 | tee "$OUT_DIR/bench_engine_cases.log" || status=1
+exit $status

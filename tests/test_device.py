@@ -1,0 +1,103 @@
+"""The engine on the device named by RFCLIP_TEST_DEVICE (default: cpu), against float32 on the CPU.
+
+CI runs these on the CPU; `benchmarks/gpu_check.sh` runs the same file with
+RFCLIP_TEST_DEVICE=cuda on a lent GPU, so the CUDA paths are the tested code, not a copy."""
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from rfclip_engine import RFCLIPConfig, Segmenter, SegmenterConfig, Vocabulary
+from rfclip_engine.graphs import DenseEncoder
+from rfclip_engine.steps import bipartition, fiedler_vector
+
+from .test_encoder import open_clip_tokens, scene
+
+DEVICE = torch.device(os.environ.get("RFCLIP_TEST_DEVICE", "cpu"))
+# autocast's half type there: fp16 on CUDA (the segmenter's default), bf16 on the CPU
+HALF = "fp16" if DEVICE.type == "cuda" else "bf16"
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model):
+    """The tiny model on the CPU (the reference) and a copy on the device."""
+    return tiny_model, copy.deepcopy(tiny_model).to(DEVICE)
+
+
+@torch.no_grad()
+def test_clip_mode_equals_open_clip_on_the_device(models):
+    _, model = models
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    torch.testing.assert_close(model.encode_dense(pixels, RFCLIPConfig(mode="clip")),
+                               open_clip_tokens(model, pixels), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["maskclip", "kk-proxy", "rfclip"])
+@torch.no_grad()
+def test_dense_features_on_the_device_equal_the_cpu(models, mode):
+    reference, model = models
+    pixels = scene(4, 64, 0)
+    config = RFCLIPConfig(mode=mode, sigma=1.5)
+    torch.testing.assert_close(model.encode_dense(pixels.to(DEVICE), config).cpu(),
+                               reference.encode_dense(pixels, config), rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_the_fiedler_solvers_cut_alike_on_the_device():
+    g = torch.Generator().manual_seed(3)
+    # two clusters of tokens, similar inside, a little noise across
+    labels = torch.rand(6, 80, generator=g) < 0.4
+    similarity = 0.2 + 0.6 * (labels[:, :, None] == labels[:, None, :]).float()
+    similarity = similarity + 0.05 * torch.rand(6, 80, 80, generator=g)
+    similarity = ((similarity + similarity.transpose(1, 2)) / 2).to(DEVICE)
+    exact = bipartition(fiedler_vector(similarity, "exact"))
+    fast = bipartition(fiedler_vector(similarity, "lanczos"))
+    assert torch.equal(fast, exact)
+    assert torch.equal(exact.cpu(), bipartition(fiedler_vector(similarity.cpu(), "exact")))
+
+
+@torch.no_grad()
+def test_autocast_features_and_labels_stay_close_to_float32(models):
+    _, model = models
+    pixels = scene(4, 64, 1).to(DEVICE)
+    config = RFCLIPConfig(sigma=1.5)
+    full = model.encode_dense(pixels, config)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[HALF]
+    with torch.autocast(DEVICE.type, dtype=dtype):
+        half = model.encode_dense(pixels, config).float()
+    assert (torch.linalg.vector_norm(half - full) / torch.linalg.vector_norm(full)).item() < 0.05
+    text = torch.nn.functional.normalize(torch.randn(6, full.shape[-1], generator=torch.Generator().manual_seed(2)),
+                                         dim=-1).to(DEVICE)
+    agree = ((full @ text.T).argmax(-1) == (half @ text.T).argmax(-1)).float().mean().item()
+    assert agree > 0.9
+
+
+def test_the_segmenter_on_the_device_labels_as_on_the_cpu(models):
+    reference, model = models
+    rng = np.random.default_rng(0)
+    image = np.repeat(np.repeat(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), 12, axis=0), 12, axis=1)
+    vocabulary = Vocabulary.from_names(["cat", "dog", "grass"])
+    config = SegmenterConfig(short_side=64, window=32, stride=16, pamr=True)
+    on_cpu = Segmenter(reference, config).predict(image, vocabulary)
+    on_device = Segmenter(model, config).predict(image, vocabulary)
+    assert on_device.label_map.shape == (72, 96)
+    assert (on_device.label_map.cpu() == on_cpu.label_map).float().mean().item() > 0.99
+    half = Segmenter(model, SegmenterConfig(short_side=64, window=32, stride=16, precision=HALF)).predict(
+        image, vocabulary)
+    assert half.label_map.shape == (72, 96) and half.pixel_counts.sum().item() == 72 * 96
+
+
+@pytest.mark.parametrize("precision", ["fp32", HALF])
+@torch.no_grad()
+def test_cuda_graph_replays_equal_the_forward(models, precision):
+    """On CUDA each shape is recorded once and replayed with new inputs; elsewhere the plain forward."""
+    _, model = models
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    config = RFCLIPConfig(sigma=1.5)
+    graphed, plain = DenseEncoder(model, dtype, cuda_graphs=True, max_graphs=2), DenseEncoder(model, dtype)
+    for seed, batch in [(0, 3), (1, 3), (2, 2), (3, 3)]:  # a replay with new pixels, another shape, back
+        pixels = scene(batch, 64, seed).to(DEVICE)
+        torch.testing.assert_close(graphed(pixels, config), plain(pixels, config), rtol=1e-5, atol=1e-5)
+    assert len(graphed._graphs) == (2 if DEVICE.type == "cuda" else 0)
