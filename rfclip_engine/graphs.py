@@ -37,7 +37,9 @@ class DenseEncoder:
         self._lock = threading.Lock()  # one replay at a time: the graph's buffers are shared
 
     def __call__(self, pixels: torch.Tensor, config: RFCLIPConfig) -> torch.Tensor:
-        if not (self.cuda_graphs and pixels.device.type == "cuda"):
+        # the exact Fiedler solver's eigh checks its result on the host, which recording forbids
+        exact = config.refocuses and config.defocus_localization and config.fiedler_solver == "exact"
+        if not (self.cuda_graphs and pixels.device.type == "cuda") or exact:
             return self._forward(pixels, config)
         key = (tuple(pixels.shape), pixels.dtype, config)
         with self._lock:

@@ -52,11 +52,17 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, t, h * d)
 
 
-def _qkv(block: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The block's queries, keys and values, each (B, H, T, d), from ln_1 of its input."""
+def _qkv(block: nn.Module, x: torch.Tensor, queries: bool = True) -> Tuple[Optional[torch.Tensor], ...]:
+    """The block's queries, keys and values, each (B, H, T, d), from ln_1 of its input; without
+    `queries` (the dense head's last block reads none) their third of the projection is not made."""
     attn = block.attn
-    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-    return tuple(_split_heads(part, attn.num_heads) for part in qkv.chunk(3, dim=-1))  # type: ignore[return-value]
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    if not queries:
+        width = x.shape[-1]
+        weight, bias = weight[width:], (bias[width:] if bias is not None else None)
+    parts = F.linear(block.ln_1(x), weight, bias).chunk(3 if queries else 2, dim=-1)
+    heads = tuple(_split_heads(part, attn.num_heads) for part in parts)
+    return heads if queries else (None, *heads)
 
 
 def _project_heads(block: nn.Module, heads: torch.Tensor) -> torch.Tensor:
@@ -251,7 +257,7 @@ class RFCLIPModel(nn.Module):
             if preset is not None:
                 with record_function("rfclip.distractors"):
                     distraction = self._repair(block, x, grid, dims, preset, config)
-            q, k, v = _qkv(block, x)
+            q, k, v = _qkv(block, x, queries=index < n_blocks - 1 or config.mode == "clip")
             refocus = distraction is not None and config.attention_redistribution and index < n_blocks - 1
             localize = refocus and config.defocus_localization
             similarity = None

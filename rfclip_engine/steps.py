@@ -126,8 +126,8 @@ def _lanczos_second_vector(matrix: torch.Tensor, inv_sqrt_degree: torch.Tensor, 
         done = basis[:, :j + 1]
         for _ in range(2):  # classical Gram-Schmidt twice keeps float32 Krylov vectors orthogonal
             row = torch.baddbmm(row, row @ done.transpose(1, 2), done, alpha=-1)
-        row = row / torch.linalg.vector_norm(row, dim=-1, keepdim=True).clamp_min(torch.finfo(row.dtype).tiny)
-        basis[:, j + 1:j + 2] = row
+        norm = torch.linalg.vector_norm(row, dim=-1, keepdim=True).clamp_min_(torch.finfo(row.dtype).tiny)
+        row = torch.div(row, norm, out=basis[:, j + 1:j + 2])
         row = row @ matrix  # M is symmetric: the row form of M u
     krylov = basis[:, 1:]
     projected = krylov @ matrix @ krylov.transpose(1, 2)
@@ -144,9 +144,13 @@ def top_eigenvector(symmetric: torch.Tensor, shift: float, squarings: int = 24) 
     graph. Sign is arbitrary. -> (B, k)."""
     k = symmetric.shape[-1]
     power = symmetric + shift * torch.eye(k, dtype=symmetric.dtype, device=symmetric.device)
-    for _ in range(squarings):
+    for step in range(squarings):
+        if step % 3 == 0:
+            # divided by its trace (positive semi-definite: the sum of its eigenvalues), the
+            # largest eigenvalue lies in [1/k, 1], so three squarings stay above 1e-12 * trace
+            trace = power.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
+            power = power / trace.clamp_min(torch.finfo(power.dtype).tiny)
         power = power @ power
-        power = power / power.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(power.dtype).tiny)
     # every column is a multiple of the eigenvector: the largest is the most accurate
     column = torch.linalg.vector_norm(power, dim=-2).argmax(dim=-1)
     vector = power.gather(-1, column[:, None, None].expand(-1, k, 1)).squeeze(-1)
