@@ -289,8 +289,9 @@ def test_a_killed_worker_s_chunk_runs_again_on_the_other_and_nothing_is_twice(st
         # enqueueing again adds nothing (all five chunks are waiting or "running"); following
         # reclaims the dead worker's chunk once its lease lapses
         code, out = preannotate(stack, pid, "--chunk", "8", "--follow", env=queue_env)
-        assert code == 0 and "(0 enqueued, 5 already queued or running)" in out, out
-        assert "36 predicted, 4 skipped (already predicted), 0 failed, 0 left" in out, out
+        # how many chunks the survivor has finished by the time this run lists the tasks varies
+        assert code == 0 and re.search(r"\(0 enqueued, [1-5] already queued or running\)", out), out
+        assert "0 failed, 0 left" in out, out
         one_prediction_each(stack, ids, out.rsplit("model version ", 1)[1].split()[0])
     finally:
         stop(dying)

@@ -71,6 +71,24 @@ class FakeStudio:
         self.active_version = version
 
 
+def test_the_selection_keeps_ids_and_what_predicting_needs():
+    from backend.jobs.preannotate import select
+
+    note = ({"id": 5, "result": [{"value": "x" * 1000}], "was_cancelled": False},)
+    listed = [StudioTask(1, {"image": "a"}, (), note), StudioTask(2, {"image": "b"}, ((7, "v1"),), note),
+              StudioTask(3, {"image": "c"})]
+
+    class Listing:
+        def tasks(self, project, view=None):
+            return iter(listed)
+
+    selected, todo = select(Listing(), 1, "v1", "unpredicted", None, None, progress=False)
+    assert selected == [1, 2, 3]
+    assert [(t.id, t.data, t.annotations) for t in todo] == [(1, {"image": "a"}, ()), (3, {"image": "c"}, ())]
+    selected, todo = select(Listing(), 1, "v2", "all", [2, 3], None, progress=False)
+    assert selected == [2, 3] and [t.id for t in todo] == [2, 3]
+
+
 def make_studio(service, hostile, race=None):
     from .backend_support import BRUSH_CONFIG
 

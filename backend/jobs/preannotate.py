@@ -12,7 +12,7 @@ import logging
 import signal
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from tqdm import tqdm
@@ -66,12 +66,21 @@ def stop_on_interrupt(stop: threading.Event, message: str = "stopping after the 
 
 
 def select(studio: Studio, project: int, version: str, mode: str, ids: Optional[List[int]], view: Optional[int],
-           progress: bool) -> Tuple[List[StudioTask], List[StudioTask]]:
-    """(the selected tasks, those of them that need a prediction), listed page by page."""
+           progress: bool) -> Tuple[List[int], List[StudioTask]]:
+    """(the ids of the selected tasks, those of them that need a prediction), listed page by page.
+    The whole selection is held until it is chunked, so only what predicting needs is kept: not
+    the tasks already predicted, nor anyone's annotations."""
     listed = tqdm(studio.tasks(project, view), desc="listing tasks", unit=" tasks", disable=not progress, leave=False)
     wanted = set(ids) if ids is not None else None
-    selected = [t for t in listed if wanted is None or t.id in wanted]
-    return selected, [t for t in selected if needs_prediction(t, version, mode)]
+    selected: List[int] = []
+    todo: List[StudioTask] = []
+    for task in listed:
+        if wanted is not None and task.id not in wanted:
+            continue
+        selected.append(task.id)
+        if needs_prediction(task, version, mode):
+            todo.append(replace(task, annotations=()))
+    return selected, todo
 
 
 def preannotate(service: PredictionService, studio: Studio, project: int, credentials: Credentials,
@@ -107,7 +116,7 @@ def enqueue(service: PredictionService, studio: Studio, queue: JobQueue, project
     version = service.version_for(project)
     selected, todo = select(studio, project, version, mode, ids, view, progress)
     report = Report(selected=len(selected), skipped=len(selected) - len(todo))
-    plan = plan_chunks([t.id for t in selected], [t.id for t in todo], chunk)
+    plan = plan_chunks(selected, [t.id for t in todo], chunk)
     return report, queue.enqueue(project, version, plan, mode, set_version)
 
 
