@@ -13,8 +13,9 @@
 # The lent machine has Python 3.12, torch and timm but not open_clip: carry its pure-Python wheels
 # in .whl (ignored by git; see the device tool's README), made here with e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-#       open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.2.14
-# and whatever else `python -c "import open_clip"` reports missing there. They are installed
+#       open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
+# (the rest of what open_clip needs, regex, timm, huggingface_hub, safetensors, is on that machine's
+# image, as its KINDS.md lists), then `python3 -c "import open_clip"` there. They are installed
 # into /tmp/site first when .whl holds any.
 set -uo pipefail
 cd "$(dirname "$0")/.."
