@@ -29,7 +29,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine, markdown_table, run_with_peak_memory, synchronize, timed  # noqa: E402
 from rfclip_engine import RFCLIPConfig, Segmenter, SegmenterConfig, Vocabulary, load_model  # noqa: E402
-from rfclip_engine.config import default_precision  # noqa: E402
+from rfclip_engine.config import autocast_dtype, default_precision  # noqa: E402
 from rfclip_engine.graphs import DenseEncoder  # noqa: E402
 from rfclip_engine.presets import find_preset  # noqa: E402
 from rfclip_engine.sliding import crop_boxes  # noqa: E402
@@ -154,22 +154,20 @@ def launch_counts(model, device: torch.device) -> dict:
     return counts
 
 
-def _inside_operator(event) -> bool:
+def _ancestors(event) -> Iterator[str]:
+    """Names of the profiler events that enclose `event`, innermost first."""
     parent = event.cpu_parent
     while parent is not None:
-        if parent.name.startswith("aten::"):
-            return True
+        yield parent.name
         parent = parent.cpu_parent
-    return False
+
+
+def _inside_operator(event) -> bool:
+    return any(name.startswith("aten::") for name in _ancestors(event))
 
 
 def _inside(event, label: str) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name == label:
-            return True
-        parent = parent.cpu_parent
-    return False
+    return label in _ancestors(event)
 
 
 def peak_tflops(device: torch.device, given: Optional[float] = None) -> float:
@@ -182,7 +180,7 @@ def peak_tflops(device: torch.device, given: Optional[float] = None) -> float:
 def bench_batches(model, device: torch.device, precision: str, args: argparse.Namespace) -> dict:
     """Encoder-only crops/s of clip and rfclip at each batch (on CUDA also replayed from CUDA
     graphs), and the autocast precision check."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    dtype = autocast_dtype(precision)
     peak = peak_tflops(device, args.peak_tflops)
     runs = {"clip": ("clip", False), "rfclip": ("rfclip", False)}
     if device.type == "cuda":

@@ -8,10 +8,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+import torch
+
 from .steps import FIEDLER_SOLVERS
 
 MODES = ("clip", "maskclip", "kk-proxy", "rfclip")
 PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def autocast_dtype(precision: str) -> Optional[torch.dtype]:
+    """The dtype autocast runs a precision at; None for full precision."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
 
 
 def default_precision(device_type: str) -> str:

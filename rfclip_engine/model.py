@@ -89,12 +89,10 @@ def crop_parts(batch: int, tokens: int, heads: int, device: torch.device, chunk_
     on an accelerator, 4 MB on the CPU). On the CPU the explicit attention and key-key buffers of
     a large batch do not fit in the cache between the ops that read them; a range of crops at a
     time does, and the extra ops cost little there. On a GPU every op is a launch: one range."""
-    if chunk_mb is None:
-        chunk_mb = None if device.type in ("cuda", "mps", "xpu") else 4.0
-    if chunk_mb is None:
+    if chunk_mb is None and device.type in ("cuda", "mps", "xpu"):
         return [slice(0, batch)]
     per_crop = heads * tokens * tokens * 4
-    step = max(1, int(chunk_mb * 2 ** 20 // per_crop))
+    step = max(1, int((chunk_mb or 4.0) * 2 ** 20 // per_crop))
     return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
 
 

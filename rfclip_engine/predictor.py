@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import pamr
-from .config import SegmenterConfig
+from .config import SegmenterConfig, autocast_dtype
 from .graphs import DenseEncoder
 from .imageio import ImageSource, load_rgb
 from .model import RFCLIPModel
@@ -28,7 +28,6 @@ from .sliding import sliding_window_many, whole_image
 from .text import ClassSpec, EmbeddingCache, TextEmbedder, Vocabulary
 
 UNLABELED = -1
-_AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Called with a stage name ("text embeddings", "model", "PAMR"), it returns a context manager that
 # times what runs inside it: the caller (the backend) decides where the times go.
@@ -93,7 +92,7 @@ class Segmenter:
             raise ValueError(f"window {config.window} must be a multiple of the patch size {model.patch_size}")
         self.model = model
         self.config = config
-        self.encoder = DenseEncoder(model, _AUTOCAST_DTYPES.get(config.precision), config.cuda_graphs)
+        self.encoder = DenseEncoder(model, autocast_dtype(config.precision), config.cuda_graphs)
         self.text = TextEmbedder(model, text_cache)
         self.max_pixels = max_pixels
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rfclip_engine import RFCLIPConfig, Segmenter, SegmenterConfig, Vocabulary
+from rfclip_engine.config import autocast_dtype
 from rfclip_engine.graphs import DenseEncoder
 from rfclip_engine.steps import bipartition, fiedler_vector
 
@@ -64,7 +65,7 @@ def test_autocast_features_and_labels_stay_close_to_float32(models):
     pixels = scene(4, 64, 1).to(DEVICE)
     config = RFCLIPConfig(sigma=1.5)
     full = model.encode_dense(pixels, config)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[HALF]
+    dtype = autocast_dtype(HALF)
     with torch.autocast(DEVICE.type, dtype=dtype):
         half = model.encode_dense(pixels, config).float()
     assert (torch.linalg.vector_norm(half - full) / torch.linalg.vector_norm(full)).item() < 0.05
@@ -94,7 +95,7 @@ def test_the_segmenter_on_the_device_labels_as_on_the_cpu(models):
 def test_cuda_graph_replays_equal_the_forward(models, precision):
     """On CUDA each shape is recorded once and replayed with new inputs; elsewhere the plain forward."""
     _, model = models
-    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    dtype = autocast_dtype(precision)
     config = RFCLIPConfig(sigma=1.5)
     graphed, plain = DenseEncoder(model, dtype, cuda_graphs=True, max_graphs=2), DenseEncoder(model, dtype)
     for seed, batch in [(0, 3), (1, 3), (2, 2), (3, 3)]:  # a replay with new pixels, another shape, back
