@@ -141,7 +141,7 @@ def preannotate_command(settings: Settings, args: argparse.Namespace) -> int:
     """Exit status 0 when every selected task is predicted (or, with the queue, enqueued), 1 when
     some failed or the run was stopped (a rerun resumes), 2 on bad usage or a project the backend
     cannot predict."""
-    from .jobs.studio import Studio, parse_selection
+    from .jobs.studio import SelectionError, Studio, parse_selection
     from .label_config import LabelConfigError
     from .runtime import build_runtime
 
@@ -167,14 +167,15 @@ def preannotate_command(settings: Settings, args: argparse.Namespace) -> int:
         from .jobs.preannotate import preannotate
         from .media import Credentials
 
-        runtime.holder.start()
+        # the model loads at the first chunk: a wrong project or view fails before, with no loader
+        # thread left to abort the exit
         credentials = Credentials(settings.label_studio_url, settings.label_studio_api_key)
         report = preannotate(runtime.service, studio, args.project, credentials, mode, ids, args.view, args.chunk,
                              progress=not args.no_progress)
         version = runtime.service.version_for(args.project)  # the last chunk's: corrections may have moved it
         if not args.no_set_version and report.predicted:
             studio.set_model_version(args.project, version)
-    except LabelConfigError as err:
+    except (LabelConfigError, SelectionError) as err:
         return _fail("preannotate", f"project {args.project}: {err}")
     except Exception as err:  # Label Studio down after the SDK's retries, a refused token, ...
         return _stopped("preannotate", err)

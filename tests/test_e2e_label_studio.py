@@ -167,12 +167,21 @@ def test_preannotate_a_whole_project_resumes_and_never_predicts_twice(stack):
                                              "is_interactive": False})
     assert api(stack, "GET", f"/api/projects/{pid}")["model_version"] == "rfclip"
 
-    # a first, partial run (as if stopped after three tasks)
-    code, out = preannotate(stack, pid, "--tasks", ",".join(map(str, good[:3])))
+    # first, partial runs: a Data Manager view's filters (whatever it sorts by), then task ids
+    view = api(stack, "POST", "/api/dm/views", json={"project": pid, "data": {
+        "filters": {"conjunction": "and", "items": [
+            {"filter": "filter:tasks:id", "operator": "less_or_equal", "type": "Number", "value": good[2]}]},
+        "ordering": ["-tasks:id"]}})
+    code, out = preannotate(stack, pid, "--view", str(view["id"]), "--chunk", "2")
     assert code == 0 and "3 predicted, 0 skipped" in out, out
+    assert [len(api(stack, "GET", f"/api/predictions?task={task}")) for task in good[:4]] == [1, 1, 1, 0]
+    code, out = preannotate(stack, pid, "--view", str(view["id"] + 1000))
+    assert code == 2 and f"view {view['id'] + 1000} does not exist" in out, out
+    code, out = preannotate(stack, pid, "--tasks", str(good[3]))
+    assert code == 0 and "1 predicted, 0 skipped" in out, out
     # the rerun resumes: the rest, the broken image reported with its reason
     code, out = preannotate(stack, pid)
-    assert code == 1 and "7 predicted, 3 skipped" in out and f"task {missing}: HTTP 404" in out
+    assert code == 1 and "6 predicted, 4 skipped" in out and f"task {missing}: HTTP 404" in out
     # and again: only the failed task is tried
     code, out = preannotate(stack, pid)
     assert code == 1 and "0 predicted, 10 skipped, 1 failed" in out.replace(" (already predicted)", "")

@@ -37,6 +37,7 @@ class FakeStudio:
         self.stored = {t.id: list(t.predictions) for t in listed}  # task -> [(prediction id, version)]
         self.next_id = 1 + max((pid for t in listed for pid, _ in t.predictions), default=0)
         self.pushes, self.deleted, self.active_version = [], [], None
+        self.watch, self.seen = (lambda: len(self.pushes)), []  # what `watch` said as each task was listed
 
     def _store(self, task, version):
         self.stored[task].append((self.next_id, version))
@@ -49,7 +50,17 @@ class FakeStudio:
         return self.config
 
     def tasks(self, project, view=None):
-        return iter([StudioTask(i, self.data[i], tuple(self.stored[i])) for i in sorted(self.stored)])
+        studio = self
+
+        class Listing:  # page by page, as Label Studio's: the total is known, the tasks come as asked
+            total = len(self.stored)
+
+            def __iter__(self):
+                for i in sorted(studio.stored):
+                    studio.seen.append(studio.watch())
+                    yield StudioTask(i, studio.data[i], tuple(studio.stored[i]))
+
+        return Listing()
 
     def current(self, project, ids):
         if self.race in ids and self.version not in self.versions(self.race):
@@ -71,8 +82,8 @@ class FakeStudio:
         self.active_version = version
 
 
-def test_the_selection_keeps_ids_and_what_predicting_needs():
-    from backend.jobs.preannotate import select
+def test_the_selection_is_cut_into_chunks_keeping_what_predicting_needs():
+    from backend.jobs.preannotate import Selection
 
     note = ({"id": 5, "result": [{"value": "x" * 1000}], "was_cancelled": False},)
     listed = [StudioTask(1, {"image": "a"}, (), note), StudioTask(2, {"image": "b"}, ((7, "v1"),), note),
@@ -82,11 +93,30 @@ def test_the_selection_keeps_ids_and_what_predicting_needs():
         def tasks(self, project, view=None):
             return iter(listed)
 
-    selected, todo = select(Listing(), 1, "v1", "unpredicted", None, None, progress=False)
-    assert selected == [1, 2, 3]
-    assert [(t.id, t.data, t.annotations) for t in todo] == [(1, {"image": "a"}, ()), (3, {"image": "c"}, ())]
-    selected, todo = select(Listing(), 1, "v2", "all", [2, 3], None, progress=False)
-    assert selected == [2, 3] and [t.id for t in todo] == [2, 3]
+    chunks = list(Selection(Listing(), 1, "v1", "unpredicted", None, None, 2))
+    # the whole selection is cut, so a rerun gets the same chunks whatever was predicted meanwhile
+    assert [ids for ids, _ in chunks] == [[1, 2], [3]]
+    assert [[(t.id, t.data, t.annotations) for t in todo] for _, todo in chunks] == \
+        [[(1, {"image": "a"}, ())], [(3, {"image": "c"}, ())]]
+    selection = Selection(Listing(), 1, "v2", "all", [2, 3, 40], None, 2)
+    assert [(ids, [t.id for t in todo]) for ids, todo in selection] == [([2, 3], [2, 3])]
+    assert selection.total == 3  # of the ids asked for (task 40 is not in the project)
+
+
+def test_chunks_are_cut_as_the_items_come():
+    from backend.jobs.queue import chunked
+
+    seen = []
+
+    def items():
+        for n in range(5):
+            seen.append(n)
+            yield n
+
+    parts = chunked(items(), 2)
+    assert next(parts) == [0, 1] and seen == [0, 1]
+    assert list(parts) == [[2, 3], [4]]
+    assert list(chunked([], 3)) == []
 
 
 def make_studio(service, hostile, race=None):
@@ -108,6 +138,7 @@ def test_preannotate_pushes_each_chunk_once_and_reports_failures(tiny_model, tmp
     studio = make_studio(service, hostile, race=5)
     report = preannotate(service, studio, 1, Credentials(None, None), chunk=3, progress=False)
     assert studio.pushes == [[1, 2, 3], [4, 6], [7]]  # task 5 was predicted elsewhere meanwhile
+    assert studio.seen == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # each chunk pushed before the next one was listed
     assert report.predicted == 6 and report.skipped == 2 and list(report.failed) == [8]
     assert "HTTP 404" in report.failed[8] and report.left == 0
     assert all(studio.versions(i).count(service.model_version) == 1 for i in (1, 2, 3, 4, 5, 6, 7, 9))
@@ -135,7 +166,8 @@ def test_preannotate_stops_after_the_chunk_in_flight(tiny_model, tmp_path, hosti
 
     studio.push = push_then_interrupt
     report = preannotate(service, studio, 1, Credentials(None, None), chunk=3, progress=False, stop=stop)
-    assert report.stopped and studio.pushes == [[1, 2, 3]] and report.left == 5
+    # the rest of the listing is left (task 9's prediction is not even listed)
+    assert report.stopped and studio.pushes == [[1, 2, 3]] and report.left == 6 and report.selected == 9
 
 
 STUDIO_ENV = {"LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": "k"}
@@ -212,17 +244,12 @@ def enqueue(service, studio, queue, chunk=8, **kwargs):
     return enqueue_project(service, studio, queue, 1, chunk=chunk, progress=False, **kwargs)[1]
 
 
-def test_plan_cuts_the_whole_selection_so_a_rerun_gets_the_same_chunks():
-    from backend.jobs.queue import plan_chunks
-
-    assert plan_chunks([5, 1, 2, 3, 4], [1, 2, 3, 4, 5], 2) == [([1, 2], [1, 2]), ([3, 4], [3, 4]), ([5], [5])]
-    assert plan_chunks([5, 1, 2, 3, 4], [2, 5], 2) == [([1, 2], [2]), ([5], [5])]
-
-
 def test_queued_job_resumes_and_never_predicts_twice(tiny_model, tmp_path, hostile, queue):
     service, studio = queued_project(tiny_model, tmp_path, hostile, 40)
+    studio.watch = lambda: queue.queue.count
     first = enqueue(service, studio, queue)
     assert len(first.added) == 5 and not first.pending
+    assert studio.seen[8] == 1  # the first chunk was queued before the listing went on
     again = enqueue(service, studio, queue)  # enqueueing twice adds nothing
     assert not again.added and sorted(again.pending) == sorted(first.added)
     assert queue.queue.count == 5

@@ -9,7 +9,7 @@ from typing import Callable, List, Optional
 
 from redis.exceptions import RedisError
 
-from .queue import JobQueue, plan_chunks
+from .queue import JobQueue, chunked
 
 log = logging.getLogger("rfclip.backend.jobs")
 WORKERS_SEEN_S = 10.0  # how long a count of the queue's workers is trusted
@@ -38,7 +38,8 @@ class Overflow:
                 log.info("project %s: %d tasks not reached within the budget; no worker listens on queue %s, so "
                          "Label Studio will ask again", project, len(ids), self.queue.queue.name)
                 return 0
-            enqueued = self.queue.enqueue(project, self.version_for(project), plan_chunks(ids, ids, self.chunk), "all")
+            plan = [(part, part) for part in chunked(ids, self.chunk)]
+            enqueued = self.queue.enqueue(project, self.version_for(project), plan, "all")
         except RedisError as err:
             log.warning("project %s: %d tasks not reached within the budget could not be queued: %s", project,
                         len(ids), err)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -20,10 +21,12 @@ from tqdm import tqdm
 from ..media import Credentials
 from ..service import PredictionService
 from .chunk import ChunkResult, needs_prediction, predict_chunk
-from .queue import Enqueued, JobQueue, RunStatus, plan_chunks
+from .queue import Enqueued, JobQueue, RunStatus, chunked
 from .studio import Studio, StudioTask
 
 log = logging.getLogger("rfclip.backend.jobs")
+ENQUEUE_BATCH = 1000  # chunks per enqueue at most: bounded Redis pipelines
+ENQUEUE_EVERY_S = 1.0  # while listing, what is planned goes out at least this often
 
 
 @dataclass
@@ -33,6 +36,11 @@ class Report:
     predicted: int = 0
     failed: Dict[int, str] = field(default_factory=dict)  # task id -> reason
     stopped: bool = False  # interrupted before the end
+
+    def listed(self, tasks: int, todo: int) -> None:
+        """A chunk of the selection, `todo` of its tasks without this model_version's prediction."""
+        self.selected += tasks
+        self.skipped += tasks - todo
 
     def add(self, chunk: ChunkResult) -> None:
         self.predicted += chunk.predicted
@@ -65,44 +73,53 @@ def stop_on_interrupt(stop: threading.Event, message: str = "stopping after the 
         signal.signal(signal.SIGINT, previous)
 
 
-def select(studio: Studio, project: int, version: str, mode: str, ids: Optional[List[int]], view: Optional[int],
-           progress: bool) -> Tuple[List[int], List[StudioTask]]:
-    """(the ids of the selected tasks, those of them that need a prediction), listed page by page.
-    The whole selection is held until it is chunked, so only what predicting needs is kept: not
-    the tasks already predicted, nor anyone's annotations."""
-    listed = tqdm(studio.tasks(project, view), desc="listing tasks", unit=" tasks", disable=not progress, leave=False)
-    wanted = set(ids) if ids is not None else None
-    selected: List[int] = []
-    todo: List[StudioTask] = []
-    for task in listed:
-        if wanted is not None and task.id not in wanted:
-            continue
-        selected.append(task.id)
-        if needs_prediction(task, version, mode):
-            todo.append(replace(task, annotations=()))
-    return selected, todo
+class Selection:
+    """The selected tasks of a project, listed page by page and cut into chunks as they come, so a
+    run predicts (or enqueues) its first chunk at once whatever the project's size. The chunks cut
+    the whole selection in the listing's id order, not what is left of it, so a rerun cuts the same
+    ones. Of a chunk's tasks only what predicting needs is kept: not those already predicted, nor
+    anyone's annotations."""
+
+    def __init__(self, studio: Studio, project: int, version: str, mode: str, ids: Optional[List[int]],
+                 view: Optional[int], size: int) -> None:
+        self.studio, self.project, self.version, self.mode = studio, project, version, mode
+        self.wanted = set(ids) if ids is not None else None
+        self.view, self.size = view, size
+        self.total: Optional[int] = None  # the selection's size (at most), once the listing knows it
+
+    def __iter__(self) -> Iterator[Tuple[List[int], List[StudioTask]]]:
+        listing = self.studio.tasks(self.project, self.view)
+        chosen = (task for task in listing if self.wanted is None or task.id in self.wanted)
+        for tasks in chunked(chosen, self.size):
+            listed = getattr(listing, "total", None)
+            self.total = len(self.wanted) if self.wanted is not None else listed
+            todo = [replace(t, annotations=()) for t in tasks if needs_prediction(t, self.version, self.mode)]
+            yield [t.id for t in tasks], todo
 
 
 def preannotate(service: PredictionService, studio: Studio, project: int, credentials: Credentials,
                 mode: str = "unpredicted", ids: Optional[List[int]] = None, view: Optional[int] = None,
                 chunk: int = 32, progress: bool = True, stop: Optional[threading.Event] = None) -> Report:
-    """Predicts and pushes the selected tasks of `project` in this process; raises
-    LabelConfigError for a config the backend cannot use."""
+    """Predicts and pushes the selected tasks of `project` in this process, chunk by chunk as the
+    listing goes; raises LabelConfigError for a config the backend cannot use."""
     stop = stop or threading.Event()
     label_config = studio.label_config(project)
     service.targets(label_config)
-    selected, todo = select(studio, project, service.version_for(project), mode, ids, view, progress)
-    report = Report(selected=len(selected), skipped=len(selected) - len(todo))
-    bar = tqdm(total=len(todo), desc=f"project {project}", unit=" tasks", disable=not progress)
+    selection = Selection(studio, project, service.version_for(project), mode, ids, view, chunk)
+    report = Report()
+    bar = tqdm(desc=f"project {project}", unit=" tasks", disable=not progress)
     with stop_on_interrupt(stop), bar:
-        for start in range(0, len(todo), chunk):
+        for listed, todo in selection:
             if stop.is_set():
                 report.stopped = True
+                report.selected = max(report.selected, selection.total or 0)  # the unlisted rest is left
                 break
-            part = todo[start:start + chunk]
-            report.add(predict_chunk(service, studio, project, part, label_config, credentials, mode))
-            bar.update(len(part))
-            bar.set_postfix(failed=len(report.failed))
+            report.listed(len(listed), len(todo))
+            if todo:
+                report.add(predict_chunk(service, studio, project, todo, label_config, credentials, mode))
+            bar.total = selection.total
+            bar.update(len(listed))
+            bar.set_postfix(skipped=report.skipped, failed=len(report.failed))
     return report
 
 
@@ -110,14 +127,32 @@ def enqueue(service: PredictionService, studio: Studio, queue: JobQueue, project
             ids: Optional[List[int]] = None, view: Optional[int] = None, chunk: int = 32, progress: bool = True,
             set_version: bool = True) -> Tuple[Report, Enqueued]:
     """One queue job per chunk of the selected tasks that need a prediction (chunks already
-    waiting or running are left alone); the model is not loaded here. With `set_version` the
-    workers make this model version the project's active one as soon as they have pushed."""
+    waiting or running are left alone), enqueued as the listing goes so that workers start on the
+    first chunk; the model is not loaded here. With `set_version` the workers make this model
+    version the project's active one as soon as they have pushed."""
     service.targets(studio.label_config(project))
     version = service.version_for(project)
-    selected, todo = select(studio, project, version, mode, ids, view, progress)
-    report = Report(selected=len(selected), skipped=len(selected) - len(todo))
-    plan = plan_chunks(selected, [t.id for t in todo], chunk)
-    return report, queue.enqueue(project, version, plan, mode, set_version)
+    selection = Selection(studio, project, version, mode, ids, view, chunk)
+    report, enqueued, plan, flushed = Report(), Enqueued(), [], float("-inf")
+
+    def flush() -> None:
+        nonlocal plan, flushed
+        if plan:
+            enqueued.extend(queue.enqueue(project, version, plan, mode, set_version))
+        plan, flushed = [], time.monotonic()
+
+    with tqdm(desc="listing and enqueueing", unit=" tasks", disable=not progress, leave=False) as bar:
+        for listed, todo in selection:
+            report.listed(len(listed), len(todo))
+            if todo:
+                plan.append((listed, [t.id for t in todo]))
+            if len(plan) >= ENQUEUE_BATCH or time.monotonic() - flushed >= ENQUEUE_EVERY_S:
+                flush()
+            bar.total = selection.total
+            bar.update(len(listed))
+            bar.set_postfix(chunks=len(enqueued.ids) + len(plan))
+        flush()
+    return report, enqueued
 
 
 def follow(queue: JobQueue, project: int, version: str, job_ids: List[str], progress: bool = True,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from itertools import islice
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from redis import Redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -29,6 +30,7 @@ PENDING = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SC
 KEEP_S = 7 * 24 * 3600  # runs, outcomes and job results are kept a week after their last change
 RETRIES = 3  # RQ reruns a chunk that raised (Label Studio down past the SDK's retries, ...) this often
 MAX_LISTED_FAILURES = 100
+T = TypeVar("T")
 REDIS_RETRIES = 10  # 0.5, 1, 2, 4, 8, then 10 s each: about a minute
 
 
@@ -40,17 +42,11 @@ def chunk_id(project: int, version: str, ids: Sequence[int]) -> str:
     return f"rfclip-{run_key(project, version)}-{ids[0]}-{ids[-1]}"
 
 
-def plan_chunks(selected: Sequence[int], todo: Sequence[int], size: int) -> List[Tuple[List[int], List[int]]]:
-    """(chunk, its tasks to do) for the chunks of the sorted selection that have any to do. The
-    chunks cut the whole selection, not what is left of it, so a rerun gets the same ids."""
-    wanted, ordered = set(todo), sorted(selected)
-    plan = []
-    for start in range(0, len(ordered), size):
-        chunk = ordered[start:start + size]
-        part = [i for i in chunk if i in wanted]
-        if part:
-            plan.append((chunk, part))
-    return plan
+def chunked(items: Iterable[T], size: int) -> Iterator[List[T]]:
+    """`items` in lists of `size` (the last one shorter), as they come."""
+    it = iter(items)
+    while part := list(islice(it, size)):
+        yield part
 
 
 @dataclass
@@ -61,6 +57,10 @@ class Enqueued:
     @property
     def ids(self) -> List[str]:
         return self.added + self.pending
+
+    def extend(self, other: "Enqueued") -> None:
+        self.added += other.added
+        self.pending += other.pending
 
 
 @dataclass

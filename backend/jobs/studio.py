@@ -9,11 +9,16 @@ from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 from label_studio_sdk.client import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
+from label_studio_sdk.core.pagination import SyncPager
 
 log = logging.getLogger("rfclip.backend.jobs")
 
 PAGE_SIZE = 100
 RETRIES = {"max_retries": 5}  # the SDK's own backoff (1, 2, 4, 8, 16 s) on refused connections, 429 and 5xx
+
+
+class SelectionError(ValueError):
+    """A selection of tasks that names what the project does not have."""
 
 
 @dataclass(frozen=True)
@@ -39,27 +44,33 @@ class Studio:
     def label_config(self, project: int) -> str:
         return self.client.projects.get(id=project, request_options=RETRIES).label_config or ""
 
-    def tasks(self, project: int, view: Optional[int] = None) -> Iterator[StudioTask]:
-        """Every task of the project (or of a Data Manager view, with its filters), page by page."""
-        return self._listed(project, view, None)
+    def tasks(self, project: int, view: Optional[int] = None) -> "Listing":
+        """Every task of the project (or those a Data Manager view's filters keep), page by page, in
+        id order whatever the view sorts by: predictions landing meanwhile then move no task across
+        pages, and chunks cut from the listing are the same on every run."""
+        query = {"filters": self._view_filters(project, view) if view is not None else None, "ordering": ["tasks:id"]}
+        return Listing(self.client.tasks.list(project=project, query=json.dumps(query), fields="all",
+                                              page_size=PAGE_SIZE, request_options=RETRIES))
 
-    def _listed(self, project: int, view: Optional[int], query: Optional[str]) -> Iterator[StudioTask]:
-        pager = self.client.tasks.list(project=project, view=view, query=query, fields="all", page_size=PAGE_SIZE,
-                                       request_options=RETRIES)
-        for task in pager:
-            predictions = tuple((int(_field(p, "id") or 0), str(_field(p, "model_version") or ""))
-                                for p in (task.predictions or []))
-            annotations = tuple({"id": _field(a, "id"), "result": _field(a, "result") or [],
-                                 "was_cancelled": bool(_field(a, "was_cancelled"))}
-                                for a in (getattr(task, "annotations", None) or []))
-            yield StudioTask(task.id, dict(task.data or {}), predictions, annotations)
+    def _view_filters(self, project: int, view: int) -> Optional[dict]:
+        try:
+            found = self.client.views.get(id=str(view), request_options=RETRIES)
+        except ApiError as err:
+            if err.status_code == 404:
+                raise SelectionError(f"view {view} does not exist") from None
+            raise
+        if found.project != project:
+            raise SelectionError(f"view {view} belongs to project {found.project}, not to project {project}")
+        return (found.data or {}).get("filters")
 
     def current(self, project: int, ids: Sequence[int]) -> Dict[int, StudioTask]:
         """These tasks as they are now (data and predictions); deleted ones are absent."""
         if not ids:
             return {}
         query = json.dumps({"selectedItems": {"all": False, "included": list(ids)}})
-        return {t.id: t for t in self._listed(project, None, query)}
+        listed = self.client.tasks.list(project=project, query=query, fields="all", page_size=PAGE_SIZE,
+                                        request_options=RETRIES)
+        return {t.id: t for t in Listing(listed)}
 
     def push(self, project: int, predictions: Sequence[dict]) -> int:
         """Stores the predictions ({"task", "result", "score", "model_version"}) in one request."""
@@ -96,6 +107,23 @@ class Studio:
             if active and backend.title == active:
                 self._rename(backend, project, version)
         self.client.projects.update(id=project, model_version=version, request_options=RETRIES)
+
+
+class Listing:
+    """The tasks of a listing as they come, page by page; `total` is its size (the first page, in
+    already, says so). The SDK's pager ends at Label Studio's 404 past the last page."""
+
+    def __init__(self, pager: SyncPager) -> None:
+        self.pager, self.total = pager, int(getattr(pager.response, "total", 0) or 0)
+
+    def __iter__(self) -> Iterator[StudioTask]:
+        for task in self.pager:
+            predictions = tuple((int(_field(p, "id") or 0), str(_field(p, "model_version") or ""))
+                                for p in (task.predictions or []))
+            annotations = tuple({"id": _field(a, "id"), "result": _field(a, "result") or [],
+                                 "was_cancelled": bool(_field(a, "was_cancelled"))}
+                                for a in (getattr(task, "annotations", None) or []))
+            yield StudioTask(task.id, dict(task.data or {}), predictions, annotations)
 
 
 def _field(item: object, name: str) -> object:
