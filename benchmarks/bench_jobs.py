@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend.jobs.preannotate import enqueue  # noqa: E402
-from backend.jobs.queue import JobQueue  # noqa: E402
+from backend.jobs.queue import JobQueue, RunTracker  # noqa: E402
 from backend.jobs.studio import Studio  # noqa: E402
 from backend.media import Credentials  # noqa: E402
 from backend.runtime import build_runtime, load_segmenter  # noqa: E402
@@ -103,16 +103,14 @@ class Stack:
         started = time.perf_counter()
         _, enqueued = enqueue(self.service, self.studio, self.queue, pid, chunk=chunk, progress=False,
                               set_version=False)
-        while True:
-            (status,) = self.queue.status(pid, self.service.model_version, enqueued.ids)
-            if status.finished:
-                break
+        tracker = RunTracker(self.queue, pid, self.service.model_version, enqueued.ids)
+        while not (status := tracker.poll()).finished:
             time.sleep(0.2)
         seconds = time.perf_counter() - started
         if status.tasks["predicted"] != count:
             raise RuntimeError(f"only {status.tasks['predicted']} of {count} tasks predicted: {status}")
         stages: Dict[str, float] = {}
-        for outcome in self.queue.outcomes(pid, self.service.model_version).values():
+        for outcome in tracker.done.values():
             for stage, spent in outcome["stage_seconds"].items():
                 stages[stage] = stages.get(stage, 0.0) + spent / count
         return seconds, stages

@@ -270,6 +270,27 @@ def test_queued_job_resumes_and_never_predicts_twice(tiny_model, tmp_path, hosti
     assert enqueue(service, studio, queue).ids == []  # nothing left to do
 
 
+def test_following_a_run_reads_each_chunk_s_outcome_once(tiny_model, tmp_path, hostile, queue):
+    from backend.jobs.queue import RunTracker
+
+    service, studio = queued_project(tiny_model, tmp_path, hostile, 24, broken={3})
+    enqueued = enqueue(service, studio, queue)
+    tracker = RunTracker(queue, 1, service.model_version, enqueued.ids)
+    read = []
+    original = queue.connection.hmget
+    queue.connection.hmget = lambda key, fields: read.extend(fields) or original(key, fields)
+    assert tracker.poll().chunks == {"queued": 3, "running": 0, "done": 0, "failed": 0}
+    make_worker(service, studio, queue).work(burst=True, max_jobs=1)
+    first = tracker.poll()
+    make_worker(service, studio, queue).work(burst=True)
+    last, again = tracker.poll(), tracker.poll()
+    assert first.chunks["done"] == 1 and first.tasks["failed"] == 1 and "HTTP 404" in first.failed_tasks["3"]
+    # three chunks waiting, then three, then the two left: never a chunk that had ended
+    assert read == enqueued.ids + enqueued.ids + enqueued.ids[1:]
+    assert last == again == queue.status(1)[0]  # the same as a fresh reading of the whole run
+    assert last.finished and last.tasks == {"total": 24, "predicted": 23, "skipped": 0, "failed": 1, "left": 0}
+
+
 def test_failed_tasks_are_reported_and_a_rerun_retries_only_their_chunk(tiny_model, tmp_path, hostile, queue):
     service, studio = queued_project(tiny_model, tmp_path, hostile, 12, broken={10})
     enqueue(service, studio, queue, chunk=4)

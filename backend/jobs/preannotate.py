@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..media import Credentials
 from ..service import PredictionService
 from .chunk import ChunkResult, needs_prediction, predict_chunk
-from .queue import Enqueued, JobQueue, RunStatus, chunked
+from .queue import Enqueued, JobQueue, RunStatus, RunTracker, chunked
 from .studio import Studio, StudioTask
 
 log = logging.getLogger("rfclip.backend.jobs")
@@ -160,13 +160,14 @@ def follow(queue: JobQueue, project: int, version: str, job_ids: List[str], prog
     """The progress of these chunks, from the queue's state, until none is waiting or running
     (or Ctrl-C: the jobs go on). Abandoned chunks are handed back to the queue on the way."""
     stop = stop or threading.Event()
+    tracker = RunTracker(queue, project, version, job_ids)
+    if len(tracker.sizes) < len(job_ids):
+        raise LookupError(f"no queued run of project {project} with model version {version} has those chunks")
     bar = None
     with stop_on_interrupt(stop, "no longer following; the queued chunks go on (rfclip-backend jobs shows them)"):
         while True:
             queue.reclaim_abandoned()
-            (status,) = queue.status(project, version, job_ids) or [None]
-            if status is None:
-                raise LookupError(f"no queued run of project {project} with model version {version}")
+            status = tracker.poll()
             if bar is None:
                 bar = tqdm(total=status.tasks["total"], desc=f"project {project}", unit=" tasks", disable=not progress)
             bar.n = status.tasks["total"] - status.tasks["left"]

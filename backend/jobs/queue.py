@@ -143,11 +143,6 @@ class JobQueue:
             pipe.expire(key, KEEP_S)
             pipe.execute()
 
-    def outcomes(self, project: int, version: str) -> Dict[str, dict]:
-        """What each finished chunk of the run did, by job id."""
-        stored = self.connection.hgetall(self._key(run_key(project, version), "outcomes"))
-        return {k.decode(): json.loads(v) for k, v in stored.items()}
-
     def chunk_lock(self, job_id: str, lease_s: float):
         """Held while a chunk runs, so two workers never push the same chunk at once; it lapses
         `lease_s` after its holder stops renewing it (a killed worker)."""
@@ -166,10 +161,8 @@ class JobQueue:
     def _runs_key(self) -> str:
         return f"rfclip:jobs:{self.queue.name}:runs"
 
-    def status(self, project: Optional[int] = None, version: Optional[str] = None,
-               job_ids: Optional[Sequence[str]] = None) -> List[RunStatus]:
-        """Every run of the queue (or of one project, or one model version of it); `job_ids`
-        narrows a run to those chunks."""
+    def status(self, project: Optional[int] = None, version: Optional[str] = None) -> List[RunStatus]:
+        """Every run of the queue (or of one project, or one model version of it)."""
         runs = sorted(r.decode() for r in self.connection.smembers(self._runs_key()))
         out = []
         for run in runs:
@@ -177,53 +170,74 @@ class JobQueue:
             if not meta or (project is not None and int(meta["project"]) != project) or \
                     (version is not None and meta["model_version"] != version):
                 continue
-            out.append(self._run_status(run, int(meta["project"]), meta["model_version"], job_ids))
+            out.append(RunTracker(self, int(meta["project"]), meta["model_version"]).poll())
         return out
 
-    def _states(self, job_ids: List[str]) -> List[Optional[JobStatus]]:
+    def states(self, job_ids: Sequence[str]) -> List[Optional[JobStatus]]:
         """Each job's status (None: gone), read alone: a run of a million tasks has 30,000 chunks."""
         with self.connection.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hget(Job.key_for(job_id), "status")
             return [JobStatus(raw.decode()) if raw else None for raw in pipe.execute()]
 
-    def _run_status(self, run: str, project: int, version: str, job_ids: Optional[Sequence[str]]) -> RunStatus:
-        sizes = {k.decode(): int(v) for k, v in self.connection.hgetall(self._key(run, "chunks")).items()}
-        if job_ids is not None:
-            sizes = {job_id: sizes[job_id] for job_id in job_ids if job_id in sizes}
-        outcomes = {job_id: outcome for job_id, outcome in self.outcomes(project, version).items() if job_id in sizes}
-        chunks = {"queued": 0, "running": 0, "done": 0, "failed": 0}
-        failed_chunks = {}
-        for job_id, state in zip(sizes, self._states(list(sizes))):
-            if state == JobStatus.FINISHED or (state is None and job_id in outcomes):
-                chunks["done"] += 1
+
+class RunTracker:
+    """The status of one run's chunks (all of them, or `job_ids`), polled. A chunk that has ended
+    (done or failed) is read once: each poll costs only the chunks still waiting or running, so
+    following a run of a million tasks reads each chunk's outcome once, not on every poll."""
+
+    def __init__(self, queue: JobQueue, project: int, version: str, job_ids: Optional[Sequence[str]] = None) -> None:
+        self.queue, self.project, self.version = queue, project, version
+        run = run_key(project, version)
+        self._outcomes_key = queue._key(run, "outcomes")
+        sizes = {k.decode(): int(v) for k, v in queue.connection.hgetall(queue._key(run, "chunks")).items()}
+        self.sizes = sizes if job_ids is None else {j: sizes[j] for j in job_ids if j in sizes}
+        self.done: Dict[str, dict] = {}  # job id -> its outcome
+        self.failed: Dict[str, str] = {}  # job id -> the error's last line
+
+    def poll(self) -> RunStatus:
+        open_ids = [j for j in self.sizes if j not in self.done and j not in self.failed]
+        states = self.queue.states(open_ids)
+        stored = self.queue.connection.hmget(self._outcomes_key, open_ids) if open_ids else []
+        chunks = {"queued": 0, "running": 0}
+        for job_id, state, outcome in zip(open_ids, states, stored):
+            if state == JobStatus.FINISHED or (state is None and outcome):
+                self.done[job_id] = json.loads(outcome) if outcome else _NO_OUTCOME
             elif state == JobStatus.STARTED:
                 chunks["running"] += 1
             elif state in PENDING:
                 chunks["queued"] += 1
             else:  # failed, stopped, canceled, or expired without an outcome
-                chunks["failed"] += 1
-                failed_chunks[job_id] = _last_error(self.queue.fetch_job(job_id))
-        tasks = {"total": sum(sizes.values()), "predicted": 0, "skipped": 0, "failed": 0}
+                self.failed[job_id] = _last_error(self.queue.queue.fetch_job(job_id))
+        chunks.update(done=len(self.done), failed=len(self.failed))
+        return self._status(chunks)
+
+    def _status(self, chunks: Dict[str, int]) -> RunStatus:
+        tasks = {"total": sum(self.sizes.values()), "predicted": 0, "skipped": 0, "failed": 0}
         failed_tasks: Dict[str, str] = {}
         work: Dict[str, List[float]] = {}
-        for outcome in outcomes.values():
+        for outcome in self.done.values():
             for what in ("predicted", "skipped"):
                 tasks[what] += outcome[what]
             tasks["failed"] += len(outcome["failed"])
             for task, reason in outcome["failed"].items():
                 if len(failed_tasks) < MAX_LISTED_FAILURES:
                     failed_tasks[task] = reason
-            done = work.setdefault(outcome["worker"], [0.0, 0.0])
-            done[0] += outcome["predicted"] + outcome["skipped"] + len(outcome["failed"])
-            done[1] += outcome["seconds"]
+            if outcome["worker"]:
+                done = work.setdefault(outcome["worker"], [0.0, 0.0])
+                done[0] += outcome["predicted"] + outcome["skipped"] + len(outcome["failed"])
+                done[1] += outcome["seconds"]
         tasks["left"] = tasks["total"] - tasks["predicted"] - tasks["skipped"] - tasks["failed"]
         rates = {worker: round(n / s, 3) if s > 0 else 0.0 for worker, (n, s) in sorted(work.items())}
-        pending_tasks = sum(size for job_id, size in sizes.items() if job_id not in outcomes
-                            and job_id not in failed_chunks)
+        pending_tasks = sum(size for job_id, size in self.sizes.items()
+                            if job_id not in self.done and job_id not in self.failed)
         speed = sum(rates.values())
         eta = round(pending_tasks / speed, 1) if speed > 0 and pending_tasks else (0.0 if not pending_tasks else None)
-        return RunStatus(project, version, chunks, tasks, rates, eta, failed_tasks, failed_chunks)
+        return RunStatus(self.project, self.version, chunks, tasks, rates, eta, failed_tasks, dict(self.failed))
+
+
+# a chunk that finished without recording what it did (its outcome expired): done, nothing counted
+_NO_OUTCOME = {"predicted": 0, "skipped": 0, "failed": {}, "worker": "", "seconds": 0.0}
 
 
 def _last_error(job: Optional[Job]) -> str:
