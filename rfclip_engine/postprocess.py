@@ -16,6 +16,8 @@ def resize_rows(logits: torch.Tensor, size: Tuple[int, int], start: int, stop: i
     height, width = size
     if (height, width) == tuple(logits.shape[-2:]):
         return logits[:, start:stop]
+    if (start, stop) == (0, height):  # interpolate's own kernel is faster, but cannot start mid-image
+        return F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)[0]
     device = logits.device
     # normalized sample positions of the output pixel centres; border padding clamps like interpolate
     ys = (torch.arange(start, stop, device=device, dtype=torch.float32) + 0.5) / height * 2 - 1
@@ -54,16 +56,29 @@ def label_map_tiled(
     step = tile_rows(n_classes, width, tile_elements)
     for start in range(0, height, step):
         stop = min(start + step, height)
-        probs = torch.softmax(logit_scale * resize_rows(logits, size, start, stop), dim=0)
-        best = probs.topk(min(2, n_classes), dim=0)
-        top, index = best.values[0], best.indices[0]
-        margin = top - best.values[1] if n_classes > 1 else top
-        keep = top >= prob_threshold
-        labels[start:stop] = torch.where(keep, index, torch.full_like(index, unlabeled)).to(torch.int32)
-        counts += torch.bincount(index[keep], minlength=n_classes).to(torch.float64)
-        sums += torch.bincount(index[keep], weights=top[keep].double(), minlength=n_classes)
-        margins += torch.bincount(index[keep], weights=margin[keep].double(), minlength=n_classes)
+        top, index, margin = top_two(resize_rows(logits, size, start, stop) * logit_scale)
+        if prob_threshold > 0:  # probabilities are never below 0: no mask needed then
+            keep = top >= prob_threshold
+            labels[start:stop] = torch.where(keep, index, torch.full_like(index, unlabeled))
+            top, index, margin = top[keep], index[keep], margin[keep]
+        else:
+            labels[start:stop] = index
+        index = index.flatten()
+        counts += torch.bincount(index, minlength=n_classes).to(torch.float64)
+        sums += torch.bincount(index, weights=top.flatten().double(), minlength=n_classes)
+        margins += torch.bincount(index, weights=margin.flatten().double(), minlength=n_classes)
     return Labels(labels, counts, sums, margins)
+
+
+def top_two(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top probability, its class, top minus second probability) of softmax(scores) over dim 0,
+    worked out in place in `scores`. A max, an exp and a sum: softmax then topk costs half as much
+    again, topk sorting along the class dim. One class alone has a margin of 1."""
+    best, index = scores.max(dim=0)
+    exp = scores.sub_(best).exp_()  # the top class's is 1
+    top = exp.sum(dim=0).reciprocal_()
+    second = exp.scatter_(0, index[None], 0.0).amax(dim=0)
+    return top, index, (1.0 - second).mul_(top)
 
 
 def probabilities(logits: torch.Tensor, size: Tuple[int, int], logit_scale: float) -> torch.Tensor:

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rfclip_engine.postprocess import label_map_tiled, probabilities, resize_rows
+from rfclip_engine.postprocess import label_map_tiled, probabilities, resize_rows, top_two
 
 
 @pytest.mark.parametrize("coarse,size", [((7, 9), (31, 40)), ((20, 30), (20, 30)), ((12, 5), (100, 17)),
@@ -33,3 +33,15 @@ def test_tiled_labels_equal_whole_image(threshold):
         torch.testing.assert_close(margins[c].float(), (top - second)[inside].sum(), rtol=1e-5, atol=1e-4)
     if threshold:
         assert (labels == -1).any()
+
+
+@pytest.mark.parametrize("classes", [1, 2, 7])
+def test_top_two_matches_softmax_in_float64(classes):
+    scores = torch.randn(classes, 9, 11, generator=torch.Generator().manual_seed(classes)) * 4
+    probs = torch.softmax(scores.double(), dim=0)
+    ordered = probs.sort(dim=0, descending=True).values
+    second = ordered[1] if classes > 1 else torch.zeros_like(ordered[0])
+    top, index, margin = top_two(scores.clone())
+    assert torch.equal(index, probs.argmax(dim=0))
+    torch.testing.assert_close(top.double(), ordered[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(margin.double(), ordered[0] - second, rtol=1e-6, atol=1e-6)
