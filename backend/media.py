@@ -218,10 +218,10 @@ class ImageFetcher:
             status = err.response.status_code if err.response is not None else "?"
             hint = " (check LABEL_STUDIO_API_KEY)" if status in (401, 403) else ""
             last = self.session.last_failure()
-            if last is not None and err.response is not None and last[0] != err.response.url \
-                    and last[1] != f"HTTP {status}":
+            if last is not None and err.response is not None and last.url != err.response.url \
+                    and last.status != status:
                 # the SDK reports its first request's error when its fallback request fails
-                raise MediaError(f"{last[1]} fetching {urlparse(last[0]).path} (after HTTP {status} from "
+                raise MediaError(f"{last.reason} fetching {urlparse(last.url).path} (after HTTP {status} from "
                                  f"{urlparse(err.response.url).path})") from None
             raise MediaError(f"HTTP {status} fetching {_without_query(reference)}{hint}") from None
         except requests.RequestException as err:

@@ -16,7 +16,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import FrozenSet, Iterator, List, Optional, Tuple, Union
+from typing import FrozenSet, Iterator, List, NamedTuple, Optional, Union
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -32,6 +32,15 @@ ALLOW_PRIVATE_SETTING = "RFCLIP_ALLOW_PRIVATE_URLS"
 TRANSIENT_RETRIES = Retry(total=2, connect=2, read=2, status=2, other=0, redirect=False,
                           status_forcelist=(502, 503, 504), allowed_methods=frozenset({"GET"}),
                           backoff_factor=0.25, raise_on_status=False)
+
+
+class Failure(NamedTuple):
+    """A GET that failed: its URL, its HTTP status (None: no answer, or one refused), and a
+    short reason ("HTTP 404", "ConnectionError", what a refusal said)."""
+
+    url: str
+    status: Optional[int]
+    reason: str
 
 
 class DownloadRefused(Exception):
@@ -205,9 +214,9 @@ class GuardedSession(requests.Session):
             self._state.deadline = None
             deadline.cancel()
 
-    def last_failure(self) -> Optional[Tuple[str, str]]:
-        """(URL, what went wrong) of this thread's latest GET, None when it succeeded: a caller's
-        own fallback request may fail otherwise than the error that caller reports."""
+    def last_failure(self) -> Optional["Failure"]:
+        """What went wrong with this thread's latest GET, None when it succeeded: a caller's own
+        fallback request may fail otherwise than the error that caller reports."""
         return getattr(self._state, "failure", None)
 
     def get(self, url, **kwargs):  # type: ignore[override]
@@ -215,10 +224,11 @@ class GuardedSession(requests.Session):
         try:
             response = self._get(url, **kwargs)
         except Exception as err:
-            self._state.failure = (url, str(err) if isinstance(err, DownloadRefused) else type(err).__name__)
+            self._state.failure = Failure(url, None, str(err) if isinstance(err, DownloadRefused)
+                                          else type(err).__name__)
             raise
         if not response.ok:
-            self._state.failure = (url, f"HTTP {response.status_code}")
+            self._state.failure = Failure(url, response.status_code, f"HTTP {response.status_code}")
         return response
 
     def _get(self, url, **kwargs):

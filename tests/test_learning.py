@@ -163,6 +163,10 @@ def test_memory_bank_keeps_the_most_recently_taught_projects(bank_factory):
     bank.examples(2)
     if isinstance(bank, MemoryBank):
         assert bank.counts(1) == {} and bank.counts(3) == {cat: 1}  # the least recently taught is gone
+        assert all(bank.revision(project) == 0 for project in range(100, 1100))  # asking holds nothing
+        assert len(bank._revisions) == 2
+        bank.put(1, 2, 2, {cat: example(7)})  # taught again: its new state, not one decoded before
+        assert [e.pixels for e in bank.examples(1)[cat]] == [example(7).pixels] and len(bank._revisions) == 2
     else:
         assert bank.counts(1) == {cat: 1}  # Redis keeps every project (each key expires on its own)
     assert len(bank._cache) <= 2  # the decoded states held in this process stay bounded too

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -160,17 +161,20 @@ class MemoryBank(PrototypeBank):
         super().__init__(max_annotations, max_projects)
         self._lock = threading.Lock()
         self._data: "OrderedDict[int, Dict[int, bytes]]" = OrderedDict()
-        self._revisions: Dict[int, int] = defaultdict(int)
+        # of the projects held only; stamps from one counter, so a project evicted and taught
+        # again never reads as a state decoded before
+        self._revisions: Dict[int, int] = {}
+        self._stamps = itertools.count(1)
 
     def revision(self, project: int) -> int:
         with self._lock:
-            return self._revisions[project]
+            return self._revisions.get(project, 0)
 
     def remove(self, project: int, annotations: Iterable[int]) -> int:
         with self._lock:
             removed = sum(self._data.get(project, {}).pop(a, None) is not None for a in annotations)
             if removed:
-                self._revisions[project] += 1
+                self._revisions[project] = next(self._stamps)
             return removed
 
     def _store(self, project: int, annotation: int, raw: bytes) -> None:
@@ -180,9 +184,10 @@ class MemoryBank(PrototypeBank):
             entries[annotation] = raw
             for old in self._oldest(entries, len(entries) - self.max_annotations):
                 del entries[old]
-            self._revisions[project] += 1
+            self._revisions[project] = next(self._stamps)
             while len(self._data) > self.max_projects:
-                self._data.popitem(last=False)
+                evicted, _ = self._data.popitem(last=False)
+                del self._revisions[evicted]
 
     def _entries(self, project: int) -> Dict[int, bytes]:
         with self._lock:
