@@ -144,7 +144,42 @@ def test_preannotate_pushes_each_chunk_once_and_reports_failures(tiny_model, tmp
     assert all(studio.versions(i).count(service.model_version) == 1 for i in (1, 2, 3, 4, 5, 6, 7, 9))
 
     again = preannotate(service, studio, 1, Credentials(None, None), chunk=3, progress=False)
-    assert again.predicted == 0 and list(again.failed) == [8] and studio.pushes[3:] == [[]]
+    assert again.predicted == 0 and list(again.failed) == [8] and studio.pushes[3:] == []  # nothing to push
+
+
+def test_a_chunk_pushes_each_part_while_the_next_one_is_predicted(tiny_model, tmp_path, hostile):
+    import threading
+
+    from backend.jobs.chunk import predict_chunk
+    from backend.media import Credentials
+
+    from .backend_support import BRUSH_CONFIG, make_app
+
+    service = make_app(tiny_model, tmp_path).extensions["rfclip"]["service"]
+    studio = make_studio(service, hostile, race=5)
+    second_part_started, predicted, pushed = threading.Event(), [], []
+    run, push = service.run, studio.push
+
+    def predicting(tasks, *args):
+        predicted.append([t["id"] for t in tasks])
+        if len(predicted) == 2:
+            second_part_started.set()
+        return run(tasks, *args)
+
+    def pushing(project, predictions):
+        pushed.append([p["task"] for p in predictions])
+        if len(pushed) == 1:  # a chunk that waited for this push before predicting on would time out here
+            assert second_part_started.wait(30)
+        return push(project, predictions)
+
+    service.run, studio.push = predicting, pushing
+    tasks = [StudioTask(i, studio.data[i], tuple(studio.stored[i])) for i in range(1, 10)]  # as listed
+    result = predict_chunk(service, studio, 1, tasks, BRUSH_CONFIG, Credentials(None, None), "unpredicted",
+                           part=3)
+    assert predicted == [[1, 2, 3], [4, 5, 6], [7, 8]] and pushed == [[1, 2, 3], [4, 6], [7]]
+    assert studio.pushes == [[1, 2, 3], [4, 6], [7]]  # task 5 was predicted elsewhere meanwhile
+    assert result.predicted == 6 and result.skipped == 2 and list(result.failed) == [8] and result.removed == 0
+    assert all(studio.versions(i).count(service.model_version) == 1 for i in (1, 2, 3, 4, 5, 6, 7, 9))
 
 
 def test_preannotate_stops_after_the_chunk_in_flight(tiny_model, tmp_path, hostile):

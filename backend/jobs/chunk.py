@@ -1,23 +1,27 @@
 """One chunk of a project's tasks through the one prediction pipeline, the same for a local
 `preannotate` and for a queue worker.
 
-The tasks that still need this model version's prediction are predicted, checked again just
-before the push (another run may have predicted some meanwhile), pushed in one request, then
-reconciled: if two runs raced past the check, the newer copies are deleted, so that every task
-keeps exactly one prediction of this version.
+The tasks that still need this model version's prediction are predicted in parts; each part is
+checked again just before its push (another run may have predicted some meanwhile) and pushed in
+one request while the next part is predicted. Then what was pushed is reconciled: if two runs
+raced past the check, the newer copies are deleted, so that every task keeps exactly one
+prediction of this version.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import ContextManager, Dict, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import ContextManager, Dict, Iterable, List, Sequence, Tuple
 
 from ..media import Credentials
 from ..pipeline import timed_into
 from ..service import PredictionService
+from .queue import chunked
 from .studio import Studio, StudioTask
 
 log = logging.getLogger("rfclip.backend.jobs")
+PUSH_PART = 16  # tasks per push: a 32-task chunk pushes its first half while its second is predicted
 
 
 @dataclass
@@ -47,38 +51,78 @@ def needs_prediction(task: StudioTask, version: str, mode: str) -> bool:
 
 
 def predict_chunk(service: PredictionService, studio: Studio, project: int, tasks: Sequence[StudioTask],
-                  label_config: str, credentials: Credentials, mode: str) -> ChunkResult:
+                  label_config: str, credentials: Credentials, mode: str, part: int = PUSH_PART) -> ChunkResult:
+    """Predicts the chunk's tasks in parts of `part`, each part checked and pushed in the
+    background while the next one is predicted (so the model does not wait on Label Studio but
+    for the last part), then reconciles what was pushed."""
     version = service.version_for(project)
     todo = [t for t in tasks if needs_prediction(t, version, mode)]
     result = ChunkResult(skipped=len(tasks) - len(todo), version=version)
     if not todo:
         return result
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rfclip-push") as pusher:
+        pushes: List[Future] = []
+        for tasks_part in chunked(todo, part):
+            if pushes and pushes[-1].done():
+                pushes[-1].result()  # a push that failed (Label Studio down) stops the chunk now
+            predictions = _predict(service, project, tasks_part, label_config, credentials, result)
+            if predictions:
+                # corrections may have moved the project's version since the check above
+                result.version = predictions[-1]["model_version"]
+                pushes.append(pusher.submit(_check_and_push, studio, project, predictions))
+        pushed = [push.result() for push in pushes]  # in order; the first error is raised here
+    for fresh, skipped, deleted, seconds in pushed:
+        result.predicted += len(fresh)
+        result.skipped += skipped
+        result.failed.update({task: "the task was deleted from the project meanwhile" for task in deleted})
+        for stage, spent in seconds.items():
+            result.stage_seconds[stage] = result.stage_seconds.get(stage, 0.0) + spent
+    with result.timed("reconcile"):
+        for version, ids in _by_version(fresh for fresh, *_ in pushed).items():
+            result.removed += reconcile(studio, project, ids, version)
+    return result
+
+
+def _predict(service: PredictionService, project: int, tasks: Sequence[StudioTask], label_config: str,
+             credentials: Credentials, result: ChunkResult) -> List[dict]:
+    """The tasks' predictions through the one pipeline; their failures and stage times go to `result`."""
     with result.timed("predict"):
-        outcome = service.run([{"id": t.id, "data": t.data} for t in todo], label_config, credentials, None, project)
+        outcome = service.run([{"id": t.id, "data": t.data} for t in tasks], label_config, credentials, None, project)
     for stage, seconds in outcome.stage_seconds.items():  # the pipeline's own stages inside "predict"
-        result.stage_seconds[f"predict: {stage}"] = seconds
-    result.failed = {todo[n].id: reason for n, reason in outcome.failures.items()}
-    predictions = [{"task": t.id, "model_version": entry["model_version"], "result": entry["result"],
-                    "score": entry["score"]} for t, entry in zip(todo, outcome.entries) if isinstance(entry, dict)]
-    # new corrections may have moved the project's version since the check above
-    version = result.version = predictions[0]["model_version"] if predictions else version
-    with result.timed("check"):
+        result.stage_seconds[f"predict: {stage}"] = result.stage_seconds.get(f"predict: {stage}", 0.0) + seconds
+    result.failed.update({tasks[n].id: reason for n, reason in outcome.failures.items()})
+    return [{"task": t.id, "model_version": entry["model_version"], "result": entry["result"], "score": entry["score"]}
+            for t, entry in zip(tasks, outcome.entries) if isinstance(entry, dict)]
+
+
+def _check_and_push(studio: Studio, project: int,
+                    predictions: List[dict]) -> Tuple[List[dict], int, List[int], Dict[str, float]]:
+    """Looks the tasks up again just before the push (another run may have predicted some
+    meanwhile) and pushes the rest in one request: (pushed, skipped, deleted tasks, stage seconds)."""
+    seconds: Dict[str, float] = {}
+    with timed_into(seconds, "check"):
         now = studio.current(project, [p["task"] for p in predictions])
-    fresh = []
+    fresh, skipped, deleted = [], 0, []
     for prediction in predictions:
         task = now.get(prediction["task"])
         if task is None:
-            result.failed[prediction["task"]] = "the task was deleted from the project meanwhile"
-        elif version in task.model_versions:
-            result.skipped += 1
+            deleted.append(prediction["task"])
+        elif prediction["model_version"] in task.model_versions:
+            skipped += 1
         else:
             fresh.append(prediction)
-    with result.timed("push"):
+    with timed_into(seconds, "push"):
         studio.push(project, fresh)
-    result.predicted = len(fresh)
-    with result.timed("reconcile"):
-        result.removed = reconcile(studio, project, [p["task"] for p in fresh], version)
-    return result
+    return fresh, skipped, deleted, seconds
+
+
+def _by_version(parts: Iterable[List[dict]]) -> Dict[str, List[int]]:
+    """The pushed task ids per model version (a chunk has two when corrections moved it midway)."""
+    out: Dict[str, List[int]] = {}
+    for fresh in parts:
+        for prediction in fresh:
+            out.setdefault(prediction["model_version"], []).append(prediction["task"])
+    return out
 
 
 def reconcile(studio: Studio, project: int, ids: Sequence[int], version: str) -> int:
