@@ -171,7 +171,7 @@ def preannotate_command(settings: Settings, args: argparse.Namespace) -> int:
         # thread left to abort the exit
         credentials = Credentials(settings.label_studio_url, settings.label_studio_api_key)
         report = preannotate(runtime.service, studio, args.project, credentials, mode, ids, args.view, args.chunk,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, push_part=settings.push_part)
         version = runtime.service.version_for(args.project)  # the last chunk's: corrections may have moved it
         if not args.no_set_version and report.predicted:
             studio.set_model_version(args.project, version)
@@ -241,7 +241,7 @@ def worker_command(settings: Settings, args: argparse.Namespace) -> int:
     credentials = Credentials(settings.label_studio_url, settings.label_studio_api_key)
     try:
         work(runtime.service, studio, credentials, queue, settings.job_lease_s, burst=args.burst,
-             logging_level=settings.log_level)
+             logging_level=settings.log_level, push_part=settings.push_part)
     except Exception as err:  # Redis unreachable at start, ...
         return _fail("worker", _error(err), 1)
     return 0

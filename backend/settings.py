@@ -36,6 +36,7 @@ class Settings:
     queue_name: str = "rfclip"
     job_timeout_s: int = 3600
     job_lease_s: float = 45.0
+    push_part: Optional[int] = None  # tasks per push inside a chunk (None: the whole chunk at once)
     label_studio_url: Optional[str] = None
     label_studio_api_key: Optional[str] = field(default=None, repr=False)
     basic_auth_user: Optional[str] = None
@@ -97,6 +98,7 @@ class Settings:
             queue_name=get("RFCLIP_QUEUE", _parse_queue_name, defaults.queue_name),
             job_timeout_s=get("RFCLIP_JOB_TIMEOUT_S", _positive(int), defaults.job_timeout_s),
             job_lease_s=get("RFCLIP_JOB_LEASE_S", _positive(float), defaults.job_lease_s),
+            push_part=get("RFCLIP_PUSH_PART", _positive(int), None),
             label_studio_url=get("LABEL_STUDIO_URL", _parse_http_url, None),
             label_studio_api_key=key or None,
             basic_auth_user=user,

@@ -64,6 +64,7 @@ def test_settings_defaults_and_parsing(tmp_path):
     settings = Settings.from_env({})
     assert settings.model == "ViT-B-16" and settings.pretrained == "openai" and settings.predict_budget_s == 80
     assert settings.basic_auth is None and settings.redis_url is None
+    assert settings.push_part is None and Settings.from_env({"RFCLIP_PUSH_PART": "16"}).push_part == 16
     env = {"RFCLIP_PAMR": "true", "RFCLIP_DISTRACTION_DIMS": "1, 2,3", "REDIS_URL": "redis://localhost:6379/0",
            "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "p", "RFCLIP_ALLOWED_LOCAL_DIR": str(tmp_path),
            "LABEL_STUDIO_URL": "http://ls:8080/", "LABEL_STUDIO_API_KEY": "secret", "LOG_LEVEL": "debug"}
@@ -90,6 +91,7 @@ def test_settings_defaults_and_parsing(tmp_path):
     ({"RFCLIP_QUEUE": "q" * 65}, "RFCLIP_QUEUE"),
     ({"RFCLIP_JOB_TIMEOUT_S": "0"}, "RFCLIP_JOB_TIMEOUT_S"),
     ({"RFCLIP_JOB_LEASE_S": "soon"}, "RFCLIP_JOB_LEASE_S"),
+    ({"RFCLIP_PUSH_PART": "0"}, "RFCLIP_PUSH_PART"),
     ({"RFCLIP_PROTOTYPES": "maybe"}, "RFCLIP_PROTOTYPES"),
     ({"RFCLIP_PROTOTYPE_K": "0"}, "RFCLIP_PROTOTYPE_K"),
     ({"RFCLIP_PROTOTYPE_CAP": "1.5"}, "RFCLIP_PROTOTYPE_CAP"),

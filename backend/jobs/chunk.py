@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import ContextManager, Dict, Iterable, List, Sequence, Tuple
+from typing import ContextManager, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..media import Credentials
 from ..pipeline import timed_into
@@ -21,7 +21,6 @@ from .queue import chunked
 from .studio import Studio, StudioTask
 
 log = logging.getLogger("rfclip.backend.jobs")
-PUSH_PART = 16  # tasks per push: a 32-task chunk pushes its first half while its second is predicted
 
 
 @dataclass
@@ -51,10 +50,11 @@ def needs_prediction(task: StudioTask, version: str, mode: str) -> bool:
 
 
 def predict_chunk(service: PredictionService, studio: Studio, project: int, tasks: Sequence[StudioTask],
-                  label_config: str, credentials: Credentials, mode: str, part: int = PUSH_PART) -> ChunkResult:
-    """Predicts the chunk's tasks in parts of `part`, each part checked and pushed in the
-    background while the next one is predicted (so the model does not wait on Label Studio but
-    for the last part), then reconciles what was pushed."""
+                  label_config: str, credentials: Credentials, mode: str, part: Optional[int] = None) -> ChunkResult:
+    """Predicts the chunk's tasks in parts of `part` (None: all in one), each part checked and
+    pushed in the background while the next one is predicted, so the model waits on Label Studio
+    only for the last part; then reconciles what was pushed. Parts pay off when Label Studio runs
+    on another machine: beside it, its import competes with the model (benchmarks/RESULTS.md)."""
     version = service.version_for(project)
     todo = [t for t in tasks if needs_prediction(t, version, mode)]
     result = ChunkResult(skipped=len(tasks) - len(todo), version=version)
@@ -62,7 +62,7 @@ def predict_chunk(service: PredictionService, studio: Studio, project: int, task
         return result
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rfclip-push") as pusher:
         pushes: List[Future] = []
-        for tasks_part in chunked(todo, part):
+        for tasks_part in chunked(todo, part or len(todo)):
             if pushes and pushes[-1].done():
                 pushes[-1].result()  # a push that failed (Label Studio down) stops the chunk now
             predictions = _predict(service, project, tasks_part, label_config, credentials, result)

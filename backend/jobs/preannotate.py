@@ -99,7 +99,8 @@ class Selection:
 
 def preannotate(service: PredictionService, studio: Studio, project: int, credentials: Credentials,
                 mode: str = "unpredicted", ids: Optional[List[int]] = None, view: Optional[int] = None,
-                chunk: int = 32, progress: bool = True, stop: Optional[threading.Event] = None) -> Report:
+                chunk: int = 32, progress: bool = True, stop: Optional[threading.Event] = None,
+                push_part: Optional[int] = None) -> Report:
     """Predicts and pushes the selected tasks of `project` in this process, chunk by chunk as the
     listing goes; raises LabelConfigError for a config the backend cannot use."""
     stop = stop or threading.Event()
@@ -116,7 +117,7 @@ def preannotate(service: PredictionService, studio: Studio, project: int, creden
                 break
             report.listed(len(listed), len(todo))
             if todo:
-                report.add(predict_chunk(service, studio, project, todo, label_config, credentials, mode))
+                report.add(predict_chunk(service, studio, project, todo, label_config, credentials, mode, push_part))
             bar.total = selection.total
             bar.update(len(listed))
             bar.set_postfix(skipped=report.skipped, failed=len(report.failed))

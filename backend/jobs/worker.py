@@ -46,9 +46,9 @@ class ChunkRunner:
     """Runs one chunk job with the worker's model and Label Studio client."""
 
     def __init__(self, service: PredictionService, studio: Studio, credentials: Credentials, queue: JobQueue,
-                 worker_name: str, lease_s: float = 45.0) -> None:
+                 worker_name: str, lease_s: float = 45.0, push_part: Optional[int] = None) -> None:
         self.service, self.studio, self.credentials, self.queue = service, studio, credentials, queue
-        self.worker_name, self.lease_s = worker_name, lease_s
+        self.worker_name, self.lease_s, self.push_part = worker_name, lease_s, push_part
 
     def run(self, spec: object, job_id: str) -> dict:
         project, version, ids, mode, set_version = parse_spec(spec)
@@ -66,7 +66,7 @@ class ChunkRunner:
                 tasks = self.studio.current(project, ids)
                 listed = time.perf_counter() - started
                 result = predict_chunk(self.service, self.studio, project, [tasks[i] for i in ids if i in tasks],
-                                       label_config, self.credentials, mode)
+                                       label_config, self.credentials, mode, self.push_part)
                 result.failed.update({i: "the task is no longer in the project" for i in ids if i not in tasks})
                 result.stage_seconds["list"] = listed
                 if set_version and result.predicted:
@@ -175,10 +175,11 @@ def worker_name() -> str:
 
 
 def work(service: PredictionService, studio: Studio, credentials: Credentials, queue: JobQueue,
-         lease_s: float = 45.0, burst: bool = False, name: Optional[str] = None, logging_level: str = "INFO") -> bool:
+         lease_s: float = 45.0, burst: bool = False, name: Optional[str] = None, logging_level: str = "INFO",
+         push_part: Optional[int] = None) -> bool:
     """Runs chunks until stopped (SIGTERM: after the chunk in flight), or, with `burst`, until the
     queue is empty; returns whether any ran."""
-    runner = ChunkRunner(service, studio, credentials, queue, name or worker_name(), lease_s)
+    runner = ChunkRunner(service, studio, credentials, queue, name or worker_name(), lease_s, push_part)
     worker = ChunkWorker(queue, runner)
     log.info("worker %s: model version %s, queue %s", runner.worker_name, service.model_version, queue.queue.name)
     return worker.work(burst=burst, logging_level=logging_level)
