@@ -1,9 +1,9 @@
 """One chunk of a project's tasks through the one prediction pipeline, the same for a local
 `preannotate` and for a queue worker.
 
-The tasks that still need this model version's prediction are predicted in parts; each part is
-checked again just before its push (another run may have predicted some meanwhile) and pushed in
-one request while the next part is predicted. Then what was pushed is reconciled: if two runs
+The tasks that still need this model version's prediction are predicted, checked again just
+before the push (another run may have predicted some meanwhile) and pushed in one request (or in
+parts, each while the next part is predicted). Then what was pushed is reconciled: if two runs
 raced past the check, the newer copies are deleted, so that every task keeps exactly one
 prediction of this version.
 """
@@ -63,8 +63,9 @@ def predict_chunk(service: PredictionService, studio: Studio, project: int, task
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rfclip-push") as pusher:
         pushes: List[Future] = []
         for tasks_part in chunked(todo, part or len(todo)):
-            if pushes and pushes[-1].done():
-                pushes[-1].result()  # a push that failed (Label Studio down) stops the chunk now
+            for push in pushes:
+                if push.done():
+                    push.result()  # a push that failed (Label Studio down) stops the chunk now
             predictions = _predict(service, project, tasks_part, label_config, credentials, result)
             if predictions:
                 # corrections may have moved the project's version since the check above
