@@ -62,6 +62,9 @@ class FakeStudio:
 
         return Listing()
 
+    def by_ids(self, project, ids):
+        return iter(sorted(self.current(project, ids).values(), key=lambda t: t.id))
+
     def current(self, project, ids):
         if self.race in ids and self.version not in self.versions(self.race):
             self._store(self.race, self.version)
@@ -93,14 +96,52 @@ def test_the_selection_is_cut_into_chunks_keeping_what_predicting_needs():
         def tasks(self, project, view=None):
             return iter(listed)
 
+        def by_ids(self, project, ids):  # ids alone: Label Studio is asked for those tasks only
+            return iter([t for t in listed if t.id in ids])
+
     chunks = list(Selection(Listing(), 1, "v1", "unpredicted", None, None, 2))
     # the whole selection is cut, so a rerun gets the same chunks whatever was predicted meanwhile
     assert [ids for ids, _ in chunks] == [[1, 2], [3]]
     assert [[(t.id, t.data, t.annotations) for t in todo] for _, todo in chunks] == \
         [[(1, {"image": "a"}, ())], [(3, {"image": "c"}, ())]]
-    selection = Selection(Listing(), 1, "v2", "all", [2, 3, 40], None, 2)
+    class IdsOnly(Listing):
+        def tasks(self, project, view=None):
+            raise AssertionError("the whole project listed for a few ids")
+
+    selection = Selection(IdsOnly(), 1, "v2", "all", [2, 3, 40], None, 2)
     assert [(ids, [t.id for t in todo]) for ids, todo in selection] == [([2, 3], [2, 3])]
     assert selection.total == 3  # of the ids asked for (task 40 is not in the project)
+
+
+def test_tasks_by_id_are_asked_for_in_bounded_queries_in_id_order():
+    import json
+    from types import SimpleNamespace
+
+    from backend.jobs.studio import IDS_PER_QUERY, Studio
+
+    queries = []
+
+    class Pager:
+        def __init__(self, ids):
+            self.ids, self.response = ids, SimpleNamespace(total=len(ids))
+
+        def __iter__(self):
+            return iter(SimpleNamespace(id=i, data={"image": f"{i}.png"}, predictions=[{"id": 1, "model_version": "v"}])
+                        for i in self.ids if i % 7)  # ids divisible by 7 were deleted
+
+    def listed(project, query, **kwargs):
+        ids = json.loads(query)["selectedItems"]["included"]
+        queries.append(ids)
+        return Pager(ids)
+
+    studio = Studio("http://ls.example", "token")
+    studio.client = SimpleNamespace(tasks=SimpleNamespace(list=listed))
+    wanted = list(range(1000, 0, -1)) + [5]
+    found = list(studio.by_ids(1, wanted))
+    assert [t.id for t in found] == [i for i in range(1, 1001) if i % 7]
+    assert found[0].data == {"image": "1.png"} and found[0].model_versions == {"v"}
+    assert max(map(len, queries)) <= IDS_PER_QUERY and sorted(sum(queries, [])) == list(range(1, 1001))
+    assert studio.current(1, []) == {}
 
 
 def test_chunks_are_cut_as_the_items_come():

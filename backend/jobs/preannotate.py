@@ -88,7 +88,10 @@ class Selection:
         self.total: Optional[int] = None  # the selection's size (at most), once the listing knows it
 
     def __iter__(self) -> Iterator[Tuple[List[int], List[StudioTask]]]:
-        listing = self.studio.tasks(self.project, self.view)
+        if self.wanted is not None and self.view is None:  # those tasks alone, not the whole project
+            listing = self.studio.by_ids(self.project, self.wanted)
+        else:
+            listing = self.studio.tasks(self.project, self.view)
         chosen = (task for task in listing if self.wanted is None or task.id in self.wanted)
         for tasks in chunked(chosen, self.size):
             listed = getattr(listing, "total", None)

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from label_studio_sdk.client import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 from label_studio_sdk.core.pagination import SyncPager
 
+from .queue import chunked
+
 log = logging.getLogger("rfclip.backend.jobs")
 
 PAGE_SIZE = 100
+IDS_PER_QUERY = 200  # about 2 KB of URL: well under the request-line limits of the usual servers
 RETRIES = {"max_retries": 5}  # the SDK's own backoff (1, 2, 4, 8, 16 s) on refused connections, 429 and 5xx
 
 
@@ -63,14 +66,17 @@ class Studio:
             raise SelectionError(f"view {view} belongs to project {found.project}, not to project {project}")
         return (found.data or {}).get("filters")
 
-    def current(self, project: int, ids: Sequence[int]) -> Dict[int, StudioTask]:
+    def by_ids(self, project: int, ids: Iterable[int]) -> Iterator[StudioTask]:
+        """These tasks as they are now, in id order, `IDS_PER_QUERY` ids a query (the ids travel in
+        the URL); ids the project does not have are absent."""
+        for batch in chunked(sorted(set(ids)), IDS_PER_QUERY):
+            query = json.dumps({"selectedItems": {"all": False, "included": batch}, "ordering": ["tasks:id"]})
+            yield from Listing(self.client.tasks.list(project=project, query=query, fields="all", page_size=PAGE_SIZE,
+                                                      request_options=RETRIES))
+
+    def current(self, project: int, ids: Iterable[int]) -> Dict[int, StudioTask]:
         """These tasks as they are now (data and predictions); deleted ones are absent."""
-        if not ids:
-            return {}
-        query = json.dumps({"selectedItems": {"all": False, "included": list(ids)}})
-        listed = self.client.tasks.list(project=project, query=query, fields="all", page_size=PAGE_SIZE,
-                                        request_options=RETRIES)
-        return {t.id: t for t in Listing(listed)}
+        return {t.id: t for t in self.by_ids(project, ids)}
 
     def push(self, project: int, predictions: Sequence[dict]) -> int:
         """Stores the predictions ({"task", "result", "score", "model_version"}) in one request."""
