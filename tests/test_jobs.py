@@ -144,6 +144,29 @@ def test_tasks_by_id_are_asked_for_in_bounded_queries_in_id_order():
     assert studio.current(1, []) == {}
 
 
+@pytest.mark.parametrize("view,message", [(7, "view 7 does not exist"),
+                                          (8, "view 8 belongs to project 2, not to project 1")])
+def test_a_view_the_project_does_not_have_is_refused_before_any_listing(view, message):
+    from types import SimpleNamespace
+
+    from label_studio_sdk.core.api_error import ApiError
+
+    from backend.jobs.studio import SelectionError, Studio
+
+    def get(id, **kwargs):
+        if id == "7":
+            raise ApiError(status_code=404, body={"detail": "Not found."})
+        return SimpleNamespace(project=2, data={"filters": {"conjunction": "and", "items": []}})
+
+    def listed(**kwargs):
+        raise AssertionError("listed tasks for a view that is not the project's")
+
+    studio = Studio("http://ls.example", "token")
+    studio.client = SimpleNamespace(views=SimpleNamespace(get=get), tasks=SimpleNamespace(list=listed))
+    with pytest.raises(SelectionError, match=message):
+        studio.tasks(1, view)
+
+
 def test_chunks_are_cut_as_the_items_come():
     from backend.jobs.queue import chunked
 
