@@ -167,8 +167,8 @@ def preannotate_command(settings: Settings, args: argparse.Namespace) -> int:
         from .jobs.preannotate import preannotate
         from .media import Credentials
 
-        # the model loads at the first chunk: a wrong project or view fails before, with no loader
-        # thread left to abort the exit
+        # the model loads at the first chunk: a wrong project or view fails at once, without
+        # waiting for a load it does not need
         credentials = Credentials(settings.label_studio_url, settings.label_studio_api_key)
         report = preannotate(runtime.service, studio, args.project, credentials, mode, ids, args.view, args.chunk,
                              progress=not args.no_progress, push_part=settings.push_part)

@@ -43,7 +43,9 @@ class ModelUnavailable(RuntimeError):
 
 class ModelHolder:
     """Loads the segmenter once per process, in the background, on first use (so after any
-    fork), while /health keeps answering."""
+    fork), while /health keeps answering. The loader is not a daemon: a process that ends while
+    it is inside torch aborts ("terminate called without an active exception"), so an exit
+    waits for the load in progress."""
 
     def __init__(self, load: Callable[[], Segmenter]) -> None:
         self._load = load
@@ -56,7 +58,7 @@ class ModelHolder:
     def start(self) -> None:
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="rfclip-model-loader", daemon=True)
+                self._thread = threading.Thread(target=self._run, name="rfclip-model-loader")
                 self._thread.start()
 
     def _run(self) -> None:

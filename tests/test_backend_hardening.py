@@ -3,8 +3,12 @@ liveness, where downloads may go, what reaches the logs, and bad requests."""
 import io
 import logging
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -486,3 +490,24 @@ def test_https_goes_through_the_guard_and_checks_the_certificate_by_name(tmp_pat
         assert [r["path"] for r in server.requests] == ["/ok.png"]
     finally:
         server.close()
+
+
+def test_a_command_that_exits_while_the_model_loads_exits_cleanly():
+    """A command that fails early (a wrong project, Label Studio down) exits while the loader is
+    still inside torch: a daemon loader made the process abort there ("terminate called without
+    an active exception", status -6) instead of exiting with its own status."""
+    code = textwrap.dedent("""
+        import sys, time, torch
+        from backend.service import ModelHolder
+        def load():
+            x = torch.randn(512, 512)
+            for _ in range(400):
+                x = torch.tanh(x @ x)
+            return x
+        ModelHolder(load).start()
+        time.sleep(0.3)
+        sys.exit(3)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 3, done.stderr[-2000:]
