@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from tqdm import tqdm
@@ -77,8 +77,8 @@ class Selection:
     """The selected tasks of a project, listed page by page and cut into chunks as they come, so a
     run predicts (or enqueues) its first chunk at once whatever the project's size. The chunks cut
     the whole selection in the listing's id order, not what is left of it, so a rerun cuts the same
-    ones. Of a chunk's tasks only what predicting needs is kept: not those already predicted, nor
-    anyone's annotations."""
+    ones. The listing is a light one (model versions, no results, no annotations), and of a
+    chunk's tasks only those still to predict are kept."""
 
     def __init__(self, studio: Studio, project: int, version: str, mode: str, ids: Optional[List[int]],
                  view: Optional[int], size: int) -> None:
@@ -96,7 +96,7 @@ class Selection:
         for tasks in chunked(chosen, self.size):
             listed = getattr(listing, "total", None)
             self.total = len(self.wanted) if self.wanted is not None else listed
-            todo = [replace(t, annotations=()) for t in tasks if needs_prediction(t, self.version, self.mode)]
+            todo = [t for t in tasks if needs_prediction(t, self.version, self.mode)]
             yield [t.id for t in tasks], todo
 
 

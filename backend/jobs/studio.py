@@ -17,6 +17,11 @@ log = logging.getLogger("rfclip.backend.jobs")
 
 PAGE_SIZE = 100
 IDS_PER_QUERY = 200  # about 2 KB of URL: well under the request-line limits of the usual servers
+# Without `fields=all` a listed task carries no predictions, but Label Studio still computes every
+# column a filter names: this one names the model-versions column and keeps every task (an empty
+# `contains` adds no condition, whether the other filters are joined by "and" or by "or").
+VERSIONS_COLUMN = {"filter": "filter:tasks:predictions_model_versions", "operator": "contains", "type": "List",
+                   "value": ""}
 RETRIES = {"max_retries": 5}  # the SDK's own backoff (1, 2, 4, 8, 16 s) on refused connections, 429 and 5xx
 
 
@@ -30,9 +35,12 @@ class StudioTask:
     data: dict
     predictions: Tuple[Tuple[int, str], ...] = ()  # (id, model_version) of those it holds
     annotations: Tuple[dict, ...] = ()  # {"id", "result", "was_cancelled"} of those it holds
+    versions: Optional[FrozenSet[str]] = None  # a light listing's: its predictions' versions, no ids
 
     @property
     def model_versions(self) -> FrozenSet[str]:
+        if self.versions is not None:
+            return self.versions
         return frozenset(version for _, version in self.predictions)
 
     def copies(self, version: str) -> List[int]:
@@ -47,13 +55,22 @@ class Studio:
     def label_config(self, project: int) -> str:
         return self.client.projects.get(id=project, request_options=RETRIES).label_config or ""
 
-    def tasks(self, project: int, view: Optional[int] = None) -> "Listing":
+    def tasks(self, project: int, view: Optional[int] = None, full: bool = False) -> "Listing":
         """Every task of the project (or those a Data Manager view's filters keep), page by page, in
         id order whatever the view sorts by: predictions landing meanwhile then move no task across
-        pages, and chunks cut from the listing are the same on every run."""
-        query = {"filters": self._view_filters(project, view) if view is not None else None, "ordering": ["tasks:id"]}
-        return Listing(self.client.tasks.list(project=project, query=json.dumps(query), fields="all",
-                                              page_size=PAGE_SIZE, request_options=RETRIES))
+        pages, and chunks cut from the listing are the same on every run. `full`: with each task's
+        predictions (ids and versions) and annotations, results included; otherwise with its
+        predictions' model versions alone, which leaves out what is most of the bytes of a
+        mostly predicted project (a prediction's masks)."""
+        filters = self._view_filters(project, view) if view is not None else None
+        return self._list(project, {"filters": filters, "ordering": ["tasks:id"]}, full)
+
+    def _list(self, project: int, query: dict, full: bool) -> "Listing":
+        if not full:
+            filters = query.get("filters") or {"conjunction": "and", "items": []}
+            query = {**query, "filters": {**filters, "items": [*filters.get("items", []), VERSIONS_COLUMN]}}
+        return Listing(self.client.tasks.list(project=project, query=json.dumps(query), fields="all" if full else None,
+                                              page_size=PAGE_SIZE, request_options=RETRIES), full)
 
     def _view_filters(self, project: int, view: int) -> Optional[dict]:
         try:
@@ -66,17 +83,16 @@ class Studio:
             raise SelectionError(f"view {view} belongs to project {found.project}, not to project {project}")
         return (found.data or {}).get("filters")
 
-    def by_ids(self, project: int, ids: Iterable[int]) -> Iterator[StudioTask]:
+    def by_ids(self, project: int, ids: Iterable[int], full: bool = False) -> Iterator[StudioTask]:
         """These tasks as they are now, in id order, `IDS_PER_QUERY` ids a query (the ids travel in
-        the URL); ids the project does not have are absent."""
+        the URL); ids the project does not have are absent. `full` as for `tasks`."""
         for batch in chunked(sorted(set(ids)), IDS_PER_QUERY):
-            query = json.dumps({"selectedItems": {"all": False, "included": batch}, "ordering": ["tasks:id"]})
-            yield from Listing(self.client.tasks.list(project=project, query=query, fields="all", page_size=PAGE_SIZE,
-                                                      request_options=RETRIES))
+            yield from self._list(project, {"selectedItems": {"all": False, "included": batch},
+                                            "ordering": ["tasks:id"]}, full)
 
     def current(self, project: int, ids: Iterable[int]) -> Dict[int, StudioTask]:
-        """These tasks as they are now (data and predictions); deleted ones are absent."""
-        return {t.id: t for t in self.by_ids(project, ids)}
+        """These tasks as they are now (data, and predictions with their ids); deleted ones are absent."""
+        return {t.id: t for t in self.by_ids(project, ids, full=True)}
 
     def push(self, project: int, predictions: Sequence[dict]) -> int:
         """Stores the predictions ({"task", "result", "score", "model_version"}) in one request."""
@@ -119,17 +135,32 @@ class Listing:
     """The tasks of a listing as they come, page by page; `total` is its size (the first page, in
     already, says so). The SDK's pager ends at Label Studio's 404 past the last page."""
 
-    def __init__(self, pager: SyncPager) -> None:
-        self.pager, self.total = pager, int(getattr(pager.response, "total", 0) or 0)
+    def __init__(self, pager: SyncPager, full: bool = True) -> None:
+        self.pager, self.full, self.total = pager, full, int(getattr(pager.response, "total", 0) or 0)
 
     def __iter__(self) -> Iterator[StudioTask]:
         for task in self.pager:
+            if not self.full:
+                yield StudioTask(task.id, dict(task.data or {}), versions=_listed_versions(task))
+                continue
             predictions = tuple((int(_field(p, "id") or 0), str(_field(p, "model_version") or ""))
                                 for p in (task.predictions or []))
             annotations = tuple({"id": _field(a, "id"), "result": _field(a, "result") or [],
                                  "was_cancelled": bool(_field(a, "was_cancelled"))}
                                 for a in (getattr(task, "annotations", None) or []))
             yield StudioTask(task.id, dict(task.data or {}), predictions, annotations)
+
+
+def _listed_versions(task: object) -> FrozenSet[str]:
+    """A light listing's model versions of a task, from the column Label Studio shows: joined by
+    commas (and a space, on PostgreSQL), cut at 500 characters. A version with a comma in it, or
+    past the cut, then looks absent, so the task looks unpredicted in that version: the chunk's
+    full look-up before its push still finds it, which costs only a prediction made for nothing."""
+    shown = str(getattr(task, "predictions_model_versions", None) or "")
+    versions = frozenset(v.strip() for v in shown.split(",") if v.strip())
+    if not versions and getattr(task, "total_predictions", 0):  # predictions that have no version
+        return frozenset({""})
+    return versions
 
 
 def _field(item: object, name: str) -> object:

@@ -39,7 +39,7 @@ def learn_project(learner: Learner, studio: Studio, project: int, progress: bool
     seen = set()
     with stop_on_interrupt(stop, "stopping after the annotation in flight; a rerun learns them again"), \
             tqdm(desc=f"project {project}", unit=" tasks", disable=not progress) as bar:
-        for task in studio.tasks(project):
+        for task in studio.tasks(project, full=True):
             for annotation in task.annotations:
                 if stop.is_set():
                     report.stopped = True
