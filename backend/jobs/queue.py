@@ -173,6 +173,18 @@ class JobQueue:
             out.append(RunTracker(self, int(meta["project"]), meta["model_version"]).poll())
         return out
 
+    def chunk_sizes(self, project: int, version: str) -> Dict[str, int]:
+        """The run's chunks as enqueued: job id -> tasks to predict in it."""
+        chunks = self.connection.hgetall(self._key(run_key(project, version), "chunks"))
+        return {k.decode(): int(v) for k, v in chunks.items()}
+
+    def outcomes(self, project: int, version: str, job_ids: Sequence[str]) -> List[Optional[dict]]:
+        """What each of these chunks recorded (None: nothing yet), in one read."""
+        if not job_ids:
+            return []
+        stored = self.connection.hmget(self._key(run_key(project, version), "outcomes"), list(job_ids))
+        return [json.loads(raw) if raw else None for raw in stored]
+
     def states(self, job_ids: Sequence[str]) -> List[Optional[JobStatus]]:
         """Each job's status (None: gone), read alone: a run of a million tasks has 30,000 chunks."""
         with self.connection.pipeline(transaction=False) as pipe:
@@ -188,9 +200,7 @@ class RunTracker:
 
     def __init__(self, queue: JobQueue, project: int, version: str, job_ids: Optional[Sequence[str]] = None) -> None:
         self.queue, self.project, self.version = queue, project, version
-        run = run_key(project, version)
-        self._outcomes_key = queue._key(run, "outcomes")
-        sizes = {k.decode(): int(v) for k, v in queue.connection.hgetall(queue._key(run, "chunks")).items()}
+        sizes = queue.chunk_sizes(project, version)
         self.sizes = sizes if job_ids is None else {j: sizes[j] for j in job_ids if j in sizes}
         self.done: Dict[str, dict] = {}  # job id -> its outcome
         self.failed: Dict[str, str] = {}  # job id -> the error's last line
@@ -198,11 +208,11 @@ class RunTracker:
     def poll(self) -> RunStatus:
         open_ids = [j for j in self.sizes if j not in self.done and j not in self.failed]
         states = self.queue.states(open_ids)
-        stored = self.queue.connection.hmget(self._outcomes_key, open_ids) if open_ids else []
+        stored = self.queue.outcomes(self.project, self.version, open_ids)
         chunks = {"queued": 0, "running": 0}
         for job_id, state, outcome in zip(open_ids, states, stored):
             if state == JobStatus.FINISHED or (state is None and outcome):
-                self.done[job_id] = json.loads(outcome) if outcome else _NO_OUTCOME
+                self.done[job_id] = outcome or _NO_OUTCOME
             elif state == JobStatus.STARTED:
                 chunks["running"] += 1
             elif state in PENDING:
