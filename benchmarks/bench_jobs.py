@@ -36,7 +36,7 @@ from backend.media import Credentials  # noqa: E402
 from backend.runtime import build_runtime, load_segmenter  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from benchmarks.bench_backend import LABELS, MODEL_STAGES, jpeg, label_config  # noqa: E402
-from benchmarks.common import machine, markdown_table  # noqa: E402
+from benchmarks.common import label_studio_binary, machine, markdown_table  # noqa: E402
 from rfclip_engine import load_model  # noqa: E402
 from rfclip_engine.presets import find_preset  # noqa: E402
 from rfclip_engine.text import Vocabulary  # noqa: E402
@@ -154,9 +154,8 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=32, help="as preannotate's default")
     parser.add_argument("--json", default=str(Path(__file__).with_name("bench_jobs.json")))
     args = parser.parse_args()
-    binary = os.environ.get("LABEL_STUDIO_BIN")
+    binary = label_studio_binary()
     if not binary:
-        print("set LABEL_STUDIO_BIN to a label-studio 1.23.2 executable (bash .ci/run installs one)", file=sys.stderr)
         return 2
 
     root = Path(tempfile.mkdtemp(prefix="rfclip-bench-jobs-"))

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import threading
 import time
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -82,3 +83,11 @@ def markdown_table(header: Sequence[str], rows: List[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def label_studio_binary() -> Optional[str]:
+    """The label-studio executable the benchmarks that need one start (None, said, when unset)."""
+    binary = os.environ.get("LABEL_STUDIO_BIN")
+    if not binary:
+        print("set LABEL_STUDIO_BIN to a label-studio 1.23.2 executable (bash .ci/run installs one)", file=sys.stderr)
+    return binary
