@@ -81,14 +81,17 @@ class Stack:
                  json=[{"image": f"{self.media.url}/img/{i}.jpg"} for i in range(count)])
         return pid
 
+    def worker(self, threads: int) -> subprocess.Popen:
+        """One worker process, started (not waited for)."""
+        name = time.time_ns()
+        env = {**self.env, "RFCLIP_CACHE_DIR": str(self.root / f"cache-{name}"), "OMP_NUM_THREADS": str(threads),
+               "LOG_LEVEL": "INFO"}
+        return subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env,
+                                stdout=(self.root / f"worker-{name}.log").open("w"), stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=REPO)
+
     def workers(self, count: int, threads: int) -> list:
-        processes = []
-        for n in range(count):
-            env = {**self.env, "RFCLIP_CACHE_DIR": str(self.root / f"cache-{len(processes)}-{time.time_ns()}"),
-                   "OMP_NUM_THREADS": str(threads), "LOG_LEVEL": "INFO"}
-            log = (self.root / f"worker-{count}-{n}.log").open("w")
-            processes.append(subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env, stdout=log,
-                                              stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO))
+        processes = [self.worker(threads) for _ in range(count)]
         deadline = time.monotonic() + 120
         while self.queue.workers() < count:
             if time.monotonic() > deadline:
