@@ -12,7 +12,6 @@ file beside the table.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend.app import create_app  # noqa: E402
 from backend.media import Credentials, ImageFetcher  # noqa: E402
 from backend.settings import Settings  # noqa: E402
-from benchmarks.common import machine, markdown_table  # noqa: E402
+from benchmarks.common import arguments, machine, markdown_table  # noqa: E402
 from rfclip_engine import RFCLIPConfig, Segmenter, SegmenterConfig, load_model  # noqa: E402
 from rfclip_engine.presets import find_preset  # noqa: E402
 from tests.fakes import FakeLabelStudio  # noqa: E402
@@ -59,12 +58,11 @@ def jpeg(seed: int) -> bytes:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = arguments(__file__, __doc__)
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--pamr", action="store_true")
     parser.add_argument("--polygons", action="store_true")
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--json", default=str(Path(__file__).with_name("bench_backend.json")))
     args = parser.parse_args()
 
     torch.manual_seed(0)

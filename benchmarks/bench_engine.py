@@ -36,7 +36,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine, markdown_table, run_with_peak_memory, synchronize, timed  # noqa: E402
+from benchmarks.common import arguments, machine, markdown_table, run_with_peak_memory, synchronize, timed  # noqa: E402
 from rfclip_engine import RFCLIPConfig, Segmenter, SegmenterConfig, Vocabulary, load_model  # noqa: E402
 from rfclip_engine.config import autocast_dtype, default_precision  # noqa: E402
 from rfclip_engine.graphs import DenseEncoder  # noqa: E402
@@ -84,7 +84,7 @@ def crops(size, count, short_side) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = arguments(__file__, __doc__)
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N, or auto: the CPU, then CUDA when present (default)")
@@ -99,7 +99,6 @@ def main() -> int:
                         help="crops per forward for the encoder-only throughput and precision check")
     parser.add_argument("--peak-tflops", type=float,
                         help="the device's dense bf16/fp16 peak; default: from the device's name")
-    parser.add_argument("--json", default=str(Path(__file__).with_name("bench_engine.json")))
     args = parser.parse_args()
 
     if args.device == "auto":

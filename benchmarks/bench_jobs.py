@@ -15,7 +15,6 @@ Writes a JSON file beside the table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -36,7 +35,7 @@ from backend.media import Credentials  # noqa: E402
 from backend.runtime import build_runtime, load_segmenter  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from benchmarks.bench_backend import LABELS, MODEL_STAGES, jpeg, label_config  # noqa: E402
-from benchmarks.common import label_studio_binary, machine, markdown_table  # noqa: E402
+from benchmarks.common import arguments, label_studio_binary, machine, markdown_table  # noqa: E402
 from rfclip_engine import load_model  # noqa: E402
 from rfclip_engine.presets import find_preset  # noqa: E402
 from rfclip_engine.text import Vocabulary  # noqa: E402
@@ -152,10 +151,9 @@ def push_cost(stack: Stack, chunk: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = arguments(__file__, __doc__)
     parser.add_argument("--tasks", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=32, help="as preannotate's default")
-    parser.add_argument("--json", default=str(Path(__file__).with_name("bench_jobs.json")))
     args = parser.parse_args()
     binary = label_studio_binary()
     if not binary:

@@ -13,7 +13,6 @@ the rounds); writes a JSON file beside the table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend.jobs.studio import Studio  # noqa: E402
 from backend.regions import brush_region  # noqa: E402
 from benchmarks.bench_backend import label_config  # noqa: E402
-from benchmarks.common import label_studio_binary, machine, markdown_table  # noqa: E402
+from benchmarks.common import arguments, label_studio_binary, machine, markdown_table  # noqa: E402
 from tests.fakes import free_port  # noqa: E402
 from tests.label_studio import start_label_studio, stop, wait_for  # noqa: E402
 
@@ -65,11 +64,10 @@ def list_once(studio: Studio, listed: Listed, project: int, full: bool) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = arguments(__file__, __doc__)
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--predicted", type=int, default=1800)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--json", default=str(Path(__file__).with_name("bench_listing.json")))
     args = parser.parse_args()
     binary = label_studio_binary()
     if not binary:

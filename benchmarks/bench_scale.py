@@ -15,7 +15,6 @@ time, tasks/s, the kills, and the chunks that ran more than once; writes a JSON 
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import io
 import json
@@ -32,7 +31,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_jobs import REPO, Stack  # noqa: E402
-from benchmarks.common import label_studio_binary, machine  # noqa: E402
+from benchmarks.common import arguments, label_studio_binary, machine  # noqa: E402
 from rfclip_engine import load_model  # noqa: E402
 from tests.conftest import TINY_CONFIG  # noqa: E402
 from tests.label_studio import clean_environment, stop  # noqa: E402
@@ -51,12 +50,11 @@ def preannotate(stack: Stack, project: int, chunk: int, log: Path) -> subprocess
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = arguments(__file__, __doc__)
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--chunk", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--kill-every", type=float, default=40.0, help="seconds between worker kills")
-    parser.add_argument("--json", default=str(Path(__file__).with_name("bench_scale.json")))
     args = parser.parse_args()
     binary = label_studio_binary()
     if not binary:

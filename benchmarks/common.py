@@ -1,11 +1,13 @@
 """Shared helpers of the benchmark scripts: peak-RSS sampling, machine facts, tables."""
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -91,3 +93,10 @@ def label_studio_binary() -> Optional[str]:
     if not binary:
         print("set LABEL_STUDIO_BIN to a label-studio 1.23.2 executable (bash .ci/run installs one)", file=sys.stderr)
     return binary
+
+
+def arguments(script: str, doc: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: its docstring's first line, and `--json` beside the script."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--json", default=str(Path(script).with_suffix(".json")), help="where the results go")
+    return parser
