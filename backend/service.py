@@ -114,7 +114,9 @@ def model_version(settings: Settings) -> str:
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
     suffix = "-pamr" if settings.pamr else ""
     model = Path(settings.model).stem if settings.model.endswith(".json") else settings.model  # a config file's name
-    return f"rfclip-{model}-{weights}-{settings.mode}{suffix}-{digest}"
+    # Label Studio joins a task's versions with commas (its Data Manager column, which the job
+    # listing reads), so a comma in a name would split this version in two there
+    return f"rfclip-{model}-{weights}-{settings.mode}{suffix}-{digest}".replace(",", "_")
 
 
 @dataclass
