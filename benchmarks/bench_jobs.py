@@ -10,7 +10,9 @@ time from enqueueing to the last chunk done, per worker: listing, fetching and d
 and RLE, pushing, the queue. The engine's own images/s on the same decoded images, in batches of
 the backend's size, alone in this process, is given beside it. Also measured: the size of one
 stored prediction and the time of one bulk push, the inputs of the scaling estimate in
-RESULTS.md.
+RESULTS.md. With `--label-studio-core`, Label Studio gets the last core to itself (`taskset`) and
+one worker and the engine share the others, as when Label Studio runs on another machine; set
+RFCLIP_PUSH_PART to push a chunk in parts, each while the next part is predicted.
 Writes a JSON file beside the table.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Sequence, Tuple
 
 import requests
 import torch
@@ -49,14 +51,15 @@ REPO = Path(__file__).resolve().parents[1]
 class Stack:
     """Label Studio, Redis, the image host, and workers started on demand."""
 
-    def __init__(self, binary: str, root: Path, env: dict) -> None:
-        self.root, self.env = root, env
+    def __init__(self, binary: str, root: Path, env: dict, ls_prefix: Sequence[str] = (),
+                 worker_prefix: Sequence[str] = ()) -> None:
+        self.root, self.env, self.worker_prefix = root, env, list(worker_prefix)
         self.media = FakeLabelStudio(token="unused")
         self.redis = RedisServer()
         self.redis.start()
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.ls, log = start_label_studio(binary, root, port, TOKEN)
+        self.ls, log = start_label_studio(binary, root, port, TOKEN, ls_prefix)
         wait_for(f"{self.url}/health", 240, self.ls, log)
         self.env.update({"REDIS_URL": self.redis.url, "LABEL_STUDIO_URL": self.url, "LABEL_STUDIO_API_KEY": TOKEN})
         self.settings = Settings.from_env(self.env)
@@ -85,7 +88,7 @@ class Stack:
         name = time.time_ns()
         env = {**self.env, "RFCLIP_CACHE_DIR": str(self.root / f"cache-{name}"), "OMP_NUM_THREADS": str(threads),
                "LOG_LEVEL": "INFO"}
-        return subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env,
+        return subprocess.Popen([*self.worker_prefix, sys.executable, "-m", "backend.cli", "worker"], env=env,
                                 stdout=(self.root / f"worker-{name}.log").open("w"), stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=REPO)
 
@@ -154,6 +157,9 @@ def main() -> int:
     parser = arguments(__file__, __doc__)
     parser.add_argument("--tasks", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=32, help="as preannotate's default")
+    parser.add_argument("--label-studio-core", action="store_true",
+                        help="Label Studio on the last core alone, one worker and the engine on the others: as if "
+                             "Label Studio ran on another machine")
     args = parser.parse_args()
     binary = label_studio_binary()
     if not binary:
@@ -167,16 +173,27 @@ def main() -> int:
     env = {**clean_environment(), "RFCLIP_MODEL": "ViT-B-16", "RFCLIP_PRETRAINED": str(checkpoint),
            "RFCLIP_WEIGHTS_TAG": "openai", "RFCLIP_DISTRACTION_DIMS": dims, "RFCLIP_ALLOW_PRIVATE_URLS": "true",
            "RFCLIP_CACHE_DIR": str(root / "cache-bench")}
-    stack = Stack(binary, root, env)
     cores = os.cpu_count() or 1
+    ls_prefix, worker_prefix, runs = (), (), (1, 2)
+    if args.label_studio_core:
+        if cores < 2:
+            print("--label-studio-core needs 2 cores or more", file=sys.stderr)
+            return 2
+        model_cores = set(range(cores - 1))
+        ls_prefix = ("taskset", "-c", str(cores - 1))
+        worker_prefix = ("taskset", "-c", ",".join(map(str, sorted(model_cores))))
+        os.sched_setaffinity(0, model_cores)  # the engine alone runs here, on the same cores
+        torch.set_num_threads(len(model_cores))
+        cores, runs = len(model_cores), (1,)
+    stack = Stack(binary, root, env, ls_prefix, worker_prefix)
     try:
         for i in range(args.tasks):
             stack.media.public[f"{i}.jpg"] = jpeg(i)
         per_batch = stack.service.pipeline.images_per_batch
         engine = engine_images_per_s(stack.settings, stack, args.tasks, per_batch)
         rows, report = [], {"machine": machine(), "tasks": args.tasks, "chunk": args.chunk,
-                            "engine_images_per_s": engine, "runs": {}}
-        for workers in (1, 2):
+                            "label_studio_core": args.label_studio_core, "engine_images_per_s": engine, "runs": {}}
+        for workers in runs:
             processes = stack.workers(workers, max(1, cores // workers))
             try:
                 stack.run(2 * workers, 2)  # every worker: model loaded, text embeddings cached in Redis
@@ -195,7 +212,8 @@ def main() -> int:
     finally:
         stack.close()
     print(f"\nqueued pre-annotation, {args.tasks} tasks of 1024x768, {len(LABELS)} classes, chunks of {args.chunk}, "
-          f"ViT-B-16 (random weights), {cores} cores")
+          f"ViT-B-16 (random weights), {cores} cores for the model"
+          f"{', Label Studio on a core of its own' if args.label_studio_core else ', Label Studio on the same cores'}")
     print(markdown_table(["workers", "threads each", "s", "tasks/s", "job overhead", "engine images/s alone",
                           "tasks/s / engine"], rows))
     for workers, run in report["runs"].items():

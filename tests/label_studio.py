@@ -7,7 +7,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Sequence, Tuple
 
 import requests
 
@@ -19,14 +19,16 @@ def clean_environment() -> Dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in FOREIGN}
 
 
-def start_label_studio(binary: str, root: Path, port: int, token: str) -> Tuple[subprocess.Popen, Path]:
+def start_label_studio(binary: str, root: Path, port: int, token: str,
+                       prefix: Sequence[str] = ()) -> Tuple[subprocess.Popen, Path]:
+    """`prefix` goes before the command (e.g. `taskset -c 1`: a benchmark's cores for it)."""
     env = {**clean_environment(), "LABEL_STUDIO_BASE_DATA_DIR": str(root / "ls-data"), "HOME": str(root / "ls-home"),
            "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false",
            "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false"}
     (root / "ls-home").mkdir(exist_ok=True)
     log = root / "ls.log"
     process = subprocess.Popen(
-        [binary, "start", "--no-browser", "--internal-host", "127.0.0.1", "-p", str(port),
+        [*prefix, binary, "start", "--no-browser", "--internal-host", "127.0.0.1", "-p", str(port),
          "--username=e2e@example.com", "--password=e2e-password-123", f"--user-token={token}",
          "--enable-legacy-api-token"],
         env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
