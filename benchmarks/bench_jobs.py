@@ -12,7 +12,8 @@ the backend's size, alone in this process, is given beside it. Also measured: th
 stored prediction and the time of one bulk push, the inputs of the scaling estimate in
 RESULTS.md. With `--label-studio-core`, Label Studio gets the last core to itself (`taskset`) and
 one worker and the engine share the others, as when Label Studio runs on another machine; set
-RFCLIP_PUSH_PART to push a chunk in parts, each while the next part is predicted.
+RFCLIP_PUSH_PART to push a chunk in parts, each while the next part is predicted. Label Studio
+runs with its import flag set (README, "big projects"), since 2026-12-03.
 Writes a JSON file beside the table.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ from rfclip_engine import load_model  # noqa: E402
 from rfclip_engine.presets import find_preset  # noqa: E402
 from rfclip_engine.text import Vocabulary  # noqa: E402
 from tests.fakes import FakeLabelStudio, RedisServer, free_port  # noqa: E402
-from tests.label_studio import clean_environment, start_label_studio, stop, wait_for  # noqa: E402
+from tests.label_studio import IMPORT_FLAG, clean_environment, start_label_studio, stop, wait_for  # noqa: E402
 
 TOKEN = "bench0123456789abcdef0123456789abcdef012"
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +60,8 @@ class Stack:
         self.redis.start()
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.ls, log = start_label_studio(binary, root, port, TOKEN, ls_prefix)
+        # with its import flag, as README recommends: one push then costs the same in a big project
+        self.ls, log = start_label_studio(binary, root, port, TOKEN, ls_prefix, {IMPORT_FLAG: "true"})
         wait_for(f"{self.url}/health", 240, self.ls, log)
         self.env.update({"REDIS_URL": self.redis.url, "LABEL_STUDIO_URL": self.url, "LABEL_STUDIO_API_KEY": TOKEN})
         self.settings = Settings.from_env(self.env)

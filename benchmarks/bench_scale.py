@@ -11,7 +11,8 @@ end; meanwhile every `--kill-every` seconds one worker is SIGKILLed, whatever it
 (predicting, pushing, reconciling), and a fresh one is started. At the end Label Studio must hold
 exactly one prediction of the model version for every task (read from its predictions API, not
 through our listing), and the project's active model version must be that one. Prints the wall
-time, tasks/s, the kills, and the chunks that ran more than once; writes a JSON file.
+time, tasks/s and the kills; writes a JSON file. Label Studio runs with its import flag set, as
+bench_jobs' Stack starts it (the run in RESULTS.md of 2026-12-03 predates that: its defaults).
 """
 from __future__ import annotations
 

@@ -7,24 +7,28 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import requests
 
 # variables Label Studio reads as its own settings: a developer's shell must not leak into it
 FOREIGN = ("HOST", "PORT", "USERNAME", "PASSWORD", "USER_TOKEN")
+# Label Studio's feature flag (set through its environment) for an import of predictions that
+# recounts only the tasks it touches, not every predicted task of the project (README, big projects)
+IMPORT_FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
 
 
 def clean_environment() -> Dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in FOREIGN}
 
 
-def start_label_studio(binary: str, root: Path, port: int, token: str,
-                       prefix: Sequence[str] = ()) -> Tuple[subprocess.Popen, Path]:
-    """`prefix` goes before the command (e.g. `taskset -c 1`: a benchmark's cores for it)."""
+def start_label_studio(binary: str, root: Path, port: int, token: str, prefix: Sequence[str] = (),
+                       settings: Optional[Dict[str, str]] = None) -> Tuple[subprocess.Popen, Path]:
+    """`prefix` goes before the command (e.g. `taskset -c 1`: a benchmark's cores for it);
+    `settings`: more of Label Studio's variables (e.g. a feature flag)."""
     env = {**clean_environment(), "LABEL_STUDIO_BASE_DATA_DIR": str(root / "ls-data"), "HOME": str(root / "ls-home"),
            "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false",
-           "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false"}
+           "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false", **(settings or {})}
     (root / "ls-home").mkdir(exist_ok=True)
     log = root / "ls.log"
     process = subprocess.Popen(

@@ -13,6 +13,8 @@ import yaml
 from backend.cli import main
 from backend.settings import Settings
 
+from .label_studio import IMPORT_FLAG
+
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
 SERVE_FLAGS = {"WORKERS", "THREADS"}  # read by `serve` for its --workers / --threads defaults
@@ -61,5 +63,6 @@ def test_workers_scale_and_label_studio_is_opt_in(services):
     assert "ports" not in services["worker"]  # `--scale worker=N` would clash on a host port
     assert services["worker"]["image"] == services["rfclip"]["image"]  # the same build
     assert services["label-studio"]["profiles"] == ["studio"]
+    assert services["label-studio"]["environment"][IMPORT_FLAG] == "true"  # pushes into big projects
     assert all("profiles" not in services[name] for name in ("rfclip", "worker", "redis"))
     assert "--appendonly" in services["redis"]["command"]  # queued chunks survive a Redis restart
