@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend.jobs.preannotate import enqueue  # noqa: E402
 from backend.jobs.queue import JobQueue, RunTracker  # noqa: E402
-from backend.jobs.studio import Studio  # noqa: E402
+from backend.jobs.studio import IMPORT_FLAG, Studio  # noqa: E402
 from backend.media import Credentials  # noqa: E402
 from backend.runtime import build_runtime, load_segmenter  # noqa: E402
 from backend.settings import Settings  # noqa: E402
@@ -43,7 +43,7 @@ from rfclip_engine import load_model  # noqa: E402
 from rfclip_engine.presets import find_preset  # noqa: E402
 from rfclip_engine.text import Vocabulary  # noqa: E402
 from tests.fakes import FakeLabelStudio, RedisServer, free_port  # noqa: E402
-from tests.label_studio import IMPORT_FLAG, clean_environment, start_label_studio, stop, wait_for  # noqa: E402
+from tests.label_studio import clean_environment, start_label_studio, stop, wait_for  # noqa: E402
 
 TOKEN = "bench0123456789abcdef0123456789abcdef012"
 REPO = Path(__file__).resolve().parents[1]

@@ -25,12 +25,12 @@ import numpy as np
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from backend.jobs.studio import Studio  # noqa: E402
+from backend.jobs.studio import IMPORT_FLAG, Studio  # noqa: E402
 from backend.regions import brush_region  # noqa: E402
 from benchmarks.bench_backend import label_config  # noqa: E402
 from benchmarks.common import arguments, label_studio_binary, machine, markdown_table  # noqa: E402
 from tests.fakes import free_port  # noqa: E402
-from tests.label_studio import IMPORT_FLAG, start_label_studio, stop, wait_for  # noqa: E402
+from tests.label_studio import start_label_studio, stop, wait_for  # noqa: E402
 
 TOKEN = "bench0123456789abcdef0123456789abcdef012"
 LEFT = 96  # tasks left unpredicted: 3 pushes of 32

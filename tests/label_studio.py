@@ -13,9 +13,6 @@ import requests
 
 # variables Label Studio reads as its own settings: a developer's shell must not leak into it
 FOREIGN = ("HOST", "PORT", "USERNAME", "PASSWORD", "USER_TOKEN")
-# Label Studio's feature flag (set through its environment) for an import of predictions that
-# recounts only the tasks it touches, not every predicted task of the project (README, big projects)
-IMPORT_FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
 
 
 def clean_environment() -> Dict[str, str]:

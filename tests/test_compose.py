@@ -11,9 +11,8 @@ import pytest
 import yaml
 
 from backend.cli import main
+from backend.jobs.studio import IMPORT_FLAG
 from backend.settings import Settings
-
-from .label_studio import IMPORT_FLAG
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"

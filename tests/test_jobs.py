@@ -111,6 +111,30 @@ def test_the_selection_is_cut_into_chunks_keeping_what_predicting_needs():
     assert selection.total == 3  # of the ids asked for (task 40 is not in the project)
 
 
+@pytest.mark.parametrize("total,reminded", [(20_000, True), (500, False)])
+def test_a_big_selection_reminds_of_label_studio_s_import_flag(total, reminded, caplog):
+    from backend.jobs.preannotate import Selection
+    from backend.jobs.studio import IMPORT_FLAG
+
+    class Listing:
+        def __init__(self):
+            self.total = total
+
+        def __iter__(self):
+            return iter(StudioTask(i, {}, versions=frozenset()) for i in range(1, 6))
+
+    class Studio:
+        def tasks(self, project, view=None):
+            return Listing()
+
+    with caplog.at_level("WARNING", logger="rfclip.backend.jobs"):
+        assert len(list(Selection(Studio(), 1, "v1", "unpredicted", None, None, 2))) == 3
+    said = [r.getMessage() for r in caplog.records if IMPORT_FLAG in r.getMessage()]
+    assert said == ([f"project 1: {total} tasks selected. Unless Label Studio runs with {IMPORT_FLAG}=true in its "
+                     "environment, it recounts every predicted task of the project on each push of predictions, "
+                     "and pushes slow down as the project fills (README: Big projects)"] if reminded else [])
+
+
 def test_tasks_by_id_are_asked_for_in_bounded_queries_in_id_order():
     import json
     from types import SimpleNamespace

@@ -22,7 +22,7 @@ from ..media import Credentials
 from ..service import PredictionService
 from .chunk import ChunkResult, needs_prediction, predict_chunk
 from .queue import Enqueued, JobQueue, RunStatus, RunTracker, chunked
-from .studio import Studio, StudioTask
+from .studio import BIG_SELECTION, IMPORT_FLAG, Studio, StudioTask
 
 log = logging.getLogger("rfclip.backend.jobs")
 ENQUEUE_BATCH = 1000  # chunks per enqueue at most: bounded Redis pipelines
@@ -93,10 +93,15 @@ class Selection:
         else:
             listing = self.studio.tasks(self.project, self.view)
         chosen = (task for task in listing if self.wanted is None or task.id in self.wanted)
-        for tasks in chunked(chosen, self.size):
+        for index, tasks in enumerate(chunked(chosen, self.size)):
             listed = getattr(listing, "total", None)
             self.total = len(self.wanted) if self.wanted is not None else listed
             todo = [t for t in tasks if needs_prediction(t, self.version, self.mode)]
+            if index == 0 and (self.total or 0) >= BIG_SELECTION:
+                log.warning("project %s: %d tasks selected. Unless Label Studio runs with %s=true in its "
+                            "environment, it recounts every predicted task of the project on each push of "
+                            "predictions, and pushes slow down as the project fills (README: Big projects)",
+                            self.project, self.total, IMPORT_FLAG)
             yield [t.id for t in tasks], todo
 
 

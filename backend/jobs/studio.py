@@ -22,6 +22,11 @@ IDS_PER_QUERY = 200  # about 2 KB of URL: well under the request-line limits of 
 # `contains` adds no condition, whether the other filters are joined by "and" or by "or").
 VERSIONS_COLUMN = {"filter": "filter:tasks:predictions_model_versions", "operator": "contains", "type": "List",
                    "value": ""}
+# Label Studio 1.23 recounts every predicted task of the project on each import of predictions
+# unless this feature flag is true in its environment (benchmarks/RESULTS.md, "Pushing into big
+# projects"): a push then grows with the project.
+IMPORT_FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
+BIG_SELECTION = 10_000  # tasks from which preannotate reminds of the flag (a push costs ~10 s there without it)
 RETRIES = {"max_retries": 5}  # the SDK's own backoff (1, 2, 4, 8, 16 s) on refused connections, 429 and 5xx
 
 
