@@ -36,7 +36,7 @@ class FakeStudio:
         self.data = {t.id: t.data for t in listed}
         self.stored = {t.id: list(t.predictions) for t in listed}  # task -> [(prediction id, version)]
         self.next_id = 1 + max((pid for t in listed for pid, _ in t.predictions), default=0)
-        self.pushes, self.deleted, self.active_version = [], [], None
+        self.pushes, self.deleted, self.active_version, self.lookups = [], [], None, []
         self.watch, self.seen = (lambda: len(self.pushes)), []  # what `watch` said as each task was listed
 
     def _store(self, task, version):
@@ -62,13 +62,16 @@ class FakeStudio:
 
         return Listing()
 
-    def by_ids(self, project, ids):
-        return iter(sorted(self.current(project, ids).values(), key=lambda t: t.id))
+    def by_ids(self, project, ids, full=False):
+        return iter(sorted(self.current(project, ids, full).values(), key=lambda t: t.id))
 
-    def current(self, project, ids):
+    def current(self, project, ids, full=False):
+        """As Label Studio's: a light look-up has the versions but not the predictions' ids."""
+        self.lookups.append(full)
         if self.race in ids and self.version not in self.versions(self.race):
             self._store(self.race, self.version)
-        return {i: StudioTask(i, self.data[i], tuple(self.stored[i])) for i in ids if i in self.stored}
+        return {i: StudioTask(i, self.data[i], tuple(self.stored[i])) if full else
+                StudioTask(i, self.data[i], versions=frozenset(self.versions(i))) for i in ids if i in self.stored}
 
     def push(self, project, predictions):
         self.pushes.append([p["task"] for p in predictions])
@@ -264,6 +267,7 @@ def test_preannotate_pushes_each_chunk_once_and_reports_failures(tiny_model, tmp
     assert report.predicted == 6 and report.skipped == 2 and list(report.failed) == [8]
     assert "HTTP 404" in report.failed[8] and report.left == 0
     assert all(studio.versions(i).count(service.model_version) == 1 for i in (1, 2, 3, 4, 5, 6, 7, 9))
+    assert studio.lookups == [False, True] * 3  # the masks are read back only by each chunk's reconcile
 
     again = preannotate(service, studio, 1, Credentials(None, None), chunk=3, progress=False)
     assert again.predicted == 0 and list(again.failed) == [8] and studio.pushes[3:] == []  # nothing to push
@@ -473,11 +477,11 @@ def test_a_chunk_that_always_fails_ends_in_the_failed_registry_and_the_rest_comp
     attempts = []
     original = studio.current
 
-    def label_studio_down_for_task_5(project, ids):
+    def label_studio_down_for_task_5(project, ids, full=False):
         if 5 in ids:
             attempts.append(1)
             raise ConnectionError("Label Studio is down")
-        return original(project, ids)
+        return original(project, ids, full)
 
     studio.current = label_studio_down_for_task_5
     enqueue(service, studio, queue, chunk=4)

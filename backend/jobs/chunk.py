@@ -129,7 +129,7 @@ def _by_version(parts: Iterable[List[dict]]) -> Dict[str, List[int]]:
 def reconcile(studio: Studio, project: int, ids: Sequence[int], version: str) -> int:
     """Deletes all but the oldest prediction of `version` of each task; returns how many."""
     removed = 0
-    for task in studio.current(project, ids).values():
+    for task in studio.current(project, ids, full=True).values():  # the copies' ids come with full tasks only
         for extra in task.copies(version)[1:]:
             studio.delete_prediction(extra)
             removed += 1

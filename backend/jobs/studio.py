@@ -95,9 +95,10 @@ class Studio:
             yield from self._list(project, {"selectedItems": {"all": False, "included": batch},
                                             "ordering": ["tasks:id"]}, full)
 
-    def current(self, project: int, ids: Iterable[int]) -> Dict[int, StudioTask]:
-        """These tasks as they are now (data, and predictions with their ids); deleted ones are absent."""
-        return {t.id: t for t in self.by_ids(project, ids, full=True)}
+    def current(self, project: int, ids: Iterable[int], full: bool = False) -> Dict[int, StudioTask]:
+        """These tasks as they are now; deleted ones are absent. `full` as for `tasks`: only a full
+        look-up has the predictions' ids, and it reads their masks too."""
+        return {t.id: t for t in self.by_ids(project, ids, full)}
 
     def push(self, project: int, predictions: Sequence[dict]) -> int:
         """Stores the predictions ({"task", "result", "score", "model_version"}) in one request."""
@@ -159,8 +160,8 @@ class Listing:
 def _listed_versions(task: object) -> FrozenSet[str]:
     """A light listing's model versions of a task, from the column Label Studio shows: joined by
     commas (and a space, on PostgreSQL), cut at 500 characters. A version with a comma in it, or
-    past the cut, then looks absent, so the task looks unpredicted in that version: the chunk's
-    full look-up before its push still finds it, which costs only a prediction made for nothing."""
+    past the cut, then looks absent, so the task looks unpredicted in that version: it is predicted
+    and pushed again, and the chunk's reconcile (a full look-up) deletes the new copy."""
     shown = str(getattr(task, "predictions_model_versions", None) or "")
     versions = frozenset(v.strip() for v in shown.split(",") if v.strip())
     if not versions and getattr(task, "total_predictions", 0):  # predictions that have no version
