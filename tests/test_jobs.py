@@ -228,22 +228,6 @@ def test_a_view_the_project_does_not_have_is_refused_before_any_listing(view, me
         studio.tasks(1, view)
 
 
-def test_chunks_are_cut_as_the_items_come():
-    from backend.jobs.queue import chunked
-
-    seen = []
-
-    def items():
-        for n in range(5):
-            seen.append(n)
-            yield n
-
-    parts = chunked(items(), 2)
-    assert next(parts) == [0, 1] and seen == [0, 1]
-    assert list(parts) == [[2, 3], [4]]
-    assert list(chunked([], 3)) == []
-
-
 def make_studio(service, hostile, race=None):
     from .backend_support import BRUSH_CONFIG
 

@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass, field
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import ContextManager, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from more_itertools import chunked
+
 from ..media import Credentials
 from ..pipeline import timed_into
 from ..service import PredictionService
-from .queue import chunked
 from .studio import Studio, StudioTask
 
 log = logging.getLogger("rfclip.backend.jobs")

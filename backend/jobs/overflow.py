@@ -7,9 +7,10 @@ import logging
 import time
 from typing import Callable, List, Optional
 
+from more_itertools import chunked
 from redis.exceptions import RedisError
 
-from .queue import JobQueue, chunked
+from .queue import JobQueue
 
 log = logging.getLogger("rfclip.backend.jobs")
 WORKERS_SEEN_S = 10.0  # how long a count of the queue's workers is trusted

@@ -16,12 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
+from more_itertools import chunked
 from tqdm import tqdm
 
 from ..media import Credentials
 from ..service import PredictionService
 from .chunk import ChunkResult, needs_prediction, predict_chunk
-from .queue import Enqueued, JobQueue, RunStatus, RunTracker, chunked
+from .queue import Enqueued, JobQueue, RunStatus, RunTracker
 from .studio import BIG_SELECTION, IMPORT_FLAG, Studio, StudioTask
 
 log = logging.getLogger("rfclip.backend.jobs")

@@ -11,8 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from itertools import islice
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from redis import Redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -30,7 +29,6 @@ PENDING = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SC
 KEEP_S = 7 * 24 * 3600  # runs, outcomes and job results are kept a week after their last change
 RETRIES = 3  # RQ reruns a chunk that raised (Label Studio down past the SDK's retries, ...) this often
 MAX_LISTED_FAILURES = 100
-T = TypeVar("T")
 REDIS_RETRIES = 10  # 0.5, 1, 2, 4, 8, then 10 s each: about a minute
 
 
@@ -40,13 +38,6 @@ def run_key(project: int, version: str) -> str:
 
 def chunk_id(project: int, version: str, ids: Sequence[int]) -> str:
     return f"rfclip-{run_key(project, version)}-{ids[0]}-{ids[-1]}"
-
-
-def chunked(items: Iterable[T], size: int) -> Iterator[List[T]]:
-    """`items` in lists of `size` (the last one shorter), as they come."""
-    it = iter(items)
-    while part := list(islice(it, size)):
-        yield part
 
 
 @dataclass

@@ -10,8 +10,8 @@ from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence
 from label_studio_sdk.client import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 from label_studio_sdk.core.pagination import SyncPager
+from more_itertools import chunked
 
-from .queue import chunked
 
 log = logging.getLogger("rfclip.backend.jobs")
 
