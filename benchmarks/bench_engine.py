@@ -7,7 +7,8 @@ Cases: one 336x448 image (short side 336: 6 crops), one 560x1120 image at short 
 Cityscapes setting: 36 crops), and a batch of 8 336x448 images (48 crops in shared batches).
 Modes: clip, maskclip, kk-proxy, rfclip, rfclip+PAMR. Weights are random (time does not depend on
 them; the distraction dimensions are the OpenAI preset's). Runs are interleaved across modes and
-the best run is reported (and the median). Peak memory comes from one more run of each mode, not
+the best run is reported, with the median and the paired median (of each round's ratio to clip:
+drifts of a shared machine cancel in it). Peak memory comes from one more run of each mode, not
 the timed ones: RSS growth sampled every 5 ms on the CPU, allocated device memory on CUDA. A
 profile of one rfclip run shows where its extra time goes, and a 4000x3000 photo with 50 classes
 and PAMR shows the peak memory above the loaded model. Runs on the CPU, then on CUDA when present
@@ -176,6 +177,12 @@ def peak_tflops(device: torch.device, given: Optional[float] = None) -> float:
     return next((peak for key, peak in DENSE_PEAK_TFLOPS.items() if key in name), float("nan"))
 
 
+def paired_ratio(times: dict, name: str) -> float:
+    """Median over rounds of a mode's time over clip's in the same round: each round runs every
+    mode back to back, so the machine's slow drifts cancel, as they do not between best runs."""
+    return statistics.median(t / base for t, base in zip(times[name], times["clip"]))
+
+
 def bench_batches(model, device: torch.device, precision: str, args: argparse.Namespace) -> dict:
     """Encoder-only crops/s of clip and rfclip at each batch (on CUDA also replayed from CUDA
     graphs), and the autocast precision check."""
@@ -201,6 +208,7 @@ def bench_batches(model, device: torch.device, precision: str, args: argparse.Na
             _, peak_bytes = run_with_peak_memory(call, device)
             crops_per_s = batch / min(times[name])
             row[name] = {"crops_per_s": crops_per_s, "median_crops_per_s": batch / statistics.median(times[name]),
+                         "paired_ratio_to_clip": paired_ratio(times, name),
                          "floor_share_of_peak": crops_per_s * CROP_GFLOP / (peak * 1e3),
                          "peak_memory_mb": peak_bytes / 2 ** 20}
         out["rows"][batch] = row
@@ -209,8 +217,10 @@ def bench_batches(model, device: torch.device, precision: str, args: argparse.Na
           f"% of the dense peak that {CROP_GFLOP} GFLOP per crop reach at that rate ({peak:g} TFLOPS), "
           "peak memory above the start")
     print(markdown_table(
-        ["batch", *names, *(f"{n} % of peak" for n in names), *(f"{n} MB" for n in names)],
+        ["batch", *names, "rfclip / clip time, paired median", *(f"{n} % of peak" for n in names),
+         *(f"{n} MB" for n in names)],
         [[b, *(f"{r[n]['crops_per_s']:.1f} ({r[n]['crops_per_s'] / r['clip']['crops_per_s']:.2f}x)" for n in names),
+          f"{r['rfclip']['paired_ratio_to_clip']:.3f}x",
           *(f"{100 * r[n]['floor_share_of_peak']:.1f}" for n in names),
           *(f"{r[n]['peak_memory_mb']:.0f}" for n in names)] for b, r in out["rows"].items()]))
     if dtype is not None:
@@ -263,14 +273,17 @@ def bench_cases(model, device: torch.device, precision: str, vocabulary, memory:
             name: {"seconds": min(t), "median_seconds": statistics.median(t), "images_per_s": count / min(t),
                    "crops_per_s": n_crops / min(t), "ratio_to_clip": min(t) / base,
                    "median_ratio_to_clip": statistics.median(t) / statistics.median(times["clip"]),
+                   "paired_ratio_to_clip": paired_ratio(times, name),
                    "peak_memory_mb": peaks[name] / 2 ** 20, "runs": t}
             for name, t in times.items()
         }
         print(f"\n{case} ({count} image(s), {n_crops} crops, {args.classes} classes, best of {repeats} runs)")
         print(markdown_table(
-            ["mode", "s / batch", "images/s", "crops/s", "x clip", "x clip (median)", memory],
+            ["mode", "s / batch", "images/s", "crops/s", "x clip", "x clip (median)", "x clip (paired median)",
+             memory],
             [[name, f"{r['seconds']:.3f}", f"{r['images_per_s']:.2f}", f"{r['crops_per_s']:.1f}",
-              f"{r['ratio_to_clip']:.2f}", f"{r['median_ratio_to_clip']:.2f}", f"{r['peak_memory_mb']:.0f}"]
+              f"{r['ratio_to_clip']:.2f}", f"{r['median_ratio_to_clip']:.2f}", f"{r['paired_ratio_to_clip']:.2f}",
+              f"{r['peak_memory_mb']:.0f}"]
              for name, r in results[case].items()]))
 
     # a 12-megapixel photo, 50 classes, PAMR: peak memory above the loaded model
