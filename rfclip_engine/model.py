@@ -42,26 +42,28 @@ def _check_vision_tower(visual: nn.Module) -> None:
                              "nn.MultiheadAttention self-attention blocks")
 
 
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    b, t, c = x.shape
-    return x.reshape(b, t, heads, c // heads).transpose(1, 2)
-
-
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     b, h, t, d = x.shape
     return x.transpose(1, 2).reshape(b, t, h * d)
 
 
-def _qkv(block: nn.Module, x: torch.Tensor, queries: bool = True) -> Tuple[Optional[torch.Tensor], ...]:
+def _qkv(block: nn.Module, x: torch.Tensor, queries: bool = True,
+         contiguous: bool = False) -> Tuple[Optional[torch.Tensor], ...]:
     """The block's queries, keys and values, each (B, H, T, d), from ln_1 of its input; without
-    `queries` (the dense head's last block reads none) their third of the projection is not made."""
+    `queries` (the dense head's last block reads none) their third of the projection is not made.
+    `contiguous`: each head's rows together in memory, made by one copy. The explicit attention
+    products want that: given the strided views, `matmul` copies them for every range of crops,
+    and k twice (as k and as k^T); the fused attention reads the views as they are."""
     attn = block.attn
     weight, bias = attn.in_proj_weight, attn.in_proj_bias
     if not queries:
         width = x.shape[-1]
         weight, bias = weight[width:], (bias[width:] if bias is not None else None)
-    parts = F.linear(block.ln_1(x), weight, bias).chunk(3 if queries else 2, dim=-1)
-    heads = tuple(_split_heads(part, attn.num_heads) for part in parts)
+    projected = F.linear(block.ln_1(x), weight, bias)
+    b, t, width = projected.shape
+    n = 3 if queries else 2
+    split = projected.view(b, t, n, attn.num_heads, width // (n * attn.num_heads)).permute(2, 0, 3, 1, 4)
+    heads = (split.contiguous() if contiguous else split).unbind(0)
     return heads if queries else (None, *heads)
 
 
@@ -255,7 +257,8 @@ class RFCLIPModel(nn.Module):
             if preset is not None:
                 with record_function("rfclip.distractors"):
                     distraction = self._repair(block, x, grid, dims, preset, config)
-            q, k, v = _qkv(block, x, queries=index < n_blocks - 1 or config.mode == "clip")
+            q, k, v = _qkv(block, x, queries=index < n_blocks - 1 or config.mode == "clip",
+                           contiguous=config.mode in ("kk-proxy", "rfclip"))
             refocus = distraction is not None and config.attention_redistribution and index < n_blocks - 1
             localize = refocus and config.defocus_localization
             similarity = None
@@ -284,7 +287,7 @@ class RFCLIPModel(nn.Module):
         embeddings in x in place."""
         share = None
         if preset.attention_test:
-            q, k, _ = _qkv(block, x)
+            q, k, _ = _qkv(block, x, contiguous=True)
             share = received_attention(attention_probs(q, k))
         distraction = find_distraction_tokens(x[:, 1:], dims, config.sigma, share, config.attention_threshold)
         if config.embedding_redistribution:  # x is this forward's own residual stream
