@@ -141,7 +141,7 @@ class Listing:
     """The tasks of a listing as they come, page by page; `total` is its size (the first page, in
     already, says so). The SDK's pager ends at Label Studio's 404 past the last page."""
 
-    def __init__(self, pager: SyncPager, full: bool = True) -> None:
+    def __init__(self, pager: SyncPager, full: bool) -> None:
         self.pager, self.full, self.total = pager, full, int(getattr(pager.response, "total", 0) or 0)
 
     def __iter__(self) -> Iterator[StudioTask]:
