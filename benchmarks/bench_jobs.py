@@ -8,7 +8,8 @@ processes (ViT-B-16 with random weights: time does not depend on them) pre-annot
 time (text embeddings + model + PAMR, timed by the workers inside their chunks) / the run's wall
 time from enqueueing to the last chunk done, per worker: listing, fetching and decoding, regions
 and RLE, pushing, the queue. The engine's own images/s on the same decoded images, in batches of
-the backend's size, alone in this process, is given beside it. Also measured: the size of one
+the backend's size, alone in this process, is measured before and after the runs (the VM drifts)
+and the ratio is taken to their mean. Also measured: the size of one
 stored prediction and the time of one bulk push, the inputs of the scaling estimate in
 RESULTS.md. With `--label-studio-core`, Label Studio gets the last core to itself (`taskset`) and
 one worker and the engine share the others, as when Label Studio runs on another machine; set
@@ -192,9 +193,8 @@ def main() -> int:
         for i in range(args.tasks):
             stack.media.public[f"{i}.jpg"] = jpeg(i)
         per_batch = stack.service.pipeline.images_per_batch
-        engine = engine_images_per_s(stack.settings, stack, args.tasks, per_batch)
-        rows, report = [], {"machine": machine(), "tasks": args.tasks, "chunk": args.chunk,
-                            "label_studio_core": args.label_studio_core, "engine_images_per_s": engine, "runs": {}}
+        before = engine_images_per_s(stack.settings, stack, args.tasks, per_batch)
+        results = {}
         for workers in runs:
             processes = stack.workers(workers, max(1, cores // workers))
             try:
@@ -203,21 +203,30 @@ def main() -> int:
             finally:
                 for process in processes:
                     stop(process)
+            results[workers] = (seconds, stages)
+        # the engine again after the runs: this shared VM drifts by 10 % within minutes, so the
+        # ratio is taken to the mean of both and the two are kept beside it
+        after = engine_images_per_s(stack.settings, stack, args.tasks, per_batch)
+        engine = (before + after) / 2
+        rows, report = [], {"machine": machine(), "tasks": args.tasks, "chunk": args.chunk,
+                            "label_studio_core": args.label_studio_core, "engine_images_per_s": engine,
+                            "engine_images_per_s_before_and_after": [before, after], "runs": {}}
+        for workers, (seconds, stages) in results.items():
             rate = args.tasks / seconds
             model_s = sum(stages.get(f"predict: {stage}", 0.0) for stage in MODEL_STAGES) * args.tasks / workers
             overhead = 1 - model_s / seconds
             report["runs"][workers] = {"seconds": seconds, "tasks_per_s": rate, "worker_s_per_task": stages,
                                        "overhead_share": overhead}
             rows.append([workers, max(1, cores // workers), f"{seconds:.1f}", f"{rate:.3f}",
-                         f"{100 * overhead:.1f} %", f"{engine:.3f}", f"{rate / engine:.2f}"])
+                         f"{100 * overhead:.1f} %", f"{before:.3f} / {after:.3f}", f"{rate / engine:.2f}"])
         report["push"] = push_cost(stack, 32)
     finally:
         stack.close()
     print(f"\nqueued pre-annotation, {args.tasks} tasks of 1024x768, {len(LABELS)} classes, chunks of {args.chunk}, "
           f"ViT-B-16 (random weights), {cores} cores for the model"
           f"{', Label Studio on a core of its own' if args.label_studio_core else ', Label Studio on the same cores'}")
-    print(markdown_table(["workers", "threads each", "s", "tasks/s", "job overhead", "engine images/s alone",
-                          "tasks/s / engine"], rows))
+    print(markdown_table(["workers", "threads each", "s", "tasks/s", "job overhead",
+                          "engine images/s alone, before / after", "tasks/s / engine (their mean)"], rows))
     for workers, run in report["runs"].items():
         print(f"\n{workers} worker(s): worker seconds per task by stage")
         print(markdown_table(["stage", "s / task"], [[k, f"{v:.3f}"] for k, v in run["worker_s_per_task"].items()]))
