@@ -93,17 +93,16 @@ class Selection:
             listing = self.studio.by_ids(self.project, self.wanted)
         else:
             listing = self.studio.tasks(self.project, self.view)
+        # a listing knows its size from its first page, fetched when it was made
+        self.total = len(self.wanted) if self.wanted is not None else getattr(listing, "total", None)
+        if (self.total or 0) >= BIG_SELECTION:
+            log.warning("project %s: %d tasks selected. Unless Label Studio runs with %s=true in its "
+                        "environment, it recounts every predicted task of the project on each push of "
+                        "predictions, and pushes slow down as the project fills (README: Big projects)",
+                        self.project, self.total, IMPORT_FLAG)
         chosen = (task for task in listing if self.wanted is None or task.id in self.wanted)
-        for index, tasks in enumerate(chunked(chosen, self.size)):
-            listed = getattr(listing, "total", None)
-            self.total = len(self.wanted) if self.wanted is not None else listed
-            todo = [t for t in tasks if needs_prediction(t, self.version, self.mode)]
-            if index == 0 and (self.total or 0) >= BIG_SELECTION:
-                log.warning("project %s: %d tasks selected. Unless Label Studio runs with %s=true in its "
-                            "environment, it recounts every predicted task of the project on each push of "
-                            "predictions, and pushes slow down as the project fills (README: Big projects)",
-                            self.project, self.total, IMPORT_FLAG)
-            yield [t.id for t in tasks], todo
+        for tasks in chunked(chosen, self.size):
+            yield [t.id for t in tasks], [t for t in tasks if needs_prediction(t, self.version, self.mode)]
 
 
 def preannotate(service: PredictionService, studio: Studio, project: int, credentials: Credentials,

@@ -12,7 +12,6 @@ from label_studio_sdk.core.api_error import ApiError
 from label_studio_sdk.core.pagination import SyncPager
 from more_itertools import chunked
 
-
 log = logging.getLogger("rfclip.backend.jobs")
 
 PAGE_SIZE = 100
