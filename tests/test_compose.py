@@ -1,12 +1,17 @@
-"""docker-compose.yml against the code it starts. No Docker daemon runs here, so the file is read
-as data: every variable it gives our services is one the backend reads, every command is one the
-CLI has, and the services' roles are as its header says."""
+"""docker-compose.yml, as Docker Compose itself reads it, against the code it starts.
+
+No Docker daemon runs here, but `docker-compose config` (Debian's docker-compose 1.29.2, which
+.ci/run installs) needs none: it validates the file against the Compose schema, checks that every
+dependency names a service, and resolves `${NAME:-default}` and YAML anchors the way `docker
+compose up` does. The tests then check the resolved file: every variable it gives our services is one the
+backend reads, every command is one the CLI has, and the services' roles are as its header says."""
 from __future__ import annotations
 
 import json
-import re
+import os
+import shutil
+import subprocess
 from pathlib import Path
-
 import pytest
 import yaml
 
@@ -19,14 +24,44 @@ COMPOSE = REPO / "docker-compose.yml"
 SERVE_FLAGS = {"WORKERS", "THREADS"}  # read by `serve` for its --workers / --threads defaults
 
 
+def compose(*args: str, file: Path = COMPOSE) -> subprocess.CompletedProcess:
+    """`docker-compose -f FILE ARGS` with nothing of this shell's environment to interpolate, so
+    the file's own defaults are what it resolves to."""
+    binary = shutil.which("docker-compose")
+    assert binary, "docker-compose not found: install Debian's docker-compose (.ci/run does)"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+    return subprocess.run([binary, "-f", str(file), "--project-directory", str(REPO), *args],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def resolved() -> dict:
+    done = compose("config")
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(done.stdout)
+
+
 @pytest.fixture(scope="module")
 def services():
-    return yaml.safe_load(COMPOSE.read_text())["services"]
+    return resolved()["services"]
 
 
-def defaults(environment: dict) -> dict:
-    """The environment as compose gives it when the shell sets nothing: ${NAME:-default} -> default."""
-    return {name: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value)) for name, value in environment.items()}
+def test_label_studio_is_opt_in(services):
+    # compose 1.29's `config` lists every service whatever the profile; `up` starts only these
+    assert sorted(name for name, service in services.items() if "profiles" not in service) == [
+        "redis", "rfclip", "worker"]
+    assert services["label-studio"]["profiles"] == ["studio"]
+
+
+def test_compose_would_refuse_a_mistake(tmp_path):
+    """The check bites: a misspelt option or a dependency on no service fails `config`."""
+    text = COMPOSE.read_text()
+    for broken in (text.replace("stop_grace_period:", "stop_grace_perod:"),
+                   text.replace("      - redis\n", "      - rediss\n", 1)):
+        assert broken != text
+        path = tmp_path / "docker-compose.yml"
+        path.write_text(broken)
+        done = compose("config", "-q", file=path)
+        assert done.returncode != 0 and ("invalid" in done.stderr or "undefined" in done.stderr), done.stderr
 
 
 class Recording(dict):
@@ -41,7 +76,7 @@ class Recording(dict):
 
 @pytest.mark.parametrize("service", ["rfclip", "worker"])
 def test_every_variable_given_to_our_services_is_read_and_valid(services, service):
-    env = Recording(defaults(services[service]["environment"]))
+    env = Recording(services[service]["environment"])
     settings = Settings.from_env(env)  # a bad value raises SettingsError
     assert set(env) - env.read - SERVE_FLAGS == set()
     assert settings.redis_url == "redis://redis:6379/0"  # the compose Redis, for texts and the queue
@@ -58,10 +93,15 @@ def test_every_command_is_one_the_cli_has(services, service, capsys):
     assert done.value.code == 0 and "usage" in capsys.readouterr().out
 
 
-def test_workers_scale_and_label_studio_is_opt_in(services):
-    assert "ports" not in services["worker"]  # `--scale worker=N` would clash on a host port
-    assert services["worker"]["image"] == services["rfclip"]["image"]  # the same build
-    assert services["label-studio"]["profiles"] == ["studio"]
+def test_workers_scale(services):
+    worker = services["worker"]
+    # `--scale worker=N` would clash on a host port or a fixed container name
+    assert "ports" not in worker and "container_name" not in worker
+    assert worker["image"] == services["rfclip"]["image"]  # the same build
+    assert worker["healthcheck"]["test"] == ["NONE"]  # the image's check asks the web backend's port
+    assert worker["stop_grace_period"] == "5m"  # SIGTERM: the chunk in flight is finished
+
+
+def test_label_studio_and_redis_as_the_jobs_need_them(services):
     assert services["label-studio"]["environment"][IMPORT_FLAG] == "true"  # pushes into big projects
-    assert all("profiles" not in services[name] for name in ("rfclip", "worker", "redis"))
     assert "--appendonly" in services["redis"]["command"]  # queued chunks survive a Redis restart
