@@ -9,7 +9,7 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    HF_HOME=/models/hf \
+    HF_HOME=/hf \
     RFCLIP_CACHE_DIR=/cache
 
 RUN apt-get update \
@@ -26,7 +26,7 @@ COPY rfclip_engine rfclip_engine
 COPY backend backend
 RUN pip install --no-deps . \
     && useradd --create-home rfclip \
-    && mkdir -p /models /cache && chown rfclip /models /cache
+    && mkdir -p /models /cache /hf && chown rfclip /models /cache /hf
 
 USER rfclip
 EXPOSE 9090

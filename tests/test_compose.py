@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -100,6 +101,18 @@ def test_workers_scale(services):
     assert worker["image"] == services["rfclip"]["image"]  # the same build
     assert worker["healthcheck"]["test"] == ["NONE"]  # the image's check asks the web backend's port
     assert worker["stop_grace_period"] == "5m"  # SIGTERM: the chunk in flight is finished
+
+
+def test_downloaded_weights_go_to_one_named_volume(services):
+    """The image's user writes the Hugging Face cache: in a host directory Docker made for root it
+    could not (RFCLIP_PRETRAINED=openai would fail to download), in a named volume it can."""
+    (hf_home,) = re.findall(r"HF_HOME=(\S+)", (REPO / "Dockerfile").read_text())
+    sources = set()
+    for name in ("rfclip", "worker"):
+        (mount,) = [v for v in services[name]["volumes"] if v.split(":")[1] == hf_home]
+        sources.add(mount.split(":")[0])
+    (source,) = sources  # the backend and the workers download once, for all
+    assert not source.startswith(("/", ".")), f"{source} is a host path, not a named volume"
 
 
 def test_label_studio_and_redis_as_the_jobs_need_them(services):
