@@ -14,7 +14,7 @@ then labels at each image's full size) on the same decoded images, in batches of
 size, alone in this process, is measured before and after the runs (the VM drifts) and the ratio
 is taken to their mean. Also measured: the size of one
 stored prediction and the time of one bulk push, the inputs of the scaling estimate in
-RESULTS.md. With `--label-studio-core`, Label Studio gets the last core to itself (`taskset`) and
+RESULTS.md, for the model's prediction and for a photo-like one (real weights' smooth masks). With `--label-studio-core`, Label Studio gets the last core to itself (`taskset`) and
 one worker and the engine share the others, as when Label Studio runs on another machine; set
 RFCLIP_PUSH_PART to push a chunk in parts, each while the next part is predicted. Label Studio
 runs with its import flag set (README, "big projects"), since 2026-12-03.
@@ -42,6 +42,7 @@ from backend.media import Credentials  # noqa: E402
 from backend.runtime import build_runtime, load_segmenter  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from benchmarks.bench_backend import LABELS, MODEL_STAGES, jpeg, label_config  # noqa: E402
+from benchmarks.bench_listing import photo_prediction  # noqa: E402
 from benchmarks.common import arguments, label_studio_binary, machine, markdown_table  # noqa: E402
 from rfclip_engine import load_model  # noqa: E402
 from rfclip_engine.presets import find_preset  # noqa: E402
@@ -157,16 +158,20 @@ def overhead_share(stages: Dict[str, float], counted: Sequence[str], tasks_per_w
 
 
 def push_cost(stack: Stack, chunk: int) -> dict:
-    """The bytes of one stored prediction, and one bulk push of `chunk` of them."""
+    """The bytes of one stored prediction and the time of one bulk push of `chunk` of them, for the
+    model's (random weights: noise masks) and for a photo-like one (bench_listing's few discs, the
+    size real weights give a plain photo)."""
     predicted = stack.api("GET", f"/api/tasks?project={stack.last_project}&page_size=1")["tasks"][0]
     source = stack.api("GET", f"/api/predictions?task={predicted['id']}")[0]
-    pid = stack.project(chunk)
-    ids = [t["id"] for t in stack.api("GET", f"/api/tasks?project={pid}&page_size=1000")["tasks"]]
-    body = [{"task": t, "result": source["result"], "score": source["score"], "model_version": "bench"} for t in ids]
-    started = time.perf_counter()
-    stack.studio.push(pid, body)
-    return {"prediction_bytes": len(json.dumps(source["result"])), "push_s": time.perf_counter() - started,
-            "chunk": chunk}
+    out = {"chunk": chunk}
+    for kind, result in (("model", source["result"]), ("photo-like", photo_prediction())):
+        pid = stack.project(chunk)
+        ids = [t["id"] for t in stack.api("GET", f"/api/tasks?project={pid}&page_size=1000")["tasks"]]
+        body = [{"task": t, "result": result, "score": 0.5, "model_version": "bench"} for t in ids]
+        started = time.perf_counter()
+        stack.studio.push(pid, body)
+        out[kind] = {"prediction_bytes": len(json.dumps(result)), "push_s": time.perf_counter() - started}
+    return out
 
 
 def main() -> int:
@@ -245,8 +250,9 @@ def main() -> int:
         print(f"\n{workers} worker(s): worker seconds per task by stage")
         print(markdown_table(["stage", "s / task"], [[k, f"{v:.3f}"] for k, v in run["worker_s_per_task"].items()]))
     push = report["push"]
-    print(f"\none prediction: {push['prediction_bytes'] / 1024:.1f} KiB of JSON; one bulk push of {push['chunk']}: "
-          f"{push['push_s'] * 1e3:.0f} ms")
+    for kind in ("model", "photo-like"):
+        print(f"\none {kind} prediction: {push[kind]['prediction_bytes'] / 1024:.1f} KiB of JSON; one bulk push of "
+              f"{push['chunk']}: {push[kind]['push_s'] * 1e3:.0f} ms")
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.json}")
     return 0
