@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import requests
@@ -62,7 +62,7 @@ def check(condition: bool, message: str) -> None:
 class Compose:
     """docker-compose (1.29, or the v2 plugin) on the repository's file, in a project directory of its own."""
 
-    def __init__(self, root: Path, env: Dict[str, str], override: Path = None) -> None:
+    def __init__(self, root: Path, env: Dict[str, str], override: Optional[Path] = None) -> None:
         binary = shutil.which("docker-compose")
         self.command = [binary] if binary else ["docker", "compose"]
         files = ["-f", str(REPO / "docker-compose.yml")] + (["-f", str(override)] if override else [])
@@ -81,7 +81,7 @@ class Compose:
         return self("exec", "-T", "rfclip", "rfclip-backend", *args)
 
 
-def wait(url: str, seconds: float, headers: Dict[str, str] = None) -> None:
+def wait(url: str, seconds: float, headers: Optional[Dict[str, str]] = None) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
@@ -131,6 +131,11 @@ def run_checks(compose: Compose, headers: Dict[str, str], tasks: int) -> None:
     for service in ("rfclip", "worker"):  # where RFCLIP_PRETRAINED=openai downloads to, as the image's user
         compose("exec", "-T", service, "python", "-c", "import os; open(os.environ['HF_HOME'] + '/probe', 'w')")
     print("ok: the backend and a worker can write their Hugging Face cache")
+    deadline = time.monotonic() + 300
+    while "queue rfclip: 2 workers" not in compose.cli("jobs"):  # both models loaded, both listening
+        if time.monotonic() > deadline:
+            raise CheckFailed("the 2 workers did not register with the queue within 300 s")
+        time.sleep(3)
 
     project = new_project(headers, tasks)
     compose.cli("preannotate", "--project", str(project), "--queue", "--chunk", "8", "--no-progress")
