@@ -12,12 +12,13 @@ RLE, pushing, the queue (issue 10's list). Until 2026-12-03 labels at full size 
 overhead too; the table prints both. The engine's own images/s (the same segmentation: logits,
 then labels at each image's full size) on the same decoded images, in batches of the backend's
 size, alone in this process, is measured before and after the runs (the VM drifts) and the ratio
-is taken to their mean. Also measured: the size of one
-stored prediction and the time of one bulk push, the inputs of the scaling estimate in
-RESULTS.md, for the model's prediction and for a photo-like one (real weights' smooth masks). With `--label-studio-core`, Label Studio gets the last core to itself (`taskset`) and
-one worker and the engine share the others, as when Label Studio runs on another machine; set
-RFCLIP_PUSH_PART to push a chunk in parts, each while the next part is predicted. Label Studio
-runs with its import flag set (README, "big projects"), since 2026-12-03.
+is taken to their mean. Also measured: the size of one stored prediction and the time of one
+bulk push, the inputs of the scaling estimate in RESULTS.md, for the model's prediction and for a
+photo-like one (the smooth masks of real weights). With `--label-studio-core`, Label Studio gets
+the last core to itself (`taskset`) and one worker and the engine share the others, as when Label
+Studio runs on another machine; set RFCLIP_PUSH_PART to push a chunk in parts, each while the
+next part is predicted. Label Studio runs with its import flag set (README, "big projects"),
+since 2026-12-03.
 Writes a JSON file beside the table.
 """
 from __future__ import annotations
