@@ -5,9 +5,11 @@
 
 Builds the image from the Dockerfile (BASE_IMAGE and TORCH_INDEX_URL from the environment pass
 through as build args), then, in a fresh compose project with a random ViT-B-16 checkpoint in its
-./models: Label Studio, the backend, Redis and 2 workers (`--scale worker=2`). Through Label
-Studio's API it uploads JPEGs into a project (the workers fetch them back from Label Studio, as
-with any upload) and connects the backend, then checks:
+./models: Label Studio, the backend, Redis and 2 workers (`--scale worker=2`, with
+OMP_NUM_THREADS=1 in the shell). Through Label Studio's API it uploads JPEGs into a project (the
+workers fetch them back from Label Studio, as with any upload) and connects the backend, then
+checks:
+- both services write their Hugging Face cache and run torch with 1 thread;
 - `preannotate --queue` in the backend's container, one worker SIGKILLed (`docker kill`) while
   the chunks run, `preannotate --queue --follow` again: every task ends with exactly one
   prediction of the model version, which is the project's active one;
@@ -131,6 +133,9 @@ def run_checks(compose: Compose, headers: Dict[str, str], tasks: int) -> None:
     for service in ("rfclip", "worker"):  # where RFCLIP_PRETRAINED=openai downloads to, as the image's user
         compose("exec", "-T", service, "python", "-c", "import os; open(os.environ['HF_HOME'] + '/probe', 'w')")
     print("ok: the backend and a worker can write their Hugging Face cache")
+    for service in ("rfclip", "worker"):
+        threads = compose("exec", "-T", service, "python", "-c", "import torch; print(torch.get_num_threads())")
+        check(threads.strip() == "1", f"{service}: torch runs 1 thread, as OMP_NUM_THREADS=1 in the shell asks")
     deadline = time.monotonic() + 300
     while "queue rfclip: 2 workers" not in compose.cli("jobs"):  # both models loaded, both listening
         if time.monotonic() > deadline:
@@ -201,7 +206,8 @@ def main() -> int:
     token = secrets.token_hex(20)  # Label Studio's legacy tokens are 40 characters
     env = {"RFCLIP_PRETRAINED": "/models/random.pt", "RFCLIP_WEIGHTS_TAG": "openai",
            "RFCLIP_DISTRACTION_DIMS": ",".join(map(str, find_preset("ViT-B-16", "openai").dims)),
-           "LABEL_STUDIO_URL": "http://label-studio:8080", "LABEL_STUDIO_API_KEY": token}
+           "LABEL_STUDIO_URL": "http://label-studio:8080", "LABEL_STUDIO_API_KEY": token,
+           "OMP_NUM_THREADS": "1"}  # one worker per core, as README advises for CPU machines
     compose = Compose(root, env, override)
     headers = {"Authorization": f"Token {token}"}
     try:

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Dict, Optional
 import pytest
 import yaml
 
@@ -23,20 +24,21 @@ from backend.settings import Settings
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
 SERVE_FLAGS = {"WORKERS", "THREADS"}  # read by `serve` for its --workers / --threads defaults
+TORCH_FLAGS = {"OMP_NUM_THREADS"}  # read by torch itself
 
 
-def compose(*args: str, file: Path = COMPOSE) -> subprocess.CompletedProcess:
-    """`docker-compose -f FILE ARGS` with nothing of this shell's environment to interpolate, so
-    the file's own defaults are what it resolves to."""
+def compose(*args: str, file: Path = COMPOSE, shell: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """`docker-compose -f FILE ARGS` with nothing of this shell's environment to interpolate but
+    `shell`, so the file's own defaults are what it resolves to."""
     binary = shutil.which("docker-compose")
     assert binary, "docker-compose not found: install Debian's docker-compose (.ci/run does)"
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), **(shell or {})}
     return subprocess.run([binary, "-f", str(file), "--project-directory", str(REPO), *args],
                           capture_output=True, text=True, env=env, timeout=60)
 
 
-def resolved() -> dict:
-    done = compose("config")
+def resolved(shell: Optional[Dict[str, str]] = None) -> dict:
+    done = compose("config", shell=shell)
     assert done.returncode == 0, done.stderr
     return yaml.safe_load(done.stdout)
 
@@ -79,7 +81,7 @@ class Recording(dict):
 def test_every_variable_given_to_our_services_is_read_and_valid(services, service):
     env = Recording(services[service]["environment"])
     settings = Settings.from_env(env)  # a bad value raises SettingsError
-    assert set(env) - env.read - SERVE_FLAGS == set()
+    assert set(env) - env.read - SERVE_FLAGS - TORCH_FLAGS == set()
     assert settings.redis_url == "redis://redis:6379/0"  # the compose Redis, for texts and the queue
 
 
@@ -92,6 +94,15 @@ def test_every_command_is_one_the_cli_has(services, service, capsys):
     with pytest.raises(SystemExit) as done:
         main([*command[1:], "--help"])
     assert done.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shell, threads", [({}, None), ({"OMP_NUM_THREADS": "1"}, "1")])
+def test_torch_threads_come_from_the_shell_or_stay_unset(shell, threads):
+    """One worker per core on a CPU machine wants OMP_NUM_THREADS=1; unset, torch picks its own
+    (an empty value would make libgomp complain in every container)."""
+    services = resolved(shell)["services"]
+    assert services["worker"]["environment"]["OMP_NUM_THREADS"] == threads
+    assert services["rfclip"]["environment"]["OMP_NUM_THREADS"] == threads
 
 
 def test_workers_scale(services):
