@@ -3,8 +3,9 @@
 No Docker daemon runs here, but `docker-compose config` (Debian's docker-compose 1.29.2, which
 .ci/run installs) needs none: it validates the file against the Compose schema, checks that every
 dependency names a service, and resolves `${NAME:-default}` and YAML anchors the way `docker
-compose up` does. The tests then check the resolved file: every variable it gives our services is one the
-backend reads, every command is one the CLI has, and the services' roles are as its header says."""
+compose up` does. The tests then check the resolved file: every variable it gives our services is
+one the backend reads, every command is one the CLI has, and the services' roles are as its
+header says."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Dict, Optional
+
 import pytest
 import yaml
 
@@ -27,7 +29,8 @@ SERVE_FLAGS = {"WORKERS", "THREADS"}  # read by `serve` for its --workers / --th
 TORCH_FLAGS = {"OMP_NUM_THREADS"}  # read by torch itself
 
 
-def compose(*args: str, file: Path = COMPOSE, shell: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+def compose(*args: str, file: Path = COMPOSE,
+            shell: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
     """`docker-compose -f FILE ARGS` with nothing of this shell's environment to interpolate but
     `shell`, so the file's own defaults are what it resolves to."""
     binary = shutil.which("docker-compose")
