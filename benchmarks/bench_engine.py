@@ -5,7 +5,8 @@
 
 Cases: one 336x448 image (short side 336: 6 crops), one 560x1120 image at short side 560 (the
 Cityscapes setting: 36 crops), and a batch of 8 336x448 images (48 crops in shared batches).
-Modes: clip, maskclip, kk-proxy, rfclip, rfclip+PAMR. Weights are random (time does not depend on
+Modes: clip, maskclip, kk-proxy, rfclip, rfclip+PAMR, and on CUDA clip, rfclip and rfclip+PAMR with
+each batch's encoder forward replayed from a CUDA graph. Weights are random (time does not depend on
 them; the distraction dimensions are the OpenAI preset's). Runs are interleaved across modes and
 the best run is reported, with the median and the paired median (of each round's ratio to clip:
 drifts of a shared machine cancel in it). Peak memory comes from one more run of each mode, not
@@ -51,6 +52,12 @@ MODES = {
     "rfclip": dict(mode="rfclip"),
     "rfclip+PAMR": dict(mode="rfclip", pamr=True),
 }
+# on CUDA the cases also run with each batch's encoder forward replayed from a CUDA graph
+GRAPHED_MODES = {
+    "clip graphs": dict(mode="clip", cuda_graphs=True),
+    "rfclip graphs": dict(mode="rfclip", cuda_graphs=True),
+    "rfclip+PAMR graphs": dict(mode="rfclip", pamr=True, cuda_graphs=True),
+}
 CASES = {  # name: (image size, number of images, short side)
     "336x448": ((336, 448), 1, 336),
     "560x1120": ((560, 1120), 1, 560),
@@ -72,9 +79,9 @@ DENSE_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, 
 
 
 def segmenter(model, mode: dict, short_side: int, precision: str) -> Segmenter:
-    pamr = mode.get("pamr", False)
-    config = SegmenterConfig(encoder=RFCLIPConfig(mode=mode["mode"]), short_side=short_side, pamr=pamr,
-                             batch_size=8, precision=precision)
+    config = SegmenterConfig(encoder=RFCLIPConfig(mode=mode["mode"]), short_side=short_side,
+                             pamr=mode.get("pamr", False), batch_size=8, precision=precision,
+                             cuda_graphs=mode.get("cuda_graphs", False))
     return Segmenter(model, config)
 
 
@@ -249,15 +256,16 @@ def bench_cases(model, device: torch.device, precision: str, vocabulary, memory:
                 args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     cases = {"336x448": CASES["336x448"]} if args.quick else CASES
+    modes = {**MODES, **(GRAPHED_MODES if device.type == "cuda" else {})}
     repeats = args.repeats
 
     results = {}
     for case, (size, count, short_side) in cases.items():
         images = [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(count)]
-        runners = {name: segmenter(model, mode, short_side, precision) for name, mode in MODES.items()}
+        runners = {name: segmenter(model, mode, short_side, precision) for name, mode in modes.items()}
         for runner in runners.values():
             runner.logits_many(images[:1], vocabulary)  # warm-up, text embeddings cached
-        times = {name: [] for name in MODES}
+        times = {name: [] for name in modes}
         for _ in range(repeats):
             for name, runner in runners.items():
                 times[name].append(timed(lambda r=runner: r.logits_many(images, vocabulary), device))

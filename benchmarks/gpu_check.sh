@@ -2,13 +2,13 @@
 # The GPU check (issue 12), as one command on a lent GPU machine, from the repository root:
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]          # default OUT_DIR: $OUT, else benchmarks/gpu-out
-#   DEVICE=cpu BATCHES="1 2" REPEATS=1 bash benchmarks/gpu_check.sh /tmp/check   # the same, on the CPU
+#   DEVICE=cpu BATCHES="1 2" REPEATS=1 CASES=--quick bash benchmarks/gpu_check.sh /tmp/check   # on the CPU
 #
 # 1. the device test subset (tests/test_device.py with RFCLIP_TEST_DEVICE), 2. bench_engine.py on
 # the device with fp16 and with bf16 autocast: operator launches, encoder-only crops/s of clip and
 # rfclip at each batch, the share of the dense peak, peak memory, autocast against fp32; 3. the
-# segmenter cases at the default precision. Logs and JSON go to OUT_DIR; copy the tables into
-# benchmarks/RESULTS.md.
+# segmenter cases at the default precision, plain and graphed (CASES=--quick: the first case only).
+# Logs and JSON go to OUT_DIR; copy the tables into benchmarks/RESULTS.md.
 #
 # The lent machine has Python 3.12, torch and timm but not open_clip: carry its pure-Python wheels
 # in .whl (ignored by git; see the device tool's README), made here with e.g.
@@ -24,6 +24,7 @@ OUT_DIR=${1:-${OUT:-benchmarks/gpu-out}}
 DEVICE=${DEVICE:-cuda}
 BATCHES=${BATCHES:-1 8 32 128}
 REPEATS=${REPEATS:-5}
+CASES=${CASES:-}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -54,6 +55,7 @@ for precision in fp16 bf16; do
 done
 
 echo "== the segmenter cases on $DEVICE"
-"$PYTHON" benchmarks/bench_engine.py --device "$DEVICE" --repeats "$REPEATS" --quick \
+# shellcheck disable=SC2086  # CASES is empty or --quick
+"$PYTHON" benchmarks/bench_engine.py --device "$DEVICE" --repeats "$REPEATS" $CASES \
   --json "$OUT_DIR/bench_engine_${DEVICE}_cases.json" 2>&1 | tee "$OUT_DIR/bench_engine_cases.log" || status=1
 exit $status
