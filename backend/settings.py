@@ -31,7 +31,7 @@ class Settings:
     device: str = "auto"
     mode: str = "rfclip"
     pamr: bool = False
-    cuda_graphs: bool = False
+    cuda_graphs: bool = True
     redis_url: Optional[str] = None
     queue_name: str = "rfclip"
     job_timeout_s: int = 3600

@@ -168,3 +168,15 @@ def test_examples_usage_errors(tmp_path, checkpoint, capsys):
     refused("holds class indices [7]")
     Image.fromarray(np.zeros((32, 64), np.uint8)).save(examples / "lone_labelmap.png")
     refused("image's size 64x64")
+
+
+def test_cuda_graphs_are_on_unless_turned_off():
+    from rfclip_engine.cli import _segmenter_config, build_parser
+
+    def config(*flags):
+        args = build_parser().parse_args(["segment", "x.png", "--labels", "a", "--out", "o", *flags])
+        return _segmenter_config(args, torch.device("cuda"))
+
+    assert config().cuda_graphs
+    assert not config("--no-cuda-graphs").cuda_graphs
+    assert config("--no-cuda-graphs", "--cuda-graphs").cuda_graphs
