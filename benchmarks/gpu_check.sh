@@ -7,8 +7,10 @@
 # 1. the device test subset (tests/test_device.py with RFCLIP_TEST_DEVICE), 2. bench_engine.py on
 # the device with fp16 and with bf16 autocast: operator launches, encoder-only crops/s of clip and
 # rfclip at each batch, the share of the dense peak, peak memory, autocast against fp32; 3. the
-# segmenter cases at the default precision, plain and graphed (CASES=--quick: the first case only).
-# Logs and JSON go to OUT_DIR; copy the tables into benchmarks/RESULTS.md.
+# segmenter cases at the default precision, plain and graphed (CASES=--quick: the first case only);
+# 4. on CUDA, the Fiedler solver alone, eager against the fused kernel (bench_solver.py). Logs and
+# JSON go to OUT_DIR (8 files, as many as the device tool brings back); copy the tables into
+# benchmarks/RESULTS.md. PRECISIONS="fp16" leaves bf16 out.
 #
 # The lent machine has Python 3.12, torch and timm but not open_clip: carry its pure-Python wheels
 # in .whl (ignored by git; see the device tool's README), made here with e.g.
@@ -25,6 +27,7 @@ DEVICE=${DEVICE:-cuda}
 BATCHES=${BATCHES:-1 8 32 128}
 REPEATS=${REPEATS:-5}
 CASES=${CASES:-}
+PRECISIONS=${PRECISIONS:-fp16 bf16}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -46,7 +49,7 @@ echo "== device tests on $DEVICE"
 RFCLIP_TEST_DEVICE=$DEVICE "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_device.py 2>&1 \
   | tee "$OUT_DIR/tests.log" || status=1
 
-for precision in fp16 bf16; do
+for precision in $PRECISIONS; do
   echo "== bench_engine on $DEVICE, $precision autocast, batches $BATCHES"
   # shellcheck disable=SC2086  # BATCHES is a list of numbers
   "$PYTHON" benchmarks/bench_engine.py --device "$DEVICE" --precision "$precision" --skip-cases \
@@ -58,4 +61,9 @@ echo "== the segmenter cases on $DEVICE"
 # shellcheck disable=SC2086  # CASES is empty or --quick
 "$PYTHON" benchmarks/bench_engine.py --device "$DEVICE" --repeats "$REPEATS" $CASES \
   --json "$OUT_DIR/bench_engine_${DEVICE}_cases.json" 2>&1 | tee "$OUT_DIR/bench_engine_cases.log" || status=1
+if [ "$DEVICE" != cpu ]; then
+  echo "== the Fiedler solver alone on $DEVICE"
+  "$PYTHON" benchmarks/bench_solver.py --json "$OUT_DIR/bench_solver.json" 2>&1 | tee "$OUT_DIR/bench_solver.log" \
+    || status=1
+fi
 exit $status

@@ -85,7 +85,7 @@ def _add_method_arguments(parser: argparse.ArgumentParser, short_side: Optional[
                         help="auto: fp16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="on CUDA, replay the encoder's forward from recorded CUDA graphs, one per batch shape "
-                             "(2-6x faster on an H200; default: on)")
+                             "(several times faster at small batches; default: on)")
 
 
 def _segmenter_config(args: argparse.Namespace, device: torch.device) -> SegmenterConfig:

@@ -96,8 +96,8 @@ class SegmenterConfig:
     prototypes_per_class: the newest examples of a class that score pixels (all count for n).
     precision: "fp32", or "fp16" / "bf16" autocast (meant for CUDA; bf16 also works on CPU).
     cuda_graphs: on CUDA, replay each batch shape's encoder forward from a recorded CUDA graph
-        (one launch instead of thousands, 2-6x faster on an H200; each recorded shape keeps its
-        buffers). No effect elsewhere.
+        (one launch instead of hundreds, several times faster at small batches on an H200; each
+        recorded shape keeps its buffers). No effect elsewhere.
     """
 
     encoder: RFCLIPConfig = field(default_factory=RFCLIPConfig)

@@ -115,7 +115,7 @@ def test_model_version_follows_the_method_not_how_it_runs():
 
     base = model_version(Settings.from_env({}))
     assert model_version(Settings.from_env({"RFCLIP_CUDA_GRAPHS": "false"})) == base
-    assert Settings.from_env({}).cuda_graphs  # on by default: measured 2-6x faster on a GPU
+    assert Settings.from_env({}).cuda_graphs  # on by default: several times faster on a GPU
     assert not Settings.from_env({"RFCLIP_CUDA_GRAPHS": "false"}).cuda_graphs
     assert model_version(Settings.from_env({"RFCLIP_PAMR": "true"})) != base
     with pytest.raises(SettingsError, match="RFCLIP_CUDA_GRAPHS"):

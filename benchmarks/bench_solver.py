@@ -1,0 +1,116 @@
+"""The Fiedler solver alone: the eager Lanczos loop against the fused Triton kernel, on CUDA.
+
+    python benchmarks/bench_solver.py [--batches 1 8 32 128] [--tokens 196] [--warps 4 8 16] [--repeats 50]
+    TRITON_INTERPRET=1 python benchmarks/bench_solver.py --device cpu --batches 1 --warps 8 --repeats 2
+
+One block's solve on (B, N, N) normalized similarities of ViT-B/16's 196 patch tokens: the eager
+loop plain and replayed from a CUDA graph, and the kernel with each number of warps per program,
+milliseconds per call (median after warm-up, the device synchronised around each), and how far
+the kernel's vector stands from the loop's; first, how long Triton takes to compile the kernel for
+each number of warps. The kernel runs on CUDA; the second line tries the script on the CPU
+through Triton's interpreter (its times mean nothing).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import arguments, machine, markdown_table, synchronize, timed  # noqa: E402
+from rfclip_engine import lanczos_kernel  # noqa: E402
+from rfclip_engine.steps import _lanczos_loop  # noqa: E402
+
+
+def problem(batch: int, n: int, device: torch.device):
+    """Normalized similarities of two noisy clusters (as RF-CLIP's key-key attention gives), their
+    unit top eigenvectors and start vectors."""
+    g = torch.Generator().manual_seed(batch)
+    labels = torch.rand(batch, n, generator=g) < 0.4
+    weights = 0.2 + 0.6 * (labels[:, :, None] == labels[:, None, :]).float() + 0.05 * torch.rand(batch, n, n,
+                                                                                                  generator=g)
+    weights = (weights + weights.transpose(1, 2)) / 2
+    inv_sqrt_degree = weights.sum(-1).rsqrt()
+    matrix = inv_sqrt_degree[:, :, None] * weights * inv_sqrt_degree[:, None, :]
+    top = torch.nn.functional.normalize(inv_sqrt_degree.reciprocal(), dim=-1)
+    return [t.to(device) for t in (matrix, top, torch.randn(batch, n, generator=g))]
+
+
+def milliseconds(call, device: torch.device, repeats: int) -> float:
+    for _ in range(3):
+        call()
+    return 1e3 * statistics.median(timed(call, device) for _ in range(repeats))
+
+
+def graphed(call):
+    """`call` recorded once as a CUDA graph; returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay
+
+
+def main() -> int:
+    parser = arguments(__file__, __doc__)
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 128])
+    parser.add_argument("--tokens", type=int, default=196)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--warps", type=int, nargs="*", default=[4, 8, 16])
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--device", default="cuda",
+                        help="cuda; or cpu with TRITON_INTERPRET=1, to try the script where there is no GPU")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if lanczos_kernel.triton is None or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+        print("bench_solver needs Triton, and CUDA or TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    lanczos_kernel.available = lambda tensor: True  # the interpreter runs it on the CPU
+    report = {"machine": machine(), "tokens": args.tokens, "steps": args.steps, "compile_s": {}, "rows": {}}
+    # Triton compiles the kernel on its first call for each shape and number of warps (then caches
+    # it on disk): timed here apart, and printed as it goes, so a cut-off run still says something
+    matrix, top, start = problem(1, args.tokens, device)
+    for warps in args.warps:
+        begin = time.perf_counter()
+        lanczos_kernel.lanczos_second_vector(matrix, top, start, args.steps, num_warps=warps)
+        synchronize(device)
+        report["compile_s"][warps] = time.perf_counter() - begin
+        print(f"kernel with {warps} warps: first call (compiling) {report['compile_s'][warps]:.1f} s", flush=True)
+    print(f"\nFiedler solver, one block: {args.tokens} tokens, {args.steps} steps, ms per call (median of "
+          f"{args.repeats}), and the kernel's largest distance from the eager vector", flush=True)
+    header_printed = False
+    for batch in args.batches:
+        matrix, top, start = problem(batch, args.tokens, device)
+        eager = _lanczos_loop(matrix, top, start, args.steps)
+        row = {"eager": milliseconds(lambda: _lanczos_loop(matrix, top, start, args.steps), device, args.repeats)}
+        if device.type == "cuda":
+            row["eager graph"] = milliseconds(graphed(lambda: _lanczos_loop(matrix, top, start, args.steps)), device,
+                                              args.repeats)
+        for warps in args.warps:
+            fused = lanczos_kernel.lanczos_second_vector(matrix, top, start, args.steps, num_warps=warps)
+            distance = (fused * torch.sign((fused * eager).sum(-1, keepdim=True)) - eager).abs().max().item()
+            row[f"kernel, {warps} warps"] = milliseconds(
+                lambda w=warps: lanczos_kernel.lanczos_second_vector(matrix, top, start, args.steps, num_warps=w),
+                device, args.repeats)
+            row[f"kernel, {warps} warps: max distance"] = distance
+        report["rows"][batch] = row
+        table = markdown_table(["batch", *row], [[batch, *(f"{v:.1e}" if "distance" in k else f"{v:.3f}"
+                                                           for k, v in row.items())]]).split("\n")
+        print("\n".join(table if not header_printed else table[2:]), flush=True)
+        header_printed = True
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
