@@ -7,15 +7,15 @@
 # 1. the device test subset (tests/test_device.py with RFCLIP_TEST_DEVICE), 2. bench_engine.py on
 # the device with fp16 and with bf16 autocast: operator launches, encoder-only crops/s of clip and
 # rfclip at each batch, the share of the dense peak, peak memory, autocast against fp32; 3. the
-# segmenter cases at the default precision, plain and graphed (CASES=--quick: the first case only);
-# 4. on CUDA, the Fiedler solver alone, eager against the fused kernel (bench_solver.py). Logs and
-# JSON go to OUT_DIR (8 files, as many as the device tool brings back); copy the tables into
-# benchmarks/RESULTS.md. PRECISIONS="fp16" leaves bf16 out.
+# Fiedler solver alone on CUDA, eager against the fused kernel (bench_solver.py); 4. the segmenter
+# cases at the default precision, plain and graphed (CASES=--quick: the first case only). Logs and
+# JSON go to OUT_DIR; copy the tables into benchmarks/RESULTS.md. PRECISIONS=fp16 leaves bf16 out
+# (8 files then, as many as the device tool brings back; the H200 ran it in 400 s with REPEATS=10).
 #
 # The lent machine has Python 3.12, torch and timm but not open_clip: carry its pure-Python wheels
 # in .whl (ignored by git; see the device tool's README), made here with e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-#       open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
+#       open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.2.13   # what the H200 runs used
 # (the rest of what open_clip needs, regex, timm, huggingface_hub, safetensors, is on that machine's
 # image, as its KINDS.md lists), then `python3 -c "import open_clip"` there. They are installed
 # into /tmp/site first when .whl holds any.
@@ -57,13 +57,14 @@ for precision in $PRECISIONS; do
     | tee "$OUT_DIR/bench_engine_${precision}.log" || status=1
 done
 
-echo "== the segmenter cases on $DEVICE"
-# shellcheck disable=SC2086  # CASES is empty or --quick
-"$PYTHON" benchmarks/bench_engine.py --device "$DEVICE" --repeats "$REPEATS" $CASES \
-  --json "$OUT_DIR/bench_engine_${DEVICE}_cases.json" 2>&1 | tee "$OUT_DIR/bench_engine_cases.log" || status=1
 if [ "$DEVICE" != cpu ]; then
   echo "== the Fiedler solver alone on $DEVICE"
   "$PYTHON" benchmarks/bench_solver.py --json "$OUT_DIR/bench_solver.json" 2>&1 | tee "$OUT_DIR/bench_solver.log" \
     || status=1
 fi
+
+echo "== the segmenter cases on $DEVICE"
+# shellcheck disable=SC2086  # CASES is empty or --quick
+"$PYTHON" benchmarks/bench_engine.py --device "$DEVICE" --repeats "$REPEATS" $CASES \
+  --json "$OUT_DIR/bench_engine_${DEVICE}_cases.json" 2>&1 | tee "$OUT_DIR/bench_engine_cases.log" || status=1
 exit $status
