@@ -20,8 +20,11 @@ except ImportError:  # no Triton (e.g. a CPU-only install): the eager solver run
 
 
 def available(tensor: torch.Tensor) -> bool:
-    """Whether the kernel can run on `tensor`'s device."""
-    return triton is not None and tensor.is_cuda
+    """Whether the kernel can run on `tensor`'s device: a GPU that Triton compiles for (NVIDIA's
+    from Volta on, compute capability 7.0; ROCm's)."""
+    if triton is None or not tensor.is_cuda:
+        return False
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(tensor.device) >= (7, 0)
 
 
 def lanczos_second_vector(matrix: torch.Tensor, top: torch.Tensor, start: torch.Tensor, steps: int,

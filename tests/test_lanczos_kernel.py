@@ -29,8 +29,20 @@ def aligned(vector: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return vector * torch.sign((vector * reference).sum(-1, keepdim=True))
 
 
-def test_the_kernel_runs_only_where_triton_compiles_it():
+class OnGPU:
+    """Stands for a CUDA tensor: only what `available` reads of one."""
+
+    is_cuda = True
+    device = "cuda:0"
+
+
+@pytest.mark.parametrize("capability, expected", [((6, 1), False), ((7, 0), True), ((9, 0), True)])
+def test_the_kernel_runs_only_where_triton_compiles_it(monkeypatch, capability, expected):
+    """Not on the CPU, nor on a GPU older than Volta (a Pascal card keeps the eager loop)."""
     assert not lanczos_kernel.available(torch.zeros(1))
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    assert lanczos_kernel.available(OnGPU()) is expected
 
 
 @pytest.mark.parametrize("case", SOLVER_CASES, ids=lambda case: "batch %d, %d tokens, %d steps, contrast %g" % case)
