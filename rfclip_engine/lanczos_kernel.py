@@ -19,12 +19,17 @@ except ImportError:  # no Triton (e.g. a CPU-only install): the eager solver run
     triton = None
 
 
-def available(tensor: torch.Tensor) -> bool:
-    """Whether the kernel can run on `tensor`'s device: a GPU that Triton compiles for (NVIDIA's
-    from Volta on, compute capability 7.0; ROCm's)."""
-    if triton is None or not tensor.is_cuda:
+# The program holds the Krylov basis, 64 x (N padded to a power of two) float32, in registers:
+# 256 tokens (ViT-B/16 and ViT-L/14 windows of 224) fit; whole images of hundreds more would spill.
+MAX_TOKENS = 256
+
+
+def available(matrix: torch.Tensor) -> bool:
+    """Whether the kernel can solve `matrix` (B, N, N): N <= MAX_TOKENS, on a GPU that Triton
+    compiles for (NVIDIA's from Volta on, compute capability 7.0; ROCm's)."""
+    if triton is None or not matrix.is_cuda or matrix.shape[-1] > MAX_TOKENS:
         return False
-    return bool(torch.version.hip) or torch.cuda.get_device_capability(tensor.device) >= (7, 0)
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(matrix.device) >= (7, 0)
 
 
 def lanczos_second_vector(matrix: torch.Tensor, top: torch.Tensor, start: torch.Tensor, steps: int,

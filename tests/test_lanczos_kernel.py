@@ -30,19 +30,24 @@ def aligned(vector: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 class OnGPU:
-    """Stands for a CUDA tensor: only what `available` reads of one."""
+    """Stands for a CUDA tensor of (1, N, N) similarities: only what `available` reads of one."""
 
     is_cuda = True
     device = "cuda:0"
 
+    def __init__(self, tokens: int) -> None:
+        self.shape = (1, tokens, tokens)
 
-@pytest.mark.parametrize("capability, expected", [((6, 1), False), ((7, 0), True), ((9, 0), True)])
-def test_the_kernel_runs_only_where_triton_compiles_it(monkeypatch, capability, expected):
-    """Not on the CPU, nor on a GPU older than Volta (a Pascal card keeps the eager loop)."""
-    assert not lanczos_kernel.available(torch.zeros(1))
+
+@pytest.mark.parametrize("capability, tokens, expected", [
+    ((6, 1), 196, False), ((7, 0), 196, True), ((9, 0), 256, True), ((9, 0), 257, False)])
+def test_the_kernel_runs_only_where_triton_compiles_it(monkeypatch, capability, tokens, expected):
+    """Not on the CPU, nor on a GPU older than Volta (a Pascal card keeps the eager loop), nor on
+    more tokens than its registers hold (whole images)."""
+    assert not lanczos_kernel.available(torch.zeros(1, 4, 4))
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
-    assert lanczos_kernel.available(OnGPU()) is expected
+    assert lanczos_kernel.available(OnGPU(tokens)) is expected
 
 
 @pytest.mark.parametrize("case", SOLVER_CASES, ids=lambda case: "batch %d, %d tokens, %d steps, contrast %g" % case)
