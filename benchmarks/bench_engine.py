@@ -19,7 +19,8 @@ Operator launches: every forward is profiled once per mode and the operators cal
 that do work (views left out) are counted per block: on a GPU each is at least one kernel launch,
 so the count is a proxy for launch overhead that any CPU can measure.
 
-`--batches`: the encoder alone on that many 224x224 crops per forward, clip against rfclip: crops/s,
+`--batches`: the encoder alone on that many 224x224 crops per forward, clip against rfclip (and
+rfclip with step 4 as one fused attention, `fused_attention`): crops/s,
 their ratio, the share of the device's dense peak that the physical floor (35.1 GFLOP per crop for
 ViT-B/16) reaches, peak memory; and how far fp16 / bf16 autocast dense features and label maps stand
 from fp32's on a few images. This is the GPU check (`benchmarks/gpu_check.sh`).
@@ -195,11 +196,12 @@ def bench_batches(model, device: torch.device, precision: str, args: argparse.Na
     graphs), and the autocast precision check."""
     dtype = autocast_dtype(precision)
     peak = peak_tflops(device, args.peak_tflops)
-    runs = {"clip": ("clip", False), "rfclip": ("rfclip", False)}
+    clip, rfclip, fused = RFCLIPConfig(mode="clip"), RFCLIPConfig(), RFCLIPConfig(fused_attention=True)
+    runs = {"clip": (clip, False), "rfclip": (rfclip, False), "rfclip fused": (fused, False)}
     if device.type == "cuda":
-        runs.update({"clip graphs": ("clip", True), "rfclip graphs": ("rfclip", True)})
-    encoders = {name: (DenseEncoder(model, dtype, cuda_graphs=graphs), RFCLIPConfig(mode=mode))
-                for name, (mode, graphs) in runs.items()}
+        runs.update({"clip graphs": (clip, True), "rfclip graphs": (rfclip, True), "rfclip fused graphs": (fused, True)})
+    encoders = {name: (DenseEncoder(model, dtype, cuda_graphs=graphs), config)
+                for name, (config, graphs) in runs.items()}
     out = {"precision": precision, "peak_tflops": peak, "rows": {}}
     for batch in args.batches:
         pixels = torch.randn(batch, 3, 224, 224, device=device)

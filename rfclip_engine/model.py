@@ -25,6 +25,7 @@ from .steps import (
     find_distraction_tokens,
     received_attention,
     redistribute_attention,
+    refocused_attention,
     redistribute_embeddings,
 )
 
@@ -275,7 +276,10 @@ class RFCLIPModel(nn.Module):
                 else:
                     defocused = ~distraction
                 with record_function("rfclip.redistribution"):
-                    heads = _refocused_attention(q, k, v, distraction, defocused, config.beta, parts)
+                    if config.fused_attention:
+                        heads = refocused_attention(q, k, v, distraction, defocused, config.beta)
+                    else:
+                        heads = _refocused_attention(q, k, v, distraction, defocused, config.beta, parts)
             else:
                 heads = F.scaled_dot_product_attention(q, k, v)
             x = x + block.ls_1(_project_heads(block, heads))
