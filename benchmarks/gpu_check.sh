@@ -3,6 +3,11 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]          # default OUT_DIR: $OUT, else benchmarks/gpu-out
 #   DEVICE=cpu BATCHES="1 2" REPEATS=1 CASES=--quick bash benchmarks/gpu_check.sh /tmp/check   # on the CPU
+#   PRECISIONS=fp16 CASES=--quick REPEATS=10 bash benchmarks/gpu_check.sh   # in a 15-minute lease
+#
+# The device tests come first and compile the solver's Triton kernel for their shapes (about a
+# minute on the H200); each step prints as it goes, so a run cut off by its time limit still
+# brings back what it measured.
 #
 # 1. the device test subset (tests/test_device.py with RFCLIP_TEST_DEVICE), 2. bench_engine.py on
 # the device with fp16 and with bf16 autocast: operator launches, encoder-only crops/s of clip,
