@@ -25,20 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import arguments, machine, markdown_table, synchronize, timed  # noqa: E402
 from rfclip_engine import lanczos_kernel  # noqa: E402
 from rfclip_engine.steps import _lanczos_loop  # noqa: E402
+from tests.lanczos_interpreted import clustered  # noqa: E402
 
 
 def problem(batch: int, n: int, device: torch.device):
     """Normalized similarities of two noisy clusters (as RF-CLIP's key-key attention gives), their
-    unit top eigenvectors and start vectors."""
-    g = torch.Generator().manual_seed(batch)
-    labels = torch.rand(batch, n, generator=g) < 0.4
-    weights = 0.2 + 0.6 * (labels[:, :, None] == labels[:, None, :]).float() + 0.05 * torch.rand(batch, n, n,
-                                                                                                  generator=g)
-    weights = (weights + weights.transpose(1, 2)) / 2
-    inv_sqrt_degree = weights.sum(-1).rsqrt()
-    matrix = inv_sqrt_degree[:, :, None] * weights * inv_sqrt_degree[:, None, :]
-    top = torch.nn.functional.normalize(inv_sqrt_degree.reciprocal(), dim=-1)
-    return [t.to(device) for t in (matrix, top, torch.randn(batch, n, generator=g))]
+    unit top eigenvectors and start vectors: the kernel tests' problems."""
+    return [t.to(device) for t in clustered(batch, n, seed=batch)]
 
 
 def milliseconds(call, device: torch.device, repeats: int) -> float:
@@ -74,7 +67,6 @@ def main() -> int:
     if lanczos_kernel.triton is None or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
         print("bench_solver needs Triton, and CUDA or TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    lanczos_kernel.available = lambda tensor: True  # the interpreter runs it on the CPU
     report = {"machine": machine(), "tokens": args.tokens, "steps": args.steps, "compile_s": {}, "rows": {}}
     # Triton compiles the kernel on its first call for each shape and number of warps (then caches
     # it on disk): timed here apart, and printed as it goes, so a cut-off run still says something

@@ -25,8 +25,8 @@ from .steps import (
     find_distraction_tokens,
     received_attention,
     redistribute_attention,
-    refocused_attention,
     redistribute_embeddings,
+    refocused_attention,
 )
 
 BlockObserver = Callable[[int, torch.Tensor], None]
