@@ -22,7 +22,8 @@ so the count is a proxy for launch overhead that any CPU can measure.
 `--batches`: the encoder alone on that many 224x224 crops per forward, clip against rfclip (and
 rfclip with step 4 as one fused attention, `fused_attention`): crops/s,
 their ratio, the share of the device's dense peak that the physical floor (35.1 GFLOP per crop for
-ViT-B/16) reaches, peak memory; and how far fp16 / bf16 autocast dense features and label maps stand
+ViT-B/16) reaches, peak memory; where the time goes at the largest batch (device time per RF-CLIP
+step, from one profiled eager forward); and how far fp16 / bf16 autocast dense features and label maps stand
 from fp32's on a few images. This is the GPU check (`benchmarks/gpu_check.sh`).
 """
 from __future__ import annotations
@@ -232,9 +233,45 @@ def bench_batches(model, device: torch.device, precision: str, args: argparse.Na
           f"{r['rfclip']['paired_ratio_to_clip']:.3f}x",
           *(f"{100 * r[n]['floor_share_of_peak']:.1f}" for n in names),
           *(f"{r[n]['peak_memory_mb']:.0f}" for n in names)] for b, r in out["rows"].items()]))
+    out["profile"] = step_times(model, device, dtype, max(args.batches))
     if dtype is not None:
         out["agreement"] = precision_agreement(model, device, dtype)
     return out
+
+
+def step_times(model, device: torch.device, dtype: Optional[torch.dtype], batch: int, top: int = 12) -> dict:
+    """Where the encoder's time goes at `batch` crops, from one profiled eager forward per mode:
+    device time (CPU time on the CPU) inside each RF-CLIP step and in the rest of the forward,
+    and rfclip's costliest kernels. A replayed graph hides its kernels, so this is eager."""
+    pixels = torch.randn(batch, 3, 224, 224, device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    kind = "device" if device.type == "cuda" else "cpu"
+    out = {}
+    for name, config in {"clip": RFCLIPConfig(mode="clip"), "rfclip": RFCLIPConfig(),
+                         "rfclip fused": RFCLIPConfig(fused_attention=True)}.items():
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            model.encode_dense(pixels, config)  # warm-up
+            with profile(activities=activities) as prof:
+                model.encode_dense(pixels, config)
+                synchronize(device)
+        # a step's label holds the time of everything inside it, kernels a Triton launch made too;
+        # the whole forward is the sum of every event's own time, as the profiler's table sums it
+        averages = prof.key_averages()
+        totals = {label: 0.0 for label in STEP_LABELS}
+        totals.update({e.key: getattr(e, f"{kind}_time_total") / 1e3 for e in averages if e.key in STEP_LABELS})
+        forward = sum(getattr(e, f"self_{kind}_time_total") for e in averages) / 1e3
+        out[name] = {**totals, "rest": forward - sum(totals.values())}
+        if name == "rfclip":
+            print(f"\nrfclip's {top} costliest operators or kernels at batch {batch}, one eager forward")
+            print(averages.table(sort_by=f"self_{kind}_time_total", row_limit=top, max_name_column_width=60))
+    clip_ms = sum(out["clip"].values())
+    print(f"\nwhere the time goes at batch {batch}, ms of one eager forward "
+          f"({'device' if device.type == 'cuda' else 'CPU'} time, profiled)")
+    columns = [*(label.split(".")[1] for label in STEP_LABELS), "rest", "total", "x clip"]
+    print(markdown_table(["mode", *columns],
+                         [[name, *(f"{v:.2f}" for v in totals.values()), f"{sum(totals.values()):.2f}",
+                           f"{sum(totals.values()) / clip_ms:.2f}"] for name, totals in out.items()]))
+    return {"batch": batch, "ms": out}
 
 
 def precision_agreement(model, device: torch.device, dtype: torch.dtype, images: int = 4, classes: int = 10) -> dict:
