@@ -37,6 +37,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -255,11 +256,16 @@ def step_times(model, device: torch.device, dtype: Optional[torch.dtype], batch:
                 model.encode_dense(pixels, config)
                 synchronize(device)
         # a step's label holds the time of everything inside it, kernels a Triton launch made too;
-        # the whole forward is the sum of every event's own time, as the profiler's table sums it
+        # the whole forward is the sum of the kernels' times (of every operator's own, on the CPU),
+        # as the profiler's table sums it: an operator's device time and its kernels' are the same
         averages = prof.key_averages()
         totals = {label: 0.0 for label in STEP_LABELS}
         totals.update({e.key: getattr(e, f"{kind}_time_total") / 1e3 for e in averages if e.key in STEP_LABELS})
-        forward = sum(getattr(e, f"self_{kind}_time_total") for e in averages) / 1e3
+        if device.type == "cuda":
+            forward = sum(e.self_device_time_total for e in prof.events()
+                          if e.device_type != DeviceType.CPU and not e.is_user_annotation) / 1e3
+        else:
+            forward = sum(e.self_cpu_time_total for e in prof.events()) / 1e3
         out[name] = {**totals, "rest": forward - sum(totals.values())}
         if name == "rfclip":
             print(f"\nrfclip's {top} costliest operators or kernels at batch {batch}, one eager forward")
