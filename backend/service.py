@@ -101,7 +101,7 @@ def model_version(settings: Settings) -> str:
     weights_path = Path(settings.pretrained)
     config = asdict(segmenter_config(settings, torch.device("cpu")))
     # how the forward is executed does not change what it predicts
-    del config["cuda_graphs"], config["encoder"]["attention_chunk_mb"], config["encoder"]["fused_attention"]
+    del config["cuda_graphs"], config["encoder"]["attention_chunk_mb"]
     identity = {"engine": engine_version, "model": settings.model, "pretrained": settings.pretrained,
                 "weights_tag": settings.weights_tag, "dims": settings.distraction_dims,
                 "config": config, "templates": TEMPLATE_SET}

@@ -19,8 +19,7 @@ Operator launches: every forward is profiled once per mode and the operators cal
 that do work (views left out) are counted per block: on a GPU each is at least one kernel launch,
 so the count is a proxy for launch overhead that any CPU can measure.
 
-`--batches`: the encoder alone on that many 224x224 crops per forward, clip against rfclip (and
-rfclip with step 4 as one fused attention, `fused_attention`): crops/s,
+`--batches`: the encoder alone on that many 224x224 crops per forward, clip against rfclip: crops/s,
 their ratio, the share of the device's dense peak that the physical floor (35.1 GFLOP per crop for
 ViT-B/16) reaches, peak memory; where the time goes at the largest batch (device time per RF-CLIP
 step, from one profiled eager forward); and how far fp16 / bf16 autocast dense features and label maps stand
@@ -198,10 +197,10 @@ def bench_batches(model, device: torch.device, precision: str, args: argparse.Na
     graphs), and the autocast precision check."""
     dtype = autocast_dtype(precision)
     peak = peak_tflops(device, args.peak_tflops)
-    clip, rfclip, fused = RFCLIPConfig(mode="clip"), RFCLIPConfig(), RFCLIPConfig(fused_attention=True)
-    runs = {"clip": (clip, False), "rfclip": (rfclip, False), "rfclip fused": (fused, False)}
+    clip, rfclip = RFCLIPConfig(mode="clip"), RFCLIPConfig()
+    runs = {"clip": (clip, False), "rfclip": (rfclip, False)}
     if device.type == "cuda":
-        runs.update({"clip graphs": (clip, True), "rfclip graphs": (rfclip, True), "rfclip fused graphs": (fused, True)})
+        runs.update({"clip graphs": (clip, True), "rfclip graphs": (rfclip, True)})
     encoders = {name: (DenseEncoder(model, dtype, cuda_graphs=graphs), config)
                 for name, (config, graphs) in runs.items()}
     out = {"precision": precision, "peak_tflops": peak, "rows": {}}
@@ -248,8 +247,7 @@ def step_times(model, device: torch.device, dtype: Optional[torch.dtype], batch:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     kind = "device" if device.type == "cuda" else "cpu"
     out = {}
-    for name, config in {"clip": RFCLIPConfig(mode="clip"), "rfclip": RFCLIPConfig(),
-                         "rfclip fused": RFCLIPConfig(fused_attention=True)}.items():
+    for name, config in {"clip": RFCLIPConfig(mode="clip"), "rfclip": RFCLIPConfig()}.items():
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             model.encode_dense(pixels, config)  # warm-up
             with profile(activities=activities) as prof:

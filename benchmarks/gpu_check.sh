@@ -10,9 +10,9 @@
 # brings back what it measured.
 #
 # 1. the device test subset (tests/test_device.py with RFCLIP_TEST_DEVICE), 2. bench_engine.py on
-# the device with fp16 and with bf16 autocast: operator launches, encoder-only crops/s of clip,
-# rfclip and rfclip with `fused_attention` at each batch, plain and graphed, the share of the dense
-# peak, peak memory, autocast against fp32; 3. the Fiedler solver alone on CUDA, eager against its
+# the device with fp16 and with bf16 autocast: operator launches, encoder-only crops/s of clip and
+# rfclip at each batch, plain and graphed, the share of the dense peak, peak memory, device time per
+# RF-CLIP step at the largest batch, autocast against fp32; 3. the Fiedler solver alone on CUDA, eager against its
 # kernel (bench_solver.py); 4. the segmenter cases at the default precision, plain and graphed
 # (CASES=--quick: the first case only). Logs and
 # JSON go to OUT_DIR; copy the tables into benchmarks/RESULTS.md. PRECISIONS=fp16 leaves bf16 out

@@ -46,10 +46,6 @@ class RFCLIPConfig:
     attention_chunk_mb: the explicit attention and key-key buffers are computed for as many crops
         at a time as fit in this many MB (float32); None: 4 MB on the CPU (they stay in cache),
         the whole batch on an accelerator (fewer launches). The result does not depend on it.
-    fused_attention: step 4 as one fused attention over widened values instead of the explicit
-        attention (steps.refocused_attention): the same result up to rounding, without the
-        (B, H, T, T) buffer's passes through memory that bind large GPU batches, for three times
-        the attention's arithmetic. Off until a GPU has measured it (benchmarks/gpu_check.sh).
     """
 
     mode: str = "rfclip"
@@ -63,7 +59,6 @@ class RFCLIPConfig:
     defocus_localization: bool = True
     fiedler_solver: str = "lanczos"
     attention_chunk_mb: Optional[float] = None
-    fused_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.fiedler_solver not in FIEDLER_SOLVERS:

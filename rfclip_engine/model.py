@@ -26,7 +26,6 @@ from .steps import (
     received_attention,
     redistribute_attention,
     redistribute_embeddings,
-    refocused_attention,
 )
 
 BlockObserver = Callable[[int, torch.Tensor], None]
@@ -276,10 +275,7 @@ class RFCLIPModel(nn.Module):
                 else:
                     defocused = ~distraction
                 with record_function("rfclip.redistribution"):
-                    if config.fused_attention:
-                        heads = refocused_attention(q, k, v, distraction, defocused, config.beta)
-                    else:
-                        heads = _refocused_attention(q, k, v, distraction, defocused, config.beta, parts)
+                    heads = _refocused_attention(q, k, v, distraction, defocused, config.beta, parts)
             else:
                 heads = F.scaled_dot_product_attention(q, k, v)
             x = x + block.ls_1(_project_heads(block, heads))

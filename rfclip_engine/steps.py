@@ -219,35 +219,3 @@ def redistribute_attention(
     out[:, :, 1:].mul_(torch.addcmul(1 - beta * applies * dis, gain, dfc))
     return out
 
-
-def refocused_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, distraction: torch.Tensor, defocused: torch.Tensor,
-    beta: float,
-) -> torch.Tensor:
-    """Step 4 and the product with the values, `redistribute_attention(attention_probs(q, k), ...)
-    @ v`, as one fused attention that never writes the (B, H, T, T) attention.
-
-    Row i of step 4 weighs the values by A_i entrywise times (1 - beta) on Dis, (1 + g_i) on Def
-    and 1 elsewhere, so its output is A_i v - beta A_i(v*Dis) + g_i A_i(v*Def), with g_i = beta
-    (A_i Dis) / (A_i Def). One attention over the values widened to [v, v*Dis, v*Def, Dis, Def]
-    gives all five products; q and k are padded with zeros to the same width (attention kernels
-    want one head size), which leaves q k^T as it is. Exact up to rounding; on a GPU it saves the
-    explicit attention's passes through memory for three times the attention's arithmetic.
-
-    q, k, v (B, H, T, d), distraction / defocused (B, N) -> (B, H, T, d).
-    """
-    b, heads, t, d = v.shape
-    keys = F.pad(torch.stack([distraction, defocused], dim=1), (1, 0)).to(v.dtype)  # (B, 2, T): CLS in neither
-    dis, dfc = (keys[:, None, i, :, None].expand(b, heads, t, 1) for i in range(2))
-    width = 3 * d + 2
-    padding = -width % 8  # fused kernels take head sizes in multiples of 8
-    values = F.pad(torch.cat([v, v * dis, v * dfc, dis, dfc], dim=-1), (0, padding))
-    mixed = F.scaled_dot_product_attention(F.pad(q, (0, width + padding - d)), F.pad(k, (0, width + padding - d)),
-                                           values, scale=d ** -0.5)
-    plain, on_dis, on_dfc = mixed[..., :d], mixed[..., d:2 * d], mixed[..., 2 * d:3 * d]
-    mass_dis, mass_dfc = mixed[..., 3 * d:3 * d + 1], mixed[..., 3 * d + 1:3 * d + 2]
-    # a batch item with no defocused token is left unchanged, as in redistribute_attention
-    applies = defocused.any(dim=-1).to(mixed.dtype)[:, None, None, None] * beta
-    gain = applies * mass_dis / mass_dfc.clamp_min(torch.finfo(mixed.dtype).tiny)
-    patch = plain[:, :, 1:] - applies * on_dis[:, :, 1:] + gain[:, :, 1:] * on_dfc[:, :, 1:]
-    return torch.cat([plain[:, :, :1], patch], dim=2)  # the CLS row keeps its plain attention
