@@ -23,9 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import arguments, machine, markdown_table, synchronize, timed  # noqa: E402
-from rfclip_engine import lanczos_kernel  # noqa: E402
+from rfclip_engine import kernels  # noqa: E402
+from rfclip_engine.kernels import lanczos  # noqa: E402
 from rfclip_engine.steps import _lanczos_loop  # noqa: E402
-from tests.lanczos_interpreted import clustered  # noqa: E402
+from tests.kernels_interpreted import clustered  # noqa: E402
 
 
 def problem(batch: int, n: int, device: torch.device):
@@ -64,7 +65,7 @@ def main() -> int:
                         help="cuda; or cpu with TRITON_INTERPRET=1, to try the script where there is no GPU")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if lanczos_kernel.triton is None or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+    if kernels.triton is None or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
         print("bench_solver needs Triton, and CUDA or TRITON_INTERPRET=1", file=sys.stderr)
         return 2
     report = {"machine": machine(), "tokens": args.tokens, "steps": args.steps, "compile_s": {}, "rows": {}}
@@ -73,7 +74,7 @@ def main() -> int:
     matrix, top, start = problem(1, args.tokens, device)
     for warps in args.warps:
         begin = time.perf_counter()
-        lanczos_kernel.lanczos_second_vector(matrix, top, start, args.steps, num_warps=warps)
+        lanczos.lanczos_second_vector(matrix, top, start, args.steps, num_warps=warps)
         synchronize(device)
         report["compile_s"][warps] = time.perf_counter() - begin
         print(f"kernel with {warps} warps: first call (compiling) {report['compile_s'][warps]:.1f} s", flush=True)
@@ -88,10 +89,10 @@ def main() -> int:
             row["eager graph"] = milliseconds(graphed(lambda: _lanczos_loop(matrix, top, start, args.steps)), device,
                                               args.repeats)
         for warps in args.warps:
-            fused = lanczos_kernel.lanczos_second_vector(matrix, top, start, args.steps, num_warps=warps)
+            fused = lanczos.lanczos_second_vector(matrix, top, start, args.steps, num_warps=warps)
             distance = (fused * torch.sign((fused * eager).sum(-1, keepdim=True)) - eager).abs().max().item()
             row[f"kernel, {warps} warps"] = milliseconds(
-                lambda w=warps: lanczos_kernel.lanczos_second_vector(matrix, top, start, args.steps, num_warps=w),
+                lambda w=warps: lanczos.lanczos_second_vector(matrix, top, start, args.steps, num_warps=w),
                 device, args.repeats)
             row[f"kernel, {warps} warps: max distance"] = distance
         report["rows"][batch] = row

@@ -12,7 +12,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import lanczos_kernel
+from . import kernels
+from .kernels import lanczos
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -113,15 +114,15 @@ def _lanczos_second_vector(matrix: torch.Tensor, inv_sqrt_degree: torch.Tensor, 
                            steps: int) -> torch.Tensor:
     """Unit eigenvector of the second-largest eigenvalue of the normalized similarity `matrix`:
     the largest Ritz vector of its Krylov space kept orthogonal to the top eigenvector D^{1/2} 1.
-    On CUDA one Triton kernel does the steps (lanczos_kernel.py), elsewhere the eager loop."""
+    On CUDA one Triton kernel does the steps (kernels/lanczos.py), elsewhere the eager loop."""
     b, n, _ = matrix.shape
     top = F.normalize(inv_sqrt_degree.reciprocal(), dim=-1)
     if start is None:
         row = torch.linspace(-1.0, 1.0, n, device=matrix.device).expand(b, n)
     else:
         row = start.float() / inv_sqrt_degree  # back from y = D^{-1/2} u
-    if lanczos_kernel.available(matrix):
-        return lanczos_kernel.lanczos_second_vector(matrix, top, row, steps)
+    if kernels.available(matrix):
+        return lanczos.lanczos_second_vector(matrix, top, row, steps)
     return _lanczos_loop(matrix, top, row, steps)
 
 

@@ -1,14 +1,15 @@
-"""The fused Lanczos kernel run by Triton's interpreter on the CPU, for test_lanczos_kernel.py.
+"""The Triton kernels (rfclip_engine/kernels) run by Triton's interpreter on the CPU, for test_kernels.py.
 
 Triton reads TRITON_INTERPRET when it is first imported, so this runs in a process of its own:
-    TRITON_INTERPRET=1 python -m tests.lanczos_interpreted OUT.pt
-It saves the kernel's results for the cases below; the test computes the eager ones and compares.
+    TRITON_INTERPRET=1 python -m tests.kernels_interpreted OUT.pt
+It saves the kernels' results for the cases below; the test computes the eager ones and compares.
 """
 import sys
 
 import torch
 
-from rfclip_engine import RFCLIPConfig, lanczos_kernel, load_model
+from rfclip_engine import RFCLIPConfig, kernels, load_model
+from rfclip_engine.kernels import attention, lanczos
 from rfclip_engine.steps import fiedler_vector
 
 from .conftest import TINY_CONFIG, TINY_DIMS
@@ -20,6 +21,27 @@ from .test_encoder import scene
 SOLVER_CASES = [(3, 40, 32, 0.6), (2, 196, 32, 0.6), (2, 10, 32, 0.6), (2, 24, 8, 0.6), (3, 60, 4, 0.0),
                 (3, 60, 8, 0.0)]
 ENCODER_CONFIG = RFCLIPConfig(sigma=1.5)
+# (batch, heads, tokens, head size, dtype): a tiny model's window, ViT-B/16's, and a head size
+# that is no power of two
+ATTENTION_CASES = [(2, 3, 17, 16, torch.float32), (2, 2, 197, 64, torch.float32), (2, 2, 197, 64, torch.float16),
+                   (2, 2, 30, 12, torch.float32)]
+
+
+def projections(batch: int, heads: int, t: int, d: int, dtype: torch.dtype, seed: int = 0):
+    """q, k, v as the encoder's strided views of one (B, T, 3, H, d) projection, and masks of
+    distraction and defocused tokens (disjoint; the last crop has no defocused token)."""
+    g = torch.Generator().manual_seed(seed)
+    projected = (2 * torch.randn(batch, t, 3, heads, d, generator=g)).to(dtype)
+    q, k, v = projected.permute(2, 0, 3, 1, 4).unbind(0)
+    draw = torch.rand(batch, t - 1, generator=g)
+    distraction = draw < 0.15
+    defocused = (draw > 0.5) & (torch.arange(batch)[:, None] < batch - 1)
+    return q, k, v, distraction, defocused
+
+
+def running_sum(batch: int, heads: int, t: int, seed: int = 1) -> torch.Tensor:
+    """A key-key running sum as earlier blocks leave it."""
+    return torch.rand(batch, heads, t - 1, t - 1, generator=torch.Generator().manual_seed(seed))
 
 
 def clustered(batch: int, n: int, seed: int, contrast: float = 0.6):
@@ -49,11 +71,18 @@ def tiny_model():
 
 @torch.no_grad()
 def main(out: str) -> None:
-    lanczos_kernel.available = lambda tensor: True  # the interpreter runs it on CPU tensors
-    results = {(batch, n, steps, contrast): lanczos_kernel.lanczos_second_vector(
+    kernels.available = lambda tensor: True  # the interpreter runs them on CPU tensors
+    results = {(batch, n, steps, contrast): lanczos.lanczos_second_vector(
         *clustered(batch, n, n + steps, contrast), steps) for batch, n, steps, contrast in SOLVER_CASES}
     results["planted"] = fiedler_vector(planted_cut(), "lanczos")
+    for case in ATTENTION_CASES:
+        q, k, v, distraction, defocused = projections(*case)
+        results["refocus", case] = attention.refocused_attention(q, k, v, distraction, defocused, 0.4)
+        for head_mean in (True, False):
+            results["key_key", head_mean, case] = attention.accumulate_key_key(
+                k, running_sum(*case[:3]), head_mean)
     results["encoder"] = tiny_model().encode_dense(scene(2, 64, 0), ENCODER_CONFIG)
+    results["kk-proxy"] = tiny_model().encode_dense(scene(2, 64, 0), RFCLIPConfig(mode="kk-proxy"))
     torch.save(results, out)
 
 

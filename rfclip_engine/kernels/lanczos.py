@@ -5,31 +5,16 @@ costs a kernel's few microseconds, which on an H200 left RF-CLIP at a third of p
 (benchmarks/RESULTS.md). Here one program per crop runs all the steps: the Krylov basis and the
 projected matrix stay in registers, the normalized similarity is read once per step, and the Ritz
 vector is found by the same repeated squaring as `steps.top_eigenvector`. It computes what
-`steps._lanczos_loop` computes, in float32, up to the order of its sums (`tests/test_lanczos_kernel.py`
-checks it through Triton's interpreter on the CPU; `tests/test_device.py` on a GPU).
+`steps._lanczos_loop` computes, in float32, up to the order of its sums.
 """
 from __future__ import annotations
 
 import torch
 
-try:
-    import triton
+from . import triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # no Triton (e.g. a CPU-only install): the eager solver runs everywhere
-    triton = None
-
-
-# The program holds the Krylov basis, 64 x (N padded to a power of two) float32, in registers:
-# 256 tokens (ViT-B/16 and ViT-L/14 windows of 224) fit; whole images of hundreds more would spill.
-MAX_TOKENS = 256
-
-
-def available(matrix: torch.Tensor) -> bool:
-    """Whether the kernel can solve `matrix` (B, N, N): N <= MAX_TOKENS, on a GPU that Triton
-    compiles for (NVIDIA's from Volta on, compute capability 7.0; ROCm's)."""
-    if triton is None or not matrix.is_cuda or matrix.shape[-1] > MAX_TOKENS:
-        return False
-    return bool(torch.version.hip) or torch.cuda.get_device_capability(matrix.device) >= (7, 0)
 
 
 def lanczos_second_vector(matrix: torch.Tensor, top: torch.Tensor, start: torch.Tensor, steps: int,

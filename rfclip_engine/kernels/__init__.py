@@ -1,0 +1,33 @@
+"""Triton kernels for the RF-CLIP steps on CUDA: the Fiedler solver (lanczos.py), and the
+key-key attention sum and step 4 with its product with the values (attention.py).
+
+Eagerly each of these is many small operators or several passes over a (B, H, T, T) float32
+buffer; a kernel here does one crop's (or one head's) whole step in one program, holding a
+window's tokens in registers. Each computes what the eager step in `steps.py` / `model.py`
+computes, up to the order of its sums; the tests run the same kernels through Triton's
+interpreter on the CPU (tests/kernels_interpreted.py), and tests/test_device.py on a GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+except ImportError:  # no Triton (e.g. a CPU-only install): the eager steps run everywhere
+    triton = None
+
+# A program holds a window's tokens (padded to a power of two) in registers: 256 tokens
+# (ViT-B/16 and ViT-L/14 windows of 224) fit; whole images of hundreds more would spill.
+MAX_TOKENS = 256
+
+
+def available(tensor: torch.Tensor) -> bool:
+    """Whether the kernels can run on `tensor`, whose second-last axis counts tokens: at most
+    MAX_TOKENS of them, on a GPU that Triton compiles for (NVIDIA's from Volta on, compute
+    capability 7.0, and from Ampere on for bfloat16; ROCm's)."""
+    if triton is None or not tensor.is_cuda or tensor.shape[-2] > MAX_TOKENS:
+        return False
+    if torch.version.hip:
+        return True
+    capability = torch.cuda.get_device_capability(tensor.device)
+    return capability >= ((8, 0) if tensor.dtype == torch.bfloat16 else (7, 0))

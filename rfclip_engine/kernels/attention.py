@@ -1,0 +1,137 @@
+"""The key-key attention sum and step 4 as Triton kernels, for CUDA.
+
+Eagerly each block writes the float32 (B, H, T, T) attention and key-key probabilities and passes
+over them again and again (softmax, step 4's masses and scaling, the cast for the product with the
+values, the running sum, its head mean): on an H200 at batch 128 those passes cost as much as a
+whole plain CLIP block (benchmarks/RESULTS.md). A window's keys fit in one program (T <= 256), so
+each program takes a range of query rows through scores, the whole softmax and what follows, and
+only the outputs go back to memory: no online softmax is needed.
+
+The scores are computed from the projections' own dtype (fp16 / bf16 under autocast; float32 with
+IEEE products otherwise), softmax and sums in float32, as the eager steps do.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import triton
+
+if triton is not None:
+    import triton.language as tl
+
+ROWS = 64  # query rows per program
+
+
+def _sizes(x: torch.Tensor) -> dict:
+    t, d = x.shape[-2:]
+    return dict(TP=max(16, triton.next_power_of_2(t)), DP=max(16, triton.next_power_of_2(d)),
+                BM=ROWS, IEEE=x.dtype == torch.float32)
+
+
+def refocused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, distraction: torch.Tensor,
+                        defocused: torch.Tensor, beta: float) -> torch.Tensor:
+    """`redistribute_attention(attention_probs(q, k), distraction, defocused, beta) @ v` (step 4
+    and the product with the values) without writing the attention. q, k, v (B, H, T, d), each
+    with unit stride along d (the projection's views); distraction / defocused (B, N) -> (B, H, T, d)
+    in v's dtype."""
+    b, heads, t, d = v.shape
+    keys = torch.nn.functional.pad(torch.stack([distraction, defocused], dim=1), (1, 0)).float()  # CLS in neither
+    # beta where the crop has defocused tokens, else 0: such a crop keeps its plain attention
+    budget = defocused.any(dim=-1).float() * beta
+    out = torch.empty_like(v)
+    _refocus_kernel[(triton.cdiv(t, ROWS), b * heads)](
+        q, k, v, keys.contiguous(), budget, out, t, d, heads, d ** -0.5,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        **_sizes(v), num_warps=8,
+    )
+    return out
+
+
+def accumulate_key_key(k: torch.Tensor, key_key_sum: torch.Tensor,
+                       head_mean: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Adds softmax(k k^T / sqrt(d)) of the patch rows and columns (softmax over all T keys, CLS
+    included) to `key_key_sum` (B, H, N, N) float32, in place; with `head_mean`, also returns the
+    updated sum's mean over heads (B, N, N). k (B, H, T, d) with unit stride along d."""
+    b, heads, t, d = k.shape
+    n = t - 1
+    similarity = k.new_empty((b, n, n), dtype=torch.float32) if head_mean else key_key_sum
+    _key_key_kernel[(triton.cdiv(n, ROWS), b)](
+        k, key_key_sum, similarity, t, d, heads, d ** -0.5, *k.stride()[:3], HEAD_MEAN=head_mean,
+        **_sizes(k), num_warps=8,
+    )
+    return key_key_sum, similarity if head_mean else None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _probabilities(q, k_base, stride_kt, t, d, scale, TP: tl.constexpr, DP: tl.constexpr, IEEE: tl.constexpr):
+        """softmax(q k^T * scale) over the t keys at k_base: (rows, TP) float32, 0 past t."""
+        keys = tl.arange(0, TP)
+        dims = tl.arange(0, DP)
+        k = tl.load(k_base + keys[:, None] * stride_kt + dims[None, :], mask=(keys[:, None] < t) & (dims[None, :] < d),
+                    other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(keys[None, :] < t, scores * scale, float("-inf"))
+        scores = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+        return scores / tl.sum(scores, axis=1)[:, None]
+
+    @triton.jit
+    def _refocus_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, budget_ptr, out_ptr, t, d, heads, scale,
+                        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                        TP: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, IEEE: tl.constexpr):
+        item = (tl.program_id(1) // heads).to(tl.int64)
+        head = tl.program_id(1) % heads
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        keys = tl.arange(0, TP)
+        dims = tl.arange(0, DP)
+        tile = (rows[:, None] < t) & (dims[None, :] < d)
+        q = tl.load(q_ptr + item * sqb + head * sqh + rows[:, None] * sqt + dims[None, :], mask=tile, other=0.0)
+        attn = _probabilities(q, k_ptr + item * skb + head * skh, skt, t, d, scale, TP, DP, IEEE)
+        # step 4: row i times (1 - beta) on Dis, (1 + g_i) on Def, 1 elsewhere, with
+        # g_i = beta (A 1_Dis)_i / (A 1_Def)_i; the CLS row (row 0) keeps its attention
+        dis = tl.load(keys_ptr + item * 2 * t + keys, mask=keys < t, other=0.0)
+        dfc = tl.load(keys_ptr + item * 2 * t + t + keys, mask=keys < t, other=0.0)
+        budget = tl.load(budget_ptr + item)
+        on_dis = tl.sum(attn * dis[None, :], axis=1)
+        on_dfc = tl.sum(attn * dfc[None, :], axis=1)
+        gain = budget * on_dis / tl.maximum(on_dfc, 1.1754943508222875e-38)
+        factor = 1.0 - budget * dis[None, :] + gain[:, None] * dfc[None, :]
+        attn = attn * tl.where(rows[:, None] >= 1, factor, 1.0)
+        v = tl.load(v_ptr + item * svb + head * svh + keys[:, None] * svt + dims[None, :],
+                    mask=(keys[:, None] < t) & (dims[None, :] < d), other=0.0)
+        if IEEE:
+            out = tl.dot(attn.to(v.dtype), v, input_precision="ieee")
+        else:
+            out = tl.dot(attn.to(v.dtype), v)
+        tl.store(out_ptr + item * sob + head * soh + rows[:, None] * sot + dims[None, :], out.to(v.dtype), mask=tile)
+
+    @triton.jit
+    def _key_key_kernel(k_ptr, sum_ptr, similarity_ptr, t, d, heads, scale, skb, skh, skt,
+                        HEAD_MEAN: tl.constexpr, TP: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
+                        IEEE: tl.constexpr):
+        item = tl.program_id(1).to(tl.int64)
+        n = t - 1
+        patch = tl.program_id(0) * BM + tl.arange(0, BM)  # patch rows; token patch + 1
+        keys = tl.arange(0, TP)
+        dims = tl.arange(0, DP)
+        # key j (CLS is 0) is patch column j - 1 of the sum: the CLS column is left out, unrenormalized
+        columns = (patch[:, None] < n) & (keys[None, :] >= 1) & (keys[None, :] < t)
+        offsets = patch[:, None] * n + keys[None, :] - 1
+        total = tl.zeros((BM, TP), dtype=tl.float32)
+        for head in range(heads):
+            k_base = k_ptr + item * skb + head * skh
+            rows = tl.load(k_base + (patch[:, None] + 1) * skt + dims[None, :],
+                           mask=(patch[:, None] < n) & (dims[None, :] < d), other=0.0)
+            probs = _probabilities(rows, k_base, skt, t, d, scale, TP, DP, IEEE)
+            place = sum_ptr + (item * heads + head) * n * n + offsets
+            running = tl.load(place, mask=columns, other=0.0) + probs
+            tl.store(place, running, mask=columns)
+            total += running
+        if HEAD_MEAN:
+            tl.store(similarity_ptr + item * n * n + offsets, total / heads, mask=columns)
