@@ -1,14 +1,15 @@
 """The Fiedler solver alone: the eager Lanczos loop against the fused Triton kernel, on CUDA.
 
-    python benchmarks/bench_solver.py [--batches 1 8 32 128] [--tokens 196] [--warps 4 8 16] [--repeats 50]
+    python benchmarks/bench_solver.py [--batches 1 8 32 128] [--tokens 196] [--warps 4 8] [--tile-rows 16 64]
+        [--repeats 50]
     TRITON_INTERPRET=1 python benchmarks/bench_solver.py --device cpu --batches 1 --warps 8 --repeats 2
 
 One block's solve on (B, N, N) normalized similarities of ViT-B/16's 196 patch tokens: the eager
-loop plain and replayed from a CUDA graph, and the kernel with each number of warps per program,
-milliseconds per call (median after warm-up, the device synchronised around each), and how far
-the kernel's vector stands from the loop's; first, how long Triton takes to compile the kernel for
-each number of warps. The kernel runs on CUDA; the second line tries the script on the CPU
-through Triton's interpreter (its times mean nothing).
+loop plain and replayed from a CUDA graph, and the kernel with each number of warps per program and
+of matrix rows its product reads at a time, milliseconds per call (median after warm-up, the device
+synchronised around each), and how far the kernel's vector stands from the loop's; first, how long
+Triton takes to compile each variant. The kernel runs on CUDA; the second line tries the script on
+the CPU through Triton's interpreter (its times mean nothing).
 """
 from __future__ import annotations
 
@@ -59,7 +60,9 @@ def main() -> int:
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32, 128])
     parser.add_argument("--tokens", type=int, default=196)
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--warps", type=int, nargs="*", default=[4, 8, 16])
+    parser.add_argument("--warps", type=int, nargs="*", default=[4, 8])
+    parser.add_argument("--tile-rows", type=int, nargs="*", default=[16, 64],
+                        help="rows of the matrix the kernel's product reads at a time")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--device", default="cuda",
                         help="cuda; or cpu with TRITON_INTERPRET=1, to try the script where there is no GPU")
@@ -71,13 +74,15 @@ def main() -> int:
     report = {"machine": machine(), "tokens": args.tokens, "steps": args.steps, "compile_s": {}, "rows": {}}
     # Triton compiles the kernel on its first call for each shape and number of warps (then caches
     # it on disk): timed here apart, and printed as it goes, so a cut-off run still says something
+    variants = {f"{warps} warps, {rows} rows": dict(num_warps=warps, tile_rows=rows)
+                for warps in args.warps for rows in args.tile_rows}
     matrix, top, start = problem(1, args.tokens, device)
-    for warps in args.warps:
+    for name, options in variants.items():
         begin = time.perf_counter()
-        lanczos.lanczos_second_vector(matrix, top, start, args.steps, num_warps=warps)
+        lanczos.lanczos_second_vector(matrix, top, start, args.steps, **options)
         synchronize(device)
-        report["compile_s"][warps] = time.perf_counter() - begin
-        print(f"kernel with {warps} warps: first call (compiling) {report['compile_s'][warps]:.1f} s", flush=True)
+        report["compile_s"][name] = time.perf_counter() - begin
+        print(f"kernel with {name}: first call (compiling) {report['compile_s'][name]:.1f} s", flush=True)
     print(f"\nFiedler solver, one block: {args.tokens} tokens, {args.steps} steps, ms per call (median of "
           f"{args.repeats}), and the kernel's largest distance from the eager vector", flush=True)
     header_printed = False
@@ -88,13 +93,13 @@ def main() -> int:
         if device.type == "cuda":
             row["eager graph"] = milliseconds(graphed(lambda: _lanczos_loop(matrix, top, start, args.steps)), device,
                                               args.repeats)
-        for warps in args.warps:
-            fused = lanczos.lanczos_second_vector(matrix, top, start, args.steps, num_warps=warps)
+        for name, options in variants.items():
+            fused = lanczos.lanczos_second_vector(matrix, top, start, args.steps, **options)
             distance = (fused * torch.sign((fused * eager).sum(-1, keepdim=True)) - eager).abs().max().item()
-            row[f"kernel, {warps} warps"] = milliseconds(
-                lambda w=warps: lanczos.lanczos_second_vector(matrix, top, start, args.steps, num_warps=w),
+            row[f"kernel, {name}"] = milliseconds(
+                lambda o=options: lanczos.lanczos_second_vector(matrix, top, start, args.steps, **o),
                 device, args.repeats)
-            row[f"kernel, {warps} warps: max distance"] = distance
+            row[f"{name}: max distance"] = distance
         report["rows"][batch] = row
         table = markdown_table(["batch", *row], [[batch, *(f"{v:.1e}" if "distance" in k else f"{v:.3f}"
                                                            for k, v in row.items())]]).split("\n")

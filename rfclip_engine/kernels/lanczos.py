@@ -18,11 +18,12 @@ if triton is not None:
 
 
 def lanczos_second_vector(matrix: torch.Tensor, top: torch.Tensor, start: torch.Tensor, steps: int,
-                          squarings: int = 24, num_warps: int = 8) -> torch.Tensor:
+                          squarings: int = 24, num_warps: int = 8, tile_rows: int = 16) -> torch.Tensor:
     """Unit eigenvector of the second-largest eigenvalue of the symmetric `matrix` (B, N, N):
     the largest Ritz vector after `steps` Lanczos steps from `start` (B, N), kept orthogonal to
     the known unit top eigenvector `top` (B, N). float32 -> (B, N), sign arbitrary. `num_warps`:
-    threads per program, in warps (benchmarks/bench_solver.py compares them)."""
+    threads per program, in warps; `tile_rows`: rows of the matrix read at a time by the product
+    with it (benchmarks/bench_solver.py compares both)."""
     b, n, _ = matrix.shape
     steps = min(steps, n - 1)
     out = matrix.new_empty((b, n))
@@ -30,7 +31,7 @@ def lanczos_second_vector(matrix: torch.Tensor, top: torch.Tensor, start: torch.
     scratch = matrix.new_empty((b, padded_n))  # the newest basis vector, for the product with the matrix
     _lanczos_kernel[(b,)](
         matrix.contiguous(), top.contiguous(), start.contiguous(), scratch, out, n, steps,
-        NP=padded_n, SP=max(16, triton.next_power_of_2(steps + 1)), BR=min(16, padded_n), SQUARINGS=squarings,
+        NP=padded_n, SP=max(16, triton.next_power_of_2(steps)), BR=min(tile_rows, padded_n), SQUARINGS=squarings,
         num_warps=num_warps,
     )
     return out
@@ -48,23 +49,24 @@ if triton is not None:
         inside = cols < n
         m_base = m_ptr + item * n * n
         q_base = q_ptr + item * NP
-        # basis row 0: the top eigenvector; rows 1..steps: the Krylov basis; the rest stay zero, so
-        # sums over all rows only see the vectors made so far
+        # the top eigenvector apart, and the Krylov basis in rows 0..steps-1 (a power of two rows
+        # for 32 steps); the rest stay zero, so sums over all rows only see the vectors made so far
         top = tl.load(top_ptr + item * n + cols, mask=inside, other=0.0)
-        basis = tl.where(rows[:, None] == 0, top[None, :], 0.0)
+        basis = tl.zeros((SP, NP), dtype=tl.float32)
         row = tl.load(start_ptr + item * n + cols, mask=inside, other=0.0)
         # column j holds q_i . M q_j for i <= j: the upper triangle of the projected matrix K M K^T
         projected = tl.zeros((SP, SP), dtype=tl.float32)
         for j in range(steps):
+            # from the second step on, row is M q_{j-1}: its coefficients are column j - 1
             coef = tl.sum(basis * row[None, :], axis=1)
-            projected = tl.where(rows[None, :] == j, coef[:, None], projected)
+            projected = tl.where(rows[None, :] == j - 1, coef[:, None], projected)
             # classical Gram-Schmidt twice keeps float32 Krylov vectors orthogonal
-            row = row - tl.sum(coef[:, None] * basis, axis=0)
+            row = row - tl.sum(coef[:, None] * basis, axis=0) - tl.sum(top * row, axis=0) * top
             coef = tl.sum(basis * row[None, :], axis=1)
-            row = row - tl.sum(coef[:, None] * basis, axis=0)
+            row = row - tl.sum(coef[:, None] * basis, axis=0) - tl.sum(top * row, axis=0) * top
             norm = tl.maximum(tl.sqrt(tl.sum(row * row, axis=0)), 1.1754943508222875e-38)
             row = row / norm
-            basis = tl.where(rows[:, None] == j + 1, row[None, :], basis)
+            basis = tl.where(rows[:, None] == j, row[None, :], basis)
             # M q by rows of M (symmetric): the tiles read q from memory, all threads' part of it
             tl.debug_barrier()
             tl.store(q_base + cols, row)
@@ -77,11 +79,11 @@ if triton is not None:
                 product += tl.sum(tile * tl.load(q_base + r)[:, None], axis=0)
             row = product
         coef = tl.sum(basis * row[None, :], axis=1)
-        projected = tl.where(rows[None, :] == steps, coef[:, None], projected)
+        projected = tl.where(rows[None, :] == steps - 1, coef[:, None], projected)
 
-        # the Ritz problem on rows 1..steps: the largest eigenvector of the projected matrix,
+        # the Ritz problem on rows 0..steps-1: the largest eigenvector of the projected matrix,
         # shifted by 1 (its eigenvalues are >= -1), by repeated squaring as in steps.top_eigenvector
-        krylov = (rows >= 1) & (rows <= steps)
+        krylov = rows < steps
         upper = rows[:, None] <= rows[None, :]
         diagonal = rows[:, None] == rows[None, :]
         power = tl.where(upper, projected, tl.trans(projected))
