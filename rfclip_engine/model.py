@@ -17,7 +17,6 @@ from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 from torch.profiler import record_function
 
-from . import kernels
 from .config import RFCLIPConfig
 from .kernels import attention
 from .presets import DistractionPreset
@@ -55,7 +54,8 @@ def _qkv(block: nn.Module, x: torch.Tensor, queries: bool = True,
     `queries` (the dense head's last block reads none) their third of the projection is not made.
     `contiguous`: each head's rows together in memory, made by one copy. The explicit attention
     products want that: given the strided views, `matmul` copies them for every range of crops,
-    and k twice (as k and as k^T); SDPA and the Triton kernels read the views as they are."""
+    and k twice (as k and as k^T); SDPA and the Triton kernels read the views as they are, so
+    where the kernels run it is not made."""
     attn = block.attn
     weight, bias = attn.in_proj_weight, attn.in_proj_bias
     if not queries:
@@ -65,7 +65,7 @@ def _qkv(block: nn.Module, x: torch.Tensor, queries: bool = True,
     b, t, width = projected.shape
     n = 3 if queries else 2
     split = projected.view(b, t, n, attn.num_heads, width // (n * attn.num_heads)).permute(2, 0, 3, 1, 4)
-    heads = (split.contiguous() if contiguous else split).unbind(0)
+    heads = (split.contiguous() if contiguous and not attention.available(projected) else split).unbind(0)
     return heads if queries else (None, *heads)
 
 
@@ -106,11 +106,11 @@ def _accumulate_key_key(
     """Adds this block's key-key attention of the patch rows and columns (softmax over all keys,
     CLS included) to the running sum (B, H, N, N), float32; with `head_mean`, also returns the
     sum's mean over heads (B, N, N), taken while each range of crops is still in cache. On CUDA
-    one kernel does it (kernels/attention.py)."""
+    one kernel does it in half precision (kernels/attention.py)."""
     b, heads, t, _ = k.shape
     if key_key_sum is None:
         key_key_sum = k.new_zeros((b, heads, t - 1, t - 1), dtype=torch.float32)
-    if kernels.available(k):
+    if attention.available(k):
         return attention.accumulate_key_key(k, key_key_sum, head_mean)
     similarity = k.new_empty((b, t - 1, t - 1), dtype=torch.float32) if head_mean else None
     for part in parts:
@@ -125,8 +125,8 @@ def _refocused_attention(
     beta: float, parts: Sequence[slice],
 ) -> torch.Tensor:
     """Per-head outputs (B, H, T, d) of the redistributed attention, a range of crops at a time;
-    on CUDA, one kernel that never writes the attention (kernels/attention.py)."""
-    if kernels.available(v):
+    on CUDA in half precision, one kernel that never writes the attention (kernels/attention.py)."""
+    if attention.available(v):
         return attention.refocused_attention(q, k, v, distraction, defocused, beta)
     heads = torch.empty_like(v)
     for part in parts:
@@ -266,7 +266,7 @@ class RFCLIPModel(nn.Module):
                 with record_function("rfclip.distractors"):
                     distraction = self._repair(block, x, grid, dims, preset, config)
             q, k, v = _qkv(block, x, queries=index < n_blocks - 1 or config.mode == "clip",
-                           contiguous=config.mode in ("kk-proxy", "rfclip") and not kernels.available(x))
+                           contiguous=config.mode in ("kk-proxy", "rfclip"))
             refocus = distraction is not None and config.attention_redistribution and index < n_blocks - 1
             localize = refocus and config.defocus_localization
             similarity = None

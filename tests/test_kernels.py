@@ -2,14 +2,17 @@
 Triton's interpreter on the CPU: the same kernel code, so CI checks what a GPU runs.
 test_device.py checks them on CUDA."""
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from rfclip_engine import RFCLIPConfig, kernels
+from rfclip_engine.kernels import attention, lanczos
 from rfclip_engine.steps import _lanczos_loop, attention_probs, bipartition, fiedler_vector, redistribute_attention
 
 from .kernels_interpreted import (
@@ -50,16 +53,22 @@ class OnGPU:
         self.dtype = dtype
 
 
-@pytest.mark.parametrize("capability, tokens, dtype, expected", [
-    ((6, 1), 196, torch.float32, False), ((7, 0), 196, torch.float16, True), ((7, 5), 196, torch.bfloat16, False),
-    ((8, 0), 196, torch.bfloat16, True), ((9, 0), 256, torch.float32, True), ((9, 0), 257, torch.float32, False)])
-def test_the_kernels_run_only_where_triton_compiles_them(monkeypatch, capability, tokens, dtype, expected):
+@pytest.mark.parametrize("capability, tokens, dtype, solver, attention_steps", [
+    ((6, 1), 196, torch.float16, False, False), ((7, 0), 196, torch.float16, True, False),
+    ((7, 5), 196, torch.float16, True, False), ((8, 0), 196, torch.bfloat16, True, True),
+    ((9, 0), 256, torch.float16, True, True), ((9, 0), 196, torch.float32, True, False),
+    ((9, 0), 257, torch.float16, False, False)])
+def test_the_kernels_run_only_where_triton_compiles_them(monkeypatch, capability, tokens, dtype, solver,
+                                                         attention_steps):
     """Not on the CPU, nor on a GPU older than Volta (a Pascal card keeps the eager steps), nor
-    with bfloat16 before Ampere, nor on more tokens than registers hold (whole images)."""
+    on more tokens than registers hold (whole images); the attention kernels only in half
+    precision and from Ampere on."""
     assert not kernels.available(torch.zeros(1, 4, 4))
+    assert not attention.available(torch.zeros(1, 1, 4, 4, dtype=torch.float16))
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
-    assert kernels.available(OnGPU(tokens, dtype)) is expected
+    assert kernels.available(OnGPU(tokens, dtype)) is solver
+    assert attention.available(OnGPU(tokens, dtype)) is attention_steps
 
 
 @pytest.mark.parametrize("case", SOLVER_CASES, ids=lambda case: "batch %d, %d tokens, %d steps, contrast %g" % case)
@@ -88,6 +97,17 @@ def test_the_encoder_with_the_kernel_equals_the_eager_encoder(interpreted):
     torch.testing.assert_close(interpreted["encoder"], eager, rtol=1e-4, atol=1e-4)
 
 
+@torch.no_grad()
+def test_the_encoder_with_every_kernel_equals_the_eager_encoder_in_fp16(interpreted):
+    """Under fp16 autocast the key-key and step 4 kernels run beside the solver's."""
+    with torch.autocast("cpu", dtype=torch.float16):
+        eager = tiny_model().encode_dense(scene(2, 64, 0), ENCODER_CONFIG)
+    fused = interpreted["encoder fp16"]
+    assert fused.dtype == eager.dtype
+    relative = torch.linalg.vector_norm(fused.float() - eager.float()) / torch.linalg.vector_norm(eager.float())
+    assert relative.item() < 5e-3
+
+
 def case_id(case) -> str:
     return "batch %d, %d heads, %d tokens, head size %d, %s" % (*case[:4], str(case[4]).split(".")[1])
 
@@ -105,7 +125,7 @@ def test_the_refocus_kernel_equals_the_explicit_steps(interpreted, case):
     assert fused.shape == v.shape and fused.dtype == v.dtype
     expected = eager_refocus(q, k, v, distraction, defocused, 0.4)
     # fp16: the attention is rounded to fp16 before the product with the values, as eagerly
-    tolerance = 1e-5 if case[4] == torch.float32 else 2e-2
+    tolerance = 2e-2
     torch.testing.assert_close(fused.double(), expected, rtol=tolerance, atol=tolerance)
     plain = attention_probs(q.double(), k.double()) @ v.double()
     torch.testing.assert_close(fused[:, :, 0].double(), plain[:, :, 0], rtol=tolerance, atol=tolerance)  # CLS row
@@ -120,7 +140,7 @@ def test_the_key_key_kernel_adds_what_the_eager_sum_adds(interpreted, case, head
     total, similarity = interpreted["key_key", head_mean, case]
     probs = attention_probs(k[:, :, 1:].double(), k.double())[..., 1:]  # the CLS column left out, unrenormalized
     expected = running_sum(*case[:3]).double() + probs
-    tolerance = 1e-5 if case[4] == torch.float32 else 2e-3
+    tolerance = 2e-3
     assert total.dtype == torch.float32
     torch.testing.assert_close(total.double(), expected, rtol=tolerance, atol=tolerance)
     if head_mean:
@@ -133,3 +153,54 @@ def test_the_key_key_kernel_adds_what_the_eager_sum_adds(interpreted, case, head
 def test_kk_proxy_with_the_kernel_equals_the_eager_encoder(interpreted):
     eager = tiny_model().encode_dense(scene(2, 64, 0), RFCLIPConfig(mode="kk-proxy"))
     torch.testing.assert_close(interpreted["kk-proxy"], eager, rtol=1e-4, atol=1e-4)
+
+
+def ptxas_report(fn, types: dict, constexprs: dict, capability: int, warps: int = 8) -> dict:
+    """The kernel compiled ahead of time for an NVIDIA GPU of this compute capability, as Triton
+    compiles it on one (no GPU needed): ptxas's registers and spill bytes per thread."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
+    kernel = kernels.triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                    target=GPUTarget("cuda", capability, 32), options={"num_warps": warps})
+    ptx = Path(tempfile.mkdtemp()) / "kernel.ptx"
+    ptx.write_text(kernel.asm["ptx"])
+    ptxas = Path(kernels.triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    arch = "sm_90a" if capability == 90 else f"sm_{capability}"
+    log = subprocess.run([str(ptxas), f"-arch={arch}", "-v", str(ptx), "-o", os.devnull], check=True,
+                         capture_output=True, text=True).stderr
+    return {"registers": int(re.search(r"Used (\d+) registers", log).group(1)),
+            "spill_bytes": int(re.search(r"(\d+) bytes spill stores", log).group(1))}
+
+
+def attention_builds(dtype: str):
+    """(kernel, argument types, constexprs, spill budget) of the attention kernels as they launch."""
+    pointers = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
+    floats = {"keys_ptr": "*fp32", "budget_ptr": "*fp32", "sum_ptr": "*fp32", "similarity_ptr": "*fp32",
+              "scale": "fp32"}
+    window = {"TP": 256, "DP": 64}  # a ViT-B/16 window of 224: 197 tokens, heads of 64 channels
+    yield (attention._refocus_kernel, {**pointers, **floats}, {**window, "BM": attention.REFOCUS_ROWS}, 0)
+    for head_mean in (True, False):
+        yield (attention._key_key_kernel, {**pointers, **floats},
+               {**window, "BM": attention.KEY_KEY_ROWS, "HEAD_MEAN": head_mean}, 512)
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_the_attention_kernels_compile_for_ampere_and_hopper_within_their_registers(capability, dtype):
+    """Compiled as a GPU would compile them: step 4 keeps its tiles in registers; the key-key sum,
+    which carries its head mean across the loop over heads, spills a few hundred bytes at most."""
+    for kernel, types, constexprs, budget in attention_builds(dtype):
+        report = ptxas_report(kernel, types, constexprs, capability)
+        assert report["spill_bytes"] <= budget, (kernel.__name__, constexprs, report)
+
+
+@pytest.mark.parametrize("capability", [70, 80, 90])
+def test_the_solver_kernel_compiles_from_volta_on_without_spilling(capability):
+    """The 32-row Krylov basis and the product's tiles stay in registers (the first kernel, a
+    64-row basis with an unrolled product, spilled 4 KB a thread on sm_90 and took 197 s to compile)."""
+    types = {name: "*fp32" for name in ("m_ptr", "top_ptr", "start_ptr", "q_ptr", "out_ptr")}
+    report = ptxas_report(lanczos._lanczos_kernel, types, {"NP": 256, "SP": 32, "BR": 16, "SQUARINGS": 24},
+                          capability)
+    assert report["spill_bytes"] == 0, report

@@ -9,6 +9,8 @@ interpreter on the CPU (tests/kernels_interpreted.py), and tests/test_device.py 
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
 try:
@@ -21,13 +23,11 @@ except ImportError:  # no Triton (e.g. a CPU-only install): the eager steps run 
 MAX_TOKENS = 256
 
 
-def available(tensor: torch.Tensor) -> bool:
-    """Whether the kernels can run on `tensor`, whose second-last axis counts tokens: at most
-    MAX_TOKENS of them, on a GPU that Triton compiles for (NVIDIA's from Volta on, compute
-    capability 7.0, and from Ampere on for bfloat16; ROCm's)."""
+def available(tensor: torch.Tensor, capability: Tuple[int, int] = (7, 0)) -> bool:
+    """Whether a kernel can run on `tensor`, whose second-last axis counts tokens: at most
+    MAX_TOKENS of them, on a GPU that Triton compiles it for: ROCm's, or NVIDIA's of at least
+    this compute capability (7.0, Volta, for float32 arithmetic; tensor-core products in half
+    precision want 8.0, Ampere: before it Triton falls back to scalar products that spill)."""
     if triton is None or not tensor.is_cuda or tensor.shape[-2] > MAX_TOKENS:
         return False
-    if torch.version.hip:
-        return True
-    capability = torch.cuda.get_device_capability(tensor.device)
-    return capability >= ((8, 0) if tensor.dtype == torch.bfloat16 else (7, 0))
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(tensor.device) >= capability

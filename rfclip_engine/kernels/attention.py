@@ -7,8 +7,11 @@ whole plain CLIP block (benchmarks/RESULTS.md). A window's keys fit in one progr
 each program takes a range of query rows through scores, the whole softmax and what follows, and
 only the outputs go back to memory: no online softmax is needed.
 
-The scores are computed from the projections' own dtype (fp16 / bf16 under autocast; float32 with
-IEEE products otherwise), softmax and sums in float32, as the eager steps do.
+They take the projections in half precision, as autocast makes them (the segmenter's default on
+CUDA): scores from fp16 / bf16 products, softmax and sums in float32, the attention rounded to the
+values' type for its product with them, as the eager steps do under autocast. In float32 the
+products would have to run without tensor cores, and compiled for sm_90 they spill some 15 KB a
+thread, so float32 keeps the eager steps.
 """
 from __future__ import annotations
 
@@ -16,18 +19,32 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import kernels
 from . import triton
 
 if triton is not None:
     import triton.language as tl
 
-ROWS = 32  # query rows per program: its (ROWS, T) float32 tiles stay in registers
+# Query rows per program, so that its (rows, T) float32 tiles stay in registers (at 8 warps, for
+# 256 keys of 64 channels, compiled for sm_90: step 4 takes 150 registers with 32 rows and no
+# spills; the key-key sum, which keeps three such tiles across its loop over heads, spills some
+# 60 bytes with 16 rows and 500 with 32)
+REFOCUS_ROWS = 32
+KEY_KEY_ROWS = 16
 
 
-def _sizes(x: torch.Tensor) -> dict:
+HALF = (torch.float16, torch.bfloat16)
+
+
+def available(projections: torch.Tensor) -> bool:
+    """Whether these kernels run on the queries / keys / values (B, H, T, d): in half precision,
+    on a GPU from Ampere on (`kernels.available`)."""
+    return projections.dtype in HALF and kernels.available(projections, capability=(8, 0))
+
+
+def _sizes(x: torch.Tensor, rows: int) -> dict:
     t, d = x.shape[-2:]
-    return dict(TP=max(16, triton.next_power_of_2(t)), DP=max(16, triton.next_power_of_2(d)),
-                BM=ROWS, IEEE=x.dtype == torch.float32)
+    return dict(TP=max(16, triton.next_power_of_2(t)), DP=max(16, triton.next_power_of_2(d)), BM=rows)
 
 
 def refocused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, distraction: torch.Tensor,
@@ -41,10 +58,10 @@ def refocused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, distr
     # beta where the crop has defocused tokens, else 0: such a crop keeps its plain attention
     budget = defocused.any(dim=-1).float() * beta
     out = torch.empty_like(v)
-    _refocus_kernel[(triton.cdiv(t, ROWS), b * heads)](
+    _refocus_kernel[(triton.cdiv(t, REFOCUS_ROWS), b * heads)](
         q, k, v, keys.contiguous(), budget, out, t, d, heads, d ** -0.5,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        **_sizes(v), num_warps=8,
+        **_sizes(v, REFOCUS_ROWS), num_warps=8,
     )
     return out
 
@@ -57,9 +74,9 @@ def accumulate_key_key(k: torch.Tensor, key_key_sum: torch.Tensor,
     b, heads, t, d = k.shape
     n = t - 1
     similarity = k.new_empty((b, n, n), dtype=torch.float32) if head_mean else key_key_sum
-    _key_key_kernel[(triton.cdiv(n, ROWS), b)](
+    _key_key_kernel[(triton.cdiv(n, KEY_KEY_ROWS), b)](
         k, key_key_sum, similarity, t, d, heads, d ** -0.5, *k.stride()[:3], HEAD_MEAN=head_mean,
-        **_sizes(k), num_warps=8,
+        **_sizes(k, KEY_KEY_ROWS), num_warps=8,
     )
     return key_key_sum, similarity if head_mean else None
 
@@ -67,24 +84,20 @@ def accumulate_key_key(k: torch.Tensor, key_key_sum: torch.Tensor,
 if triton is not None:
 
     @triton.jit
-    def _probabilities(q, k_base, stride_kt, t, d, scale, TP: tl.constexpr, DP: tl.constexpr, IEEE: tl.constexpr):
+    def _probabilities(q, k_base, stride_kt, t, d, scale, TP: tl.constexpr, DP: tl.constexpr):
         """softmax(q k^T * scale) over the t keys at k_base: (rows, TP) float32, 0 past t."""
         keys = tl.arange(0, TP)
         dims = tl.arange(0, DP)
         k = tl.load(k_base + keys[:, None] * stride_kt + dims[None, :], mask=(keys[:, None] < t) & (dims[None, :] < d),
                     other=0.0)
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = tl.where(keys[None, :] < t, scores * scale, float("-inf"))
+        scores = tl.where(keys[None, :] < t, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         scores = tl.exp(scores - tl.max(scores, axis=1)[:, None])
         return scores / tl.sum(scores, axis=1)[:, None]
 
     @triton.jit
     def _refocus_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, budget_ptr, out_ptr, t, d, heads, scale,
                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-                        TP: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, IEEE: tl.constexpr):
+                        TP: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr):
         item = (tl.program_id(1) // heads).to(tl.int64)
         head = tl.program_id(1) % heads
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -92,7 +105,7 @@ if triton is not None:
         dims = tl.arange(0, DP)
         tile = (rows[:, None] < t) & (dims[None, :] < d)
         q = tl.load(q_ptr + item * sqb + head * sqh + rows[:, None] * sqt + dims[None, :], mask=tile, other=0.0)
-        attn = _probabilities(q, k_ptr + item * skb + head * skh, skt, t, d, scale, TP, DP, IEEE)
+        attn = _probabilities(q, k_ptr + item * skb + head * skh, skt, t, d, scale, TP, DP)
         # step 4: row i times (1 - beta) on Dis, (1 + g_i) on Def, 1 elsewhere, with
         # g_i = beta (A 1_Dis)_i / (A 1_Def)_i; the CLS row (row 0) keeps its attention
         dis = tl.load(keys_ptr + item * 2 * t + keys, mask=keys < t, other=0.0)
@@ -105,16 +118,12 @@ if triton is not None:
         attn = attn * tl.where(rows[:, None] >= 1, factor, 1.0)
         v = tl.load(v_ptr + item * svb + head * svh + keys[:, None] * svt + dims[None, :],
                     mask=(keys[:, None] < t) & (dims[None, :] < d), other=0.0)
-        if IEEE:
-            out = tl.dot(attn.to(v.dtype), v, input_precision="ieee")
-        else:
-            out = tl.dot(attn.to(v.dtype), v)
+        out = tl.dot(attn.to(v.dtype), v)
         tl.store(out_ptr + item * sob + head * soh + rows[:, None] * sot + dims[None, :], out.to(v.dtype), mask=tile)
 
     @triton.jit
     def _key_key_kernel(k_ptr, sum_ptr, similarity_ptr, t, d, heads, scale, skb, skh, skt,
-                        HEAD_MEAN: tl.constexpr, TP: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
-                        IEEE: tl.constexpr):
+                        HEAD_MEAN: tl.constexpr, TP: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr):
         item = tl.program_id(1).to(tl.int64)
         n = t - 1
         patch = tl.program_id(0) * BM + tl.arange(0, BM)  # patch rows; token patch + 1
@@ -128,7 +137,7 @@ if triton is not None:
             k_base = k_ptr + item * skb + head * skh
             rows = tl.load(k_base + (patch[:, None] + 1) * skt + dims[None, :],
                            mask=(patch[:, None] < n) & (dims[None, :] < d), other=0.0)
-            probs = _probabilities(rows, k_base, skt, t, d, scale, TP, DP, IEEE)
+            probs = _probabilities(rows, k_base, skt, t, d, scale, TP, DP)
             place = sum_ptr + (item * heads + head) * n * n + offsets
             running = tl.load(place, mask=columns, other=0.0) + probs
             tl.store(place, running, mask=columns)

@@ -67,12 +67,13 @@ if triton is not None:
             norm = tl.maximum(tl.sqrt(tl.sum(row * row, axis=0)), 1.1754943508222875e-38)
             row = row / norm
             basis = tl.where(rows[:, None] == j, row[None, :], basis)
-            # M q by rows of M (symmetric): the tiles read q from memory, all threads' part of it
+            # M q by rows of M (symmetric): the tiles read q from memory, all threads' part of it;
+            # a loop, not unrolled: unrolled, the tiles' loads were all issued at once and spilled
             tl.debug_barrier()
             tl.store(q_base + cols, row)
             tl.debug_barrier()
             product = tl.zeros((NP,), dtype=tl.float32)
-            for start in tl.static_range(0, NP, BR):
+            for start in range(0, NP, BR):
                 r = start + tile_rows
                 tile = tl.load(m_base + r[:, None] * n + cols[None, :], mask=(r[:, None] < n) & inside[None, :],
                                other=0.0)
