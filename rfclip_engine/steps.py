@@ -78,10 +78,12 @@ def redistribute_embeddings(
 
 
 FIEDLER_SOLVERS = ("exact", "lanczos")
+LANCZOS_STEPS = 32
 
 
 def fiedler_vector(
-    similarity: torch.Tensor, solver: str = "exact", start: Optional[torch.Tensor] = None, steps: int = 32,
+    similarity: torch.Tensor, solver: str = "exact", start: Optional[torch.Tensor] = None,
+    steps: int = LANCZOS_STEPS,
 ) -> torch.Tensor:
     """The generalized eigenvector y of (D - W) y = lambda D y for the second-smallest lambda,
     scaled as D^{-1/2} u with u a unit eigenvector of M = D^{-1/2} W D^{-1/2}. Sign is arbitrary.
@@ -91,10 +93,13 @@ def fiedler_vector(
     D^{1/2} 1; `start` (B, N), e.g. the previous block's result, warm-starts it. Where the second
     eigenvalue stands clear of the third, its partition is eigh's; where the two are within a
     fraction of a percent, two different cuts score almost alike and it may settle on the other.
+    On CUDA one Triton kernel does it (kernels/lanczos.py), elsewhere the eager loop.
 
     similarity (B, N, N), symmetric and non-negative -> (B, N) float32.
     """
     with torch.autocast(similarity.device.type, enabled=False):  # eigenvectors need float32 throughout
+        if solver == "lanczos" and kernels.available(similarity):
+            return lanczos.fiedler(similarity.float(), start, None, steps)[0]
         return _fiedler_vector(similarity.float(), solver, start, steps)
 
 
@@ -113,16 +118,13 @@ def _fiedler_vector(weights: torch.Tensor, solver: str, start: Optional[torch.Te
 def _lanczos_second_vector(matrix: torch.Tensor, inv_sqrt_degree: torch.Tensor, start: Optional[torch.Tensor],
                            steps: int) -> torch.Tensor:
     """Unit eigenvector of the second-largest eigenvalue of the normalized similarity `matrix`:
-    the largest Ritz vector of its Krylov space kept orthogonal to the top eigenvector D^{1/2} 1.
-    On CUDA one Triton kernel does the steps (kernels/lanczos.py), elsewhere the eager loop."""
+    the largest Ritz vector of its Krylov space kept orthogonal to the top eigenvector D^{1/2} 1."""
     b, n, _ = matrix.shape
     top = F.normalize(inv_sqrt_degree.reciprocal(), dim=-1)
     if start is None:
         row = torch.linspace(-1.0, 1.0, n, device=matrix.device).expand(b, n)
     else:
         row = start.float() / inv_sqrt_degree  # back from y = D^{-1/2} u
-    if kernels.available(matrix):
-        return lanczos.lanczos_second_vector(matrix, top, row, steps)
     return _lanczos_loop(matrix, top, row, steps)
 
 
@@ -186,10 +188,21 @@ def find_defocused_tokens(
     distraction tokens; where that is empty, every non-distraction token.
 
     similarity (B, N, N), distraction (B, N) -> defocused (B, N) bool, and the Fiedler vector
-    (B, N) (to warm-start the next block's solver).
+    (B, N) (to warm-start the next block's solver). On CUDA, with the "lanczos" solver, one Triton
+    kernel does all of it (kernels/lanczos.py).
     """
+    with torch.autocast(similarity.device.type, enabled=False):  # eigenvectors need float32 throughout
+        if solver == "lanczos" and kernels.available(similarity):
+            fiedler, defocused = lanczos.fiedler(similarity.float(), start, distraction, LANCZOS_STEPS)
+            return defocused, fiedler
+        return _find_defocused_tokens(similarity.float(), distraction, solver, start)
+
+
+def _find_defocused_tokens(similarity: torch.Tensor, distraction: torch.Tensor, solver: str,
+                           start: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`find_defocused_tokens` by the eager steps, on any device; similarity in float32."""
     symmetric = (similarity + similarity.transpose(-1, -2)) / 2
-    fiedler = fiedler_vector(symmetric, solver, start)
+    fiedler = _fiedler_vector(symmetric, solver, start, LANCZOS_STEPS)
     defocused = bipartition(fiedler) & ~distraction
     return torch.where(defocused.any(dim=-1, keepdim=True), defocused, ~distraction), fiedler
 

@@ -10,16 +10,17 @@ import torch
 
 from rfclip_engine import RFCLIPConfig, kernels, load_model
 from rfclip_engine.kernels import attention, lanczos
-from rfclip_engine.steps import fiedler_vector
+from rfclip_engine.steps import bipartition, fiedler_vector
 
 from .conftest import TINY_CONFIG, TINY_DIMS
 from .test_encoder import scene
 
-# (batch, tokens, steps, cluster contrast): ViT-B/16's 196 tokens, fewer tokens than steps, and
-# short runs on noise alone, where the Krylov space is far from converged: the Ritz vector then
-# depends on every entry of the projected matrix
-SOLVER_CASES = [(3, 40, 32, 0.6), (2, 196, 32, 0.6), (2, 10, 32, 0.6), (2, 24, 8, 0.6), (3, 60, 4, 0.0),
-                (3, 60, 8, 0.0)]
+# (batch, tokens, steps, cluster contrast, warm start): ViT-B/16's 196 tokens, fewer tokens than
+# steps, and short runs on noise alone, where the Krylov space is far from converged: the Ritz
+# vector then depends on every entry of the projected matrix; from the previous block's vector,
+# or from the ramp of the first block
+SOLVER_CASES = [(3, 40, 32, 0.6, True), (2, 196, 32, 0.6, True), (2, 196, 32, 0.6, False), (2, 10, 32, 0.6, True),
+                (2, 24, 8, 0.6, False), (3, 60, 4, 0.0, True), (3, 60, 8, 0.0, True)]
 ENCODER_CONFIG = RFCLIPConfig(sigma=1.5)
 # (batch, heads, tokens, head size, dtype): a tiny model's window, ViT-B/16's, and a head size
 # that is no power of two; in fp16, autocast's type on CUDA (the interpreter computes bfloat16
@@ -45,22 +46,31 @@ def running_sum(batch: int, heads: int, t: int, seed: int = 1) -> torch.Tensor:
 
 
 def clustered(batch: int, n: int, seed: int, contrast: float = 0.6):
-    """Normalized similarities M = D^-1/2 W D^-1/2 of two clusters and noise, their unit top
-    eigenvectors D^1/2 1, and a start vector."""
+    """Similarities of two clusters and noise, not quite symmetric (as the running key-key mean
+    is), a start vector, and distraction tokens; in the last crop the distraction tokens cover
+    the whole cut, so that its defocused tokens fall back to every other token."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.rand(batch, n, generator=g) < 0.4
     weights = 0.2 + contrast * (labels[:, :, None] == labels[:, None, :]).float()
     weights = weights + 0.05 * torch.rand(batch, n, n, generator=g)
+    start = torch.randn(batch, n, generator=g)
+    distraction = torch.rand(batch, n, generator=g) < 0.1
+    cut = bipartition(fiedler_vector((weights + weights.transpose(1, 2)) / 2, "exact"))
+    distraction[-1] |= cut[-1]
+    return weights, start, distraction
+
+
+def normalized(weights: torch.Tensor):
+    """M = D^-1/2 W D^-1/2 of the symmetrized similarities, and its unit top eigenvectors D^1/2 1."""
     weights = (weights + weights.transpose(1, 2)) / 2
     inv_sqrt_degree = weights.sum(-1).rsqrt()
     matrix = inv_sqrt_degree[:, :, None] * weights * inv_sqrt_degree[:, None, :]
-    top = torch.nn.functional.normalize(inv_sqrt_degree.reciprocal(), dim=-1)
-    return matrix, top, torch.randn(batch, n, generator=g)
+    return matrix, torch.nn.functional.normalize(inv_sqrt_degree.reciprocal(), dim=-1)
 
 
 def planted_cut() -> torch.Tensor:
     """Similarities of two blocks with weak links between them."""
-    matrix, _, _ = clustered(4, 50, seed=7)
+    matrix, _ = normalized(clustered(4, 50, seed=7)[0])
     return torch.where(matrix > 0.5 / 50, matrix, matrix * 0.1)
 
 
@@ -72,8 +82,11 @@ def tiny_model():
 @torch.no_grad()
 def main(out: str) -> None:
     kernels.available = lambda tensor, capability=None: True  # the interpreter runs them on CPU tensors
-    results = {(batch, n, steps, contrast): lanczos.lanczos_second_vector(
-        *clustered(batch, n, n + steps, contrast), steps) for batch, n, steps, contrast in SOLVER_CASES}
+    results = {}
+    for batch, n, steps, contrast, warm in SOLVER_CASES:
+        weights, start, distraction = clustered(batch, n, n + steps, contrast)
+        results[batch, n, steps, contrast, warm] = lanczos.fiedler(weights, start if warm else None, distraction,
+                                                                   steps)
     results["planted"] = fiedler_vector(planted_cut(), "lanczos")
     for case in ATTENTION_CASES:
         q, k, v, distraction, defocused = projections(*case)

@@ -13,7 +13,14 @@ import torch
 
 from rfclip_engine import RFCLIPConfig, kernels
 from rfclip_engine.kernels import attention, lanczos
-from rfclip_engine.steps import _lanczos_loop, attention_probs, bipartition, fiedler_vector, redistribute_attention
+from rfclip_engine.steps import (
+    LANCZOS_STEPS,
+    attention_probs,
+    bipartition,
+    fiedler_vector,
+    find_defocused_tokens,
+    redistribute_attention,
+)
 
 from .kernels_interpreted import (
     ATTENTION_CASES,
@@ -71,16 +78,30 @@ def test_the_kernels_run_only_where_triton_compiles_them(monkeypatch, capability
     assert attention.available(OnGPU(tokens, dtype)) is attention_steps
 
 
-@pytest.mark.parametrize("case", SOLVER_CASES, ids=lambda case: "batch %d, %d tokens, %d steps, contrast %g" % case)
-def test_the_kernel_equals_the_eager_loop(interpreted, case):
-    batch, n, steps, contrast = case
-    matrix, top, start = clustered(batch, n, n + steps, contrast)
-    eager = _lanczos_loop(matrix, top, start, steps)
-    fused = interpreted[case]
+def solver_id(case) -> str:
+    return "batch %d, %d tokens, %d steps, contrast %g, " % case[:4] + ("warm" if case[4] else "ramp")
+
+
+@pytest.mark.parametrize("case", SOLVER_CASES, ids=solver_id)
+def test_the_solver_kernel_equals_the_eager_steps(interpreted, case):
+    """The Fiedler vector against the eager loop (through fiedler_vector, on the symmetrized
+    similarities), and the defocused tokens against find_defocused_tokens: the cut minus the
+    distraction tokens, and in the last crop, where they cover the cut, every other token."""
+    batch, n, steps, contrast, warm = case
+    weights, start, distraction = clustered(batch, n, n + steps, contrast)
+    start = start if warm else None
+    eager = fiedler_vector((weights + weights.transpose(1, 2)) / 2, "lanczos", start, steps)
+    fused, defocused = interpreted[case]
     assert fused.shape == (batch, n) and fused.dtype == torch.float32
     torch.testing.assert_close(aligned(fused, eager), eager, rtol=0, atol=2e-5)
-    same_side = bipartition(aligned(fused, eager)) == bipartition(eager)
-    assert same_side.all()
+    assert defocused.dtype == torch.bool
+    expected = bipartition(eager) & ~distraction
+    if contrast > 0:  # converged, the cut is eigh's, which the last crop's distraction tokens cover
+        assert not expected[-1].any()
+    expected = torch.where(expected.any(dim=-1, keepdim=True), expected, ~distraction)
+    assert torch.equal(defocused, expected)
+    if steps == LANCZOS_STEPS:
+        assert torch.equal(defocused, find_defocused_tokens(weights, distraction, "lanczos", start)[0])
 
 
 def test_the_kernel_finds_the_fiedler_vector_of_a_planted_cut(interpreted):
@@ -200,7 +221,8 @@ def test_the_attention_kernels_compile_for_ampere_and_hopper_within_their_regist
 def test_the_solver_kernel_compiles_from_volta_on_without_spilling(capability):
     """The 32-row Krylov basis and the product's tiles stay in registers (the first kernel, a
     64-row basis with an unrolled product, spilled 4 KB a thread on sm_90 and took 197 s to compile)."""
-    types = {name: "*fp32" for name in ("m_ptr", "top_ptr", "start_ptr", "q_ptr", "out_ptr")}
-    report = ptxas_report(lanczos._lanczos_kernel, types, {"NP": 256, "SP": 32, "BR": 16, "SQUARINGS": 24},
-                          capability)
+    types = {name: "*fp32" for name in ("s_ptr", "start_ptr", "w_ptr", "x_ptr", "y_ptr")}
+    types.update(dis_ptr="*i1", def_ptr="*i1")
+    constexprs = {"HAS_START": True, "CUT": True, "NP": 256, "SP": 32, "BR": 16, "SQUARINGS": 24}
+    report = ptxas_report(lanczos._fiedler_kernel, types, constexprs, capability)
     assert report["spill_bytes"] == 0, report
