@@ -198,8 +198,8 @@ def ptxas_report(fn, types: dict, constexprs: dict, capability: int, warps: int 
 def attention_builds(dtype: str):
     """(kernel, argument types, constexprs, spill budget) of the attention kernels as they launch."""
     pointers = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
-    floats = {"keys_ptr": "*fp32", "budget_ptr": "*fp32", "sum_ptr": "*fp32", "similarity_ptr": "*fp32",
-              "scale": "fp32"}
+    floats = {"dis_ptr": "*i1", "def_ptr": "*i1", "sum_ptr": "*fp32", "similarity_ptr": "*fp32",
+              "scale": "fp32", "beta": "fp32"}
     window = {"TP": 256, "DP": 64}  # a ViT-B/16 window of 224: 197 tokens, heads of 64 channels
     yield (attention._refocus_kernel, {**pointers, **floats}, {**window, "BM": attention.REFOCUS_ROWS}, 0)
     for head_mean in (True, False):

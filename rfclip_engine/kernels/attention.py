@@ -54,12 +54,9 @@ def refocused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, distr
     with unit stride along d (the projection's views); distraction / defocused (B, N) -> (B, H, T, d)
     in v's dtype."""
     b, heads, t, d = v.shape
-    keys = torch.nn.functional.pad(torch.stack([distraction, defocused], dim=1), (1, 0)).float()  # CLS in neither
-    # beta where the crop has defocused tokens, else 0: such a crop keeps its plain attention
-    budget = defocused.any(dim=-1).float() * beta
     out = torch.empty_like(v)
     _refocus_kernel[(triton.cdiv(t, REFOCUS_ROWS), b * heads)](
-        q, k, v, keys.contiguous(), budget, out, t, d, heads, d ** -0.5,
+        q, k, v, distraction.contiguous(), defocused.contiguous(), out, t, d, heads, d ** -0.5, beta,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         **_sizes(v, REFOCUS_ROWS), num_warps=8,
     )
@@ -95,7 +92,7 @@ if triton is not None:
         return scores / tl.sum(scores, axis=1)[:, None]
 
     @triton.jit
-    def _refocus_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, budget_ptr, out_ptr, t, d, heads, scale,
+    def _refocus_kernel(q_ptr, k_ptr, v_ptr, dis_ptr, def_ptr, out_ptr, t, d, heads, scale, beta,
                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                         TP: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr):
         item = (tl.program_id(1) // heads).to(tl.int64)
@@ -108,9 +105,11 @@ if triton is not None:
         attn = _probabilities(q, k_ptr + item * skb + head * skh, skt, t, d, scale, TP, DP)
         # step 4: row i times (1 - beta) on Dis, (1 + g_i) on Def, 1 elsewhere, with
         # g_i = beta (A 1_Dis)_i / (A 1_Def)_i; the CLS row (row 0) keeps its attention
-        dis = tl.load(keys_ptr + item * 2 * t + keys, mask=keys < t, other=0.0)
-        dfc = tl.load(keys_ptr + item * 2 * t + t + keys, mask=keys < t, other=0.0)
-        budget = tl.load(budget_ptr + item)
+        patch = (keys >= 1) & (keys < t)  # key j is patch token j - 1; CLS is in neither set
+        dis = tl.load(dis_ptr + item * (t - 1) + keys - 1, mask=patch, other=0).to(tl.float32)
+        dfc = tl.load(def_ptr + item * (t - 1) + keys - 1, mask=patch, other=0).to(tl.float32)
+        # beta where the crop has defocused tokens, else 0: such a crop keeps its plain attention
+        budget = tl.where(tl.max(dfc, axis=0) > 0, beta, 0.0)
         on_dis = tl.sum(attn * dis[None, :], axis=1)
         on_dfc = tl.sum(attn * dfc[None, :], axis=1)
         gain = budget * on_dis / tl.maximum(on_dfc, 1.1754943508222875e-38)
