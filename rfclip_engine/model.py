@@ -17,8 +17,9 @@ from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 from torch.profiler import record_function
 
+from . import kernels
 from .config import RFCLIPConfig
-from .kernels import attention
+from .kernels import attention, distractors
 from .presets import DistractionPreset
 from .steps import (
     attention_probs,
@@ -297,6 +298,9 @@ class RFCLIPModel(nn.Module):
         if preset.attention_test:
             q, k, _ = _qkv(block, x, contiguous=True)
             share = received_attention(attention_probs(q, k))
+        if kernels.available(x):  # one kernel does both steps (kernels/distractors.py)
+            return distractors.find_and_repair(x[:, 1:], dims, grid, config.sigma, share, config.attention_threshold,
+                                               repair=config.embedding_redistribution)
         distraction = find_distraction_tokens(x[:, 1:], dims, config.sigma, share, config.attention_threshold)
         if config.embedding_redistribution:  # x is this forward's own residual stream
             redistribute_embeddings(x[:, 1:], distraction, dims, grid, in_place=True)

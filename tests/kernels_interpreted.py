@@ -9,7 +9,7 @@ import sys
 import torch
 
 from rfclip_engine import RFCLIPConfig, kernels, load_model
-from rfclip_engine.kernels import attention, lanczos
+from rfclip_engine.kernels import attention, distractors, lanczos
 from rfclip_engine.steps import bipartition, fiedler_vector
 
 from .conftest import TINY_CONFIG, TINY_DIMS
@@ -26,6 +26,25 @@ ENCODER_CONFIG = RFCLIPConfig(sigma=1.5)
 # that is no power of two; in fp16, autocast's type on CUDA (the interpreter computes bfloat16
 # products from the raw bits, so bfloat16 is checked on a GPU alone, by test_device.py)
 ATTENTION_CASES = [(2, 3, 17, 16, torch.float16), (2, 2, 197, 64, torch.float16), (2, 2, 30, 12, torch.float16)]
+
+
+# (batch, grid, channels, distraction dimensions, attention test, repair): a ViT-B/16 window, a
+# grid that is not square, and a 3x3 grid where every token is on the border
+DISTRACTOR_CASES = [(2, (14, 14), 768, 8, False, True), (3, (4, 5), 64, 3, True, True), (2, (3, 3), 48, 2, False, True),
+                    (2, (4, 5), 64, 3, False, False)]
+SIGMA = 5.0
+
+
+def residual_stream(batch: int, grid, channels: int, k: int, seed: int = 0):
+    """A residual stream (B, 1 + N, C) where about a fifth of the patch tokens spike in some of
+    the distraction dimensions, those dimensions, and a received-attention share per token."""
+    g = torch.Generator().manual_seed(seed)
+    n = grid[0] * grid[1]
+    x = torch.randn(batch, 1 + n, channels, generator=g)
+    dims = torch.randperm(channels, generator=g)[:k]
+    spikes = (torch.rand(batch, 1 + n, k, generator=g) < 0.2) * 40.0 * torch.rand(batch, 1 + n, k, generator=g)
+    x[:, :, dims] += spikes
+    return x, dims, torch.rand(batch, n, generator=g) * 0.2
 
 
 def projections(batch: int, heads: int, t: int, d: int, dtype: torch.dtype, seed: int = 0):
@@ -88,6 +107,12 @@ def main(out: str) -> None:
         results[batch, n, steps, contrast, warm] = lanczos.fiedler(weights, start if warm else None, distraction,
                                                                    steps)
     results["planted"] = fiedler_vector(planted_cut(), "lanczos")
+    for case in DISTRACTOR_CASES:
+        batch, grid, channels, k, attention_test, repair = case
+        x, dims, share = residual_stream(batch, grid, channels, k)
+        flags = distractors.find_and_repair(x[:, 1:], dims, grid, SIGMA, share if attention_test else None, 0.1,
+                                            repair)
+        results["distractors", case] = flags, x
     for case in ATTENTION_CASES:
         q, k, v, distraction, defocused = projections(*case)
         results["refocus", case] = attention.refocused_attention(q, k, v, distraction, defocused, 0.4)

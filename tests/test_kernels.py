@@ -12,23 +12,28 @@ import pytest
 import torch
 
 from rfclip_engine import RFCLIPConfig, kernels
-from rfclip_engine.kernels import attention, lanczos
+from rfclip_engine.kernels import attention, distractors, lanczos
 from rfclip_engine.steps import (
     LANCZOS_STEPS,
     attention_probs,
     bipartition,
     fiedler_vector,
     find_defocused_tokens,
+    find_distraction_tokens,
     redistribute_attention,
+    redistribute_embeddings,
 )
 
 from .kernels_interpreted import (
     ATTENTION_CASES,
+    DISTRACTOR_CASES,
+    SIGMA,
     ENCODER_CONFIG,
     SOLVER_CASES,
     clustered,
     planted_cut,
     projections,
+    residual_stream,
     running_sum,
     tiny_model,
 )
@@ -218,6 +223,19 @@ def test_the_attention_kernels_compile_for_ampere_and_hopper_within_their_regist
 
 
 @pytest.mark.parametrize("capability", [70, 80, 90])
+def test_the_distractor_kernel_compiles_from_volta_on_without_spilling(capability):
+    """Windows of up to 256 tokens of up to 1024 channels (ViT-B/16's 768 are padded to 1024, as
+    ViT-L/14's are), 8 distraction dimensions, with and without the attention test."""
+    types = {"x_ptr": "*fp32", "dims_ptr": "*i64", "share_ptr": "*fp32", "dis_ptr": "*i1", "threshold": "fp32",
+             "attention_threshold": "fp32"}
+    for attention_test in (False, True):
+        constexprs = {"HAS_SHARE": attention_test, "REPAIR": True, "NP": 256, "CP": 1024, "KP": 8,
+                      "BT": distractors.TOKENS_PER_TILE}
+        report = ptxas_report(distractors._distractor_kernel, types, constexprs, capability)
+        assert report["spill_bytes"] == 0, (constexprs, report)
+
+
+@pytest.mark.parametrize("capability", [70, 80, 90])
 def test_the_solver_kernel_compiles_from_volta_on_without_spilling(capability):
     """The 32-row Krylov basis and the product's tiles stay in registers (the first kernel, a
     64-row basis with an unrolled product, spilled 4 KB a thread on sm_90 and took 197 s to compile)."""
@@ -226,3 +244,27 @@ def test_the_solver_kernel_compiles_from_volta_on_without_spilling(capability):
     constexprs = {"HAS_START": True, "CUT": True, "NP": 256, "SP": 32, "BR": 16, "SQUARINGS": 24}
     report = ptxas_report(lanczos._fiedler_kernel, types, constexprs, capability)
     assert report["spill_bytes"] == 0, report
+
+
+def distractor_id(case) -> str:
+    batch, grid, channels, k, attention_test, repair = case
+    return (f"batch {batch}, grid {grid[0]}x{grid[1]}, {channels} channels, {k} dims"
+            + (", attention test" if attention_test else "") + ("" if repair else ", no repair"))
+
+
+@pytest.mark.parametrize("case", DISTRACTOR_CASES, ids=distractor_id)
+def test_the_distractor_kernel_finds_and_repairs_as_the_eager_steps(interpreted, case):
+    """The same distraction tokens, and the residual stream repaired in place exactly where the
+    eager steps repair it: the distraction dimensions of the distraction tokens, from unrepaired
+    3x3 neighbourhoods; the CLS token and every other channel untouched."""
+    batch, grid, channels, k, attention_test, repair = case
+    x, dims, share = residual_stream(batch, grid, channels, k)
+    expected = find_distraction_tokens(x[:, 1:], dims, SIGMA, share if attention_test else None, 0.1)
+    flags, repaired = interpreted["distractors", case]
+    assert flags.dtype == torch.bool and torch.equal(flags, expected)
+    assert 0 < expected.sum() < expected.numel()  # both kinds of token occur
+    if repair:
+        redistribute_embeddings(x[:, 1:], expected, dims, grid, in_place=True)
+    torch.testing.assert_close(repaired, x, rtol=1e-6, atol=1e-6)
+    if repair:
+        assert not torch.equal(repaired, residual_stream(batch, grid, channels, k)[0])  # the repair did happen

@@ -1,6 +1,6 @@
-"""Triton kernels for the RF-CLIP steps on CUDA: step 3, the Fiedler vector and the cut
-(lanczos.py), and the key-key attention sum and step 4 with its product with the values
-(attention.py).
+"""Triton kernels for the RF-CLIP steps on CUDA: steps 1-2, the distraction tokens and their
+repair (distractors.py); step 3, the Fiedler vector and the cut (lanczos.py); and the key-key
+attention sum and step 4 with its product with the values (attention.py).
 
 Eagerly each of these is many small operators or several passes over a (B, H, T, T) float32
 buffer; a kernel here does one crop's (or one head's) whole step in one program, holding a
