@@ -60,11 +60,12 @@ if triton is not None:
         for first in range(0, NP, BT):
             token = first + tl.arange(0, BT)
             valid = token < n
-            x = tl.load(x_base + token[:, None] * stride_n + channel[None, :],
-                        mask=valid[:, None] & (channel[None, :] < channels), other=float("inf")).to(tl.float32)
-            low = tl.min(x, axis=1)
+            real = channel[None, :] < channels
+            x = tl.load(x_base + token[:, None] * stride_n + channel[None, :], mask=valid[:, None] & real,
+                        other=0.0).to(tl.float32)
+            low = tl.min(tl.where(real, x, float("inf")), axis=1)
             # sum_c (x_c - min) = sum_c x_c - C min
-            mass = tl.sum(tl.where(channel[None, :] < channels, x, 0.0), axis=1) - channels * low
+            mass = tl.sum(x, axis=1) - channels * low
             mass = tl.maximum(mass, 1.1754943508222875e-38)
             selected = tl.load(x_base + token[:, None] * stride_n + dims[None, :],
                                mask=valid[:, None] & (slot[None, :] < k), other=0.0).to(tl.float32)
