@@ -3,16 +3,17 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]          # default OUT_DIR: $OUT, else benchmarks/gpu-out
 #   DEVICE=cpu BATCHES="1 2" REPEATS=1 CASES=--quick bash benchmarks/gpu_check.sh /tmp/check   # on the CPU
-#   PRECISIONS=fp16 CASES=--quick REPEATS=10 bash benchmarks/gpu_check.sh   # in a 15-minute lease
+#   PRECISIONS=fp16 CASES=--quick REPEATS=5 bash benchmarks/gpu_check.sh   # in a 15-minute lease
 #
-# The device tests come first and compile the solver's Triton kernel for their shapes (about a
-# minute on the H200); each step prints as it goes, so a run cut off by its time limit still
-# brings back what it measured.
+# The device tests come first and compile the Triton kernels for their shapes (a minute or so);
+# each step prints as it goes, so a run cut off by its time limit still brings back what it
+# measured. The kernels of steps 1-4 have not yet run on a GPU (benchmarks/RESULTS.md): if the
+# device tests fail, the first thing to read is tests.log.
 #
 # 1. the device test subset (tests/test_device.py with RFCLIP_TEST_DEVICE), 2. bench_engine.py on
 # the device with fp16 and with bf16 autocast: operator launches, encoder-only crops/s of clip and
 # rfclip at each batch, plain and graphed, the share of the dense peak, peak memory, device time per
-# RF-CLIP step at the largest batch, autocast against fp32; 3. the Fiedler solver alone on CUDA, eager against its
+# RF-CLIP step at the largest batch, autocast against fp32; 3. step 3 alone on CUDA, eager against its
 # kernel (bench_solver.py); 4. the segmenter cases at the default precision, plain and graphed
 # (CASES=--quick: the first case only). Logs and
 # JSON go to OUT_DIR; copy the tables into benchmarks/RESULTS.md. PRECISIONS=fp16 leaves bf16 out
@@ -64,7 +65,7 @@ for precision in $PRECISIONS; do
 done
 
 if [ "$DEVICE" != cpu ]; then
-  echo "== the Fiedler solver alone on $DEVICE"
+  echo "== step 3 (the Fiedler vector and the cut) alone on $DEVICE"
   "$PYTHON" benchmarks/bench_solver.py --json "$OUT_DIR/bench_solver.json" 2>&1 | tee "$OUT_DIR/bench_solver.log" \
     || status=1
 fi

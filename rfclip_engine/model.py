@@ -279,8 +279,10 @@ class RFCLIPModel(nn.Module):
             if refocus:
                 if localize:
                     with record_function("rfclip.fiedler"):
-                        defocused, fiedler = find_defocused_tokens(
-                            similarity / (index + 1), distraction, config.fiedler_solver, fiedler)
+                        # the running sum stands for the running mean W_l: the normalized cut of
+                        # c W is that of W (D^-1/2 W D^-1/2 does not change), and so is the cut
+                        defocused, fiedler = find_defocused_tokens(similarity, distraction, config.fiedler_solver,
+                                                                   fiedler)
                 else:
                     defocused = ~distraction
                 with record_function("rfclip.redistribution"):
