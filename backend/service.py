@@ -90,7 +90,8 @@ class ModelHolder:
 
 
 def segmenter_config(settings: Settings, device: torch.device) -> SegmenterConfig:
-    return SegmenterConfig(encoder=RFCLIPConfig(mode=settings.mode), pamr=settings.pamr,
+    return SegmenterConfig(encoder=RFCLIPConfig(mode=settings.mode, triton_kernels=settings.triton_kernels),
+                           pamr=settings.pamr,
                            precision=default_precision(device.type), prototype_k=settings.prototype_k,
                            prototype_cap=settings.prototype_cap, cuda_graphs=settings.cuda_graphs)
 
@@ -101,7 +102,7 @@ def model_version(settings: Settings) -> str:
     weights_path = Path(settings.pretrained)
     config = asdict(segmenter_config(settings, torch.device("cpu")))
     # how the forward is executed does not change what it predicts
-    del config["cuda_graphs"], config["encoder"]["attention_chunk_mb"]
+    del config["cuda_graphs"], config["encoder"]["attention_chunk_mb"], config["encoder"]["triton_kernels"]
     identity = {"engine": engine_version, "model": settings.model, "pretrained": settings.pretrained,
                 "weights_tag": settings.weights_tag, "dims": settings.distraction_dims,
                 "config": config, "templates": TEMPLATE_SET}

@@ -32,6 +32,7 @@ class Settings:
     mode: str = "rfclip"
     pamr: bool = False
     cuda_graphs: bool = True
+    triton_kernels: bool = True
     redis_url: Optional[str] = None
     queue_name: str = "rfclip"
     job_timeout_s: int = 3600
@@ -94,6 +95,7 @@ class Settings:
             mode=get("RFCLIP_MODE", _choice(MODES), defaults.mode),
             pamr=get("RFCLIP_PAMR", _parse_bool, defaults.pamr),
             cuda_graphs=get("RFCLIP_CUDA_GRAPHS", _parse_bool, defaults.cuda_graphs),
+            triton_kernels=get("RFCLIP_TRITON_KERNELS", _parse_bool, defaults.triton_kernels),
             redis_url=get("REDIS_URL", _parse_redis_url, None),
             queue_name=get("RFCLIP_QUEUE", _parse_queue_name, defaults.queue_name),
             job_timeout_s=get("RFCLIP_JOB_TIMEOUT_S", _positive(int), defaults.job_timeout_s),

@@ -86,6 +86,9 @@ def _add_method_arguments(parser: argparse.ArgumentParser, short_side: Optional[
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="on CUDA, replay the encoder's forward from recorded CUDA graphs, one per batch shape "
                              "(several times faster at small batches; default: on)")
+    parser.add_argument("--triton-kernels", action=argparse.BooleanOptionalAction, default=True,
+                        help="on CUDA, run the RF-CLIP steps as Triton kernels where they can run (default: on); "
+                             "off: the eager steps, the same result up to rounding")
 
 
 def _segmenter_config(args: argparse.Namespace, device: torch.device) -> SegmenterConfig:
@@ -98,6 +101,7 @@ def _segmenter_config(args: argparse.Namespace, device: torch.device) -> Segment
             embedding_redistribution=not args.no_embedding_redistribution,
             attention_redistribution=not args.no_attention_redistribution,
             defocus_localization=not args.no_defocus_localization,
+            triton_kernels=args.triton_kernels,
         ),
         short_side=args.short_side,
         window=None if args.whole_image else args.window,

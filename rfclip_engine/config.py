@@ -46,6 +46,8 @@ class RFCLIPConfig:
     attention_chunk_mb: the explicit attention and key-key buffers are computed for as many crops
         at a time as fit in this many MB (float32); None: 4 MB on the CPU (they stay in cache),
         the whole batch on an accelerator (fewer launches). The result does not depend on it.
+    triton_kernels: on CUDA, steps 1-4 run as Triton kernels (rfclip_engine/kernels/) wherever
+        they can; False keeps the eager steps everywhere. The same result up to rounding.
     """
 
     mode: str = "rfclip"
@@ -59,6 +61,7 @@ class RFCLIPConfig:
     defocus_localization: bool = True
     fiedler_solver: str = "lanczos"
     attention_chunk_mb: Optional[float] = None
+    triton_kernels: bool = True
 
     def __post_init__(self) -> None:
         if self.fiedler_solver not in FIEDLER_SOLVERS:

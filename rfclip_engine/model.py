@@ -49,14 +49,14 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, t, h * d)
 
 
-def _qkv(block: nn.Module, x: torch.Tensor, queries: bool = True,
-         contiguous: bool = False) -> Tuple[Optional[torch.Tensor], ...]:
+def _qkv(block: nn.Module, x: torch.Tensor, queries: bool = True, contiguous: bool = False,
+         triton_kernels: bool = False) -> Tuple[Optional[torch.Tensor], ...]:
     """The block's queries, keys and values, each (B, H, T, d), from ln_1 of its input; without
     `queries` (the dense head's last block reads none) their third of the projection is not made.
     `contiguous`: each head's rows together in memory, made by one copy. The explicit attention
     products want that: given the strided views, `matmul` copies them for every range of crops,
     and k twice (as k and as k^T); SDPA and the Triton kernels read the views as they are, so
-    where the kernels run it is not made."""
+    where `triton_kernels` will run on them it is not made."""
     attn = block.attn
     weight, bias = attn.in_proj_weight, attn.in_proj_bias
     if not queries:
@@ -66,7 +66,9 @@ def _qkv(block: nn.Module, x: torch.Tensor, queries: bool = True,
     b, t, width = projected.shape
     n = 3 if queries else 2
     split = projected.view(b, t, n, attn.num_heads, width // (n * attn.num_heads)).permute(2, 0, 3, 1, 4)
-    heads = (split.contiguous() if contiguous and not attention.available(projected) else split).unbind(0)
+    if contiguous and not (triton_kernels and attention.available(projected)):
+        split = split.contiguous()
+    heads = split.unbind(0)
     return heads if queries else (None, *heads)
 
 
@@ -103,6 +105,7 @@ def crop_parts(batch: int, tokens: int, heads: int, device: torch.device, chunk_
 
 def _accumulate_key_key(
     k: torch.Tensor, key_key_sum: Optional[torch.Tensor], parts: Sequence[slice], head_mean: bool,
+    triton_kernels: bool,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Adds this block's key-key attention of the patch rows and columns (softmax over all keys,
     CLS included) to the running sum (B, H, N, N), float32; with `head_mean`, also returns the
@@ -111,7 +114,7 @@ def _accumulate_key_key(
     b, heads, t, _ = k.shape
     if key_key_sum is None:
         key_key_sum = k.new_zeros((b, heads, t - 1, t - 1), dtype=torch.float32)
-    if attention.available(k):
+    if triton_kernels and attention.available(k):
         return attention.accumulate_key_key(k, key_key_sum, head_mean)
     similarity = k.new_empty((b, t - 1, t - 1), dtype=torch.float32) if head_mean else None
     for part in parts:
@@ -123,11 +126,11 @@ def _accumulate_key_key(
 
 def _refocused_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, distraction: torch.Tensor, defocused: torch.Tensor,
-    beta: float, parts: Sequence[slice],
+    beta: float, parts: Sequence[slice], triton_kernels: bool,
 ) -> torch.Tensor:
     """Per-head outputs (B, H, T, d) of the redistributed attention, a range of crops at a time;
     on CUDA in half precision, one kernel that never writes the attention (kernels/attention.py)."""
-    if attention.available(v):
+    if triton_kernels and attention.available(v):
         return attention.refocused_attention(q, k, v, distraction, defocused, beta)
     heads = torch.empty_like(v)
     for part in parts:
@@ -267,13 +270,14 @@ class RFCLIPModel(nn.Module):
                 with record_function("rfclip.distractors"):
                     distraction = self._repair(block, x, grid, dims, preset, config)
             q, k, v = _qkv(block, x, queries=index < n_blocks - 1 or config.mode == "clip",
-                           contiguous=config.mode in ("kk-proxy", "rfclip"))
+                           contiguous=config.mode in ("kk-proxy", "rfclip"), triton_kernels=config.triton_kernels)
             refocus = distraction is not None and config.attention_redistribution and index < n_blocks - 1
             localize = refocus and config.defocus_localization
             similarity = None
             if config.mode in ("kk-proxy", "rfclip"):
                 with record_function("rfclip.key_key"):
-                    key_key_sum, similarity = _accumulate_key_key(k, key_key_sum, parts, localize)
+                    key_key_sum, similarity = _accumulate_key_key(k, key_key_sum, parts, localize,
+                                                                  config.triton_kernels)
             if index == n_blocks - 1 and config.mode != "clip":
                 return self._dense_head(block, v, key_key_sum, n_blocks, config.mode, grid)
             if refocus:
@@ -282,11 +286,12 @@ class RFCLIPModel(nn.Module):
                         # the running sum stands for the running mean W_l: the normalized cut of
                         # c W is that of W (D^-1/2 W D^-1/2 does not change), and so is the cut
                         defocused, fiedler = find_defocused_tokens(similarity, distraction, config.fiedler_solver,
-                                                                   fiedler)
+                                                                   fiedler, config.triton_kernels)
                 else:
                     defocused = ~distraction
                 with record_function("rfclip.redistribution"):
-                    heads = _refocused_attention(q, k, v, distraction, defocused, config.beta, parts)
+                    heads = _refocused_attention(q, k, v, distraction, defocused, config.beta, parts,
+                                                 config.triton_kernels)
             else:
                 heads = F.scaled_dot_product_attention(q, k, v)
             x = x + block.ls_1(_project_heads(block, heads))
@@ -300,7 +305,7 @@ class RFCLIPModel(nn.Module):
         if preset.attention_test:
             q, k, _ = _qkv(block, x, contiguous=True)
             share = received_attention(attention_probs(q, k))
-        if kernels.available(x):  # one kernel does both steps (kernels/distractors.py)
+        if config.triton_kernels and kernels.available(x):  # one kernel does both steps (kernels/distractors.py)
             return distractors.find_and_repair(x[:, 1:], dims, grid, config.sigma, share, config.attention_threshold,
                                                repair=config.embedding_redistribution)
         distraction = find_distraction_tokens(x[:, 1:], dims, config.sigma, share, config.attention_threshold)

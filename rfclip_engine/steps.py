@@ -183,16 +183,17 @@ def bipartition(fiedler: torch.Tensor) -> torch.Tensor:
 
 def find_defocused_tokens(
     similarity: torch.Tensor, distraction: torch.Tensor, solver: str = "exact", start: Optional[torch.Tensor] = None,
+    triton_kernel: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Step 3: the normalized-cut foreground of the (symmetrized) patch similarity, minus the
     distraction tokens; where that is empty, every non-distraction token.
 
     similarity (B, N, N), distraction (B, N) -> defocused (B, N) bool, and the Fiedler vector
     (B, N) (to warm-start the next block's solver). On CUDA, with the "lanczos" solver, one Triton
-    kernel does all of it (kernels/lanczos.py).
+    kernel does all of it (kernels/lanczos.py), unless `triton_kernel` is False.
     """
     with torch.autocast(similarity.device.type, enabled=False):  # eigenvectors need float32 throughout
-        if solver == "lanczos" and kernels.available(similarity):
+        if solver == "lanczos" and triton_kernel and kernels.available(similarity):
             fiedler, defocused = lanczos.fiedler(similarity.float(), start, distraction, LANCZOS_STEPS)
             return defocused, fiedler
         return _find_defocused_tokens(similarity.float(), distraction, solver, start)

@@ -122,6 +122,8 @@ def main(out: str) -> None:
     results["encoder"] = tiny_model().encode_dense(scene(2, 64, 0), ENCODER_CONFIG)
     with torch.autocast("cpu", dtype=torch.float16):  # half precision: the attention kernels run too
         results["encoder fp16"] = tiny_model().encode_dense(scene(2, 64, 0), ENCODER_CONFIG)
+        results["encoder fp16, eager steps"] = tiny_model().encode_dense(
+            scene(2, 64, 0), RFCLIPConfig(sigma=1.5, triton_kernels=False))
     results["kk-proxy"] = tiny_model().encode_dense(scene(2, 64, 0), RFCLIPConfig(mode="kk-proxy"))
     torch.save(results, out)
 

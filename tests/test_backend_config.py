@@ -115,6 +115,9 @@ def test_model_version_follows_the_method_not_how_it_runs():
 
     base = model_version(Settings.from_env({}))
     assert model_version(Settings.from_env({"RFCLIP_CUDA_GRAPHS": "false"})) == base
+    assert model_version(Settings.from_env({"RFCLIP_TRITON_KERNELS": "false"})) == base
+    assert Settings.from_env({}).triton_kernels
+    assert not Settings.from_env({"RFCLIP_TRITON_KERNELS": "false"}).triton_kernels
     assert Settings.from_env({}).cuda_graphs  # on by default: several times faster on a GPU
     assert not Settings.from_env({"RFCLIP_CUDA_GRAPHS": "false"}).cuda_graphs
     assert model_version(Settings.from_env({"RFCLIP_PAMR": "true"})) != base

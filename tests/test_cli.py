@@ -170,7 +170,7 @@ def test_examples_usage_errors(tmp_path, checkpoint, capsys):
     refused("image's size 64x64")
 
 
-def test_cuda_graphs_are_on_unless_turned_off():
+def test_cuda_graphs_and_triton_kernels_are_on_unless_turned_off():
     from rfclip_engine.cli import _segmenter_config, build_parser
 
     def config(*flags):
@@ -180,3 +180,5 @@ def test_cuda_graphs_are_on_unless_turned_off():
     assert config().cuda_graphs
     assert not config("--no-cuda-graphs").cuda_graphs
     assert config("--no-cuda-graphs", "--cuda-graphs").cuda_graphs
+    assert config().encoder.triton_kernels
+    assert not config("--no-triton-kernels").encoder.triton_kernels

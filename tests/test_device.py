@@ -45,6 +45,20 @@ def test_dense_features_on_the_device_equal_the_cpu(models, mode):
     torch.testing.assert_close(on_device.cpu(), reference.encode_dense(pixels, config), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("half", [False, True])
+@torch.no_grad()
+def test_the_triton_kernels_encode_as_the_eager_steps_on_the_device(models, half):
+    """On a GPU, steps 1-4 as Triton kernels against the eager steps on the same device (float32:
+    steps 1-3; under autocast also the key-key sum and step 4); on the CPU both are the eager steps."""
+    _, model = models
+    pixels = scene(4, 64, 2).to(DEVICE)
+    with torch.autocast(DEVICE.type, dtype=autocast_dtype(HALF), enabled=half):
+        fused = model.encode_dense(pixels, RFCLIPConfig(sigma=1.5)).float()
+        eager = model.encode_dense(pixels, RFCLIPConfig(sigma=1.5, triton_kernels=False)).float()
+    relative = (torch.linalg.vector_norm(fused - eager) / torch.linalg.vector_norm(eager)).item()
+    assert relative < (5e-3 if half else 1e-4)
+
+
 @torch.no_grad()
 def test_the_fiedler_solvers_cut_alike_on_the_device():
     g = torch.Generator().manual_seed(3)

@@ -272,9 +272,9 @@ def test_lanczos_cuts_as_well_as_exact_on_near_degenerate_spectra(monkeypatch):
     pixels = torch.randn(2, 3, 336, 336)
     solves = []
 
-    def spy(similarity, distraction, solver, start):
+    def spy(similarity, distraction, solver, start, triton_kernel):
         solves.append(((similarity + similarity.transpose(-1, -2)) / 2, start))
-        return find_defocused_tokens(similarity, distraction, solver, start)
+        return find_defocused_tokens(similarity, distraction, solver, start, triton_kernel)
 
     monkeypatch.setattr(rfclip_model, "find_defocused_tokens", spy)
     model.encode_dense(pixels, RFCLIPConfig(sigma=1.5))

@@ -132,6 +132,9 @@ def test_the_encoder_with_every_kernel_equals_the_eager_encoder_in_fp16(interpre
     assert fused.dtype == eager.dtype
     relative = torch.linalg.vector_norm(fused.float() - eager.float()) / torch.linalg.vector_norm(eager.float())
     assert relative.item() < 5e-3
+    assert not torch.equal(fused, eager)  # the kernels did run
+    # triton_kernels=False: the eager steps, even where the kernels could run
+    assert torch.equal(interpreted["encoder fp16, eager steps"], eager)
 
 
 def case_id(case) -> str:
