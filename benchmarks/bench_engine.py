@@ -19,7 +19,8 @@ Operator launches: every forward is profiled once per mode and the operators cal
 that do work (views left out) are counted per block: on a GPU each is at least one kernel launch,
 so the count is a proxy for launch overhead that any CPU can measure.
 
-`--batches`: the encoder alone on that many 224x224 crops per forward, clip against rfclip: crops/s,
+`--batches`: the encoder alone on that many 224x224 crops per forward, clip against rfclip (on CUDA
+also rfclip with its eager steps instead of the Triton kernels, `triton_kernels=False`): crops/s,
 their ratio, the share of the device's dense peak that the physical floor (35.1 GFLOP per crop for
 ViT-B/16) reaches, peak memory; where the time goes at the largest batch (device time per RF-CLIP
 step, from one profiled eager forward); and how far fp16 / bf16 autocast dense features and label maps stand
@@ -197,10 +198,11 @@ def bench_batches(model, device: torch.device, precision: str, args: argparse.Na
     graphs), and the autocast precision check."""
     dtype = autocast_dtype(precision)
     peak = peak_tflops(device, args.peak_tflops)
-    clip, rfclip = RFCLIPConfig(mode="clip"), RFCLIPConfig()
+    clip, rfclip, eager_steps = RFCLIPConfig(mode="clip"), RFCLIPConfig(), RFCLIPConfig(triton_kernels=False)
     runs = {"clip": (clip, False), "rfclip": (rfclip, False)}
-    if device.type == "cuda":
-        runs.update({"clip graphs": (clip, True), "rfclip graphs": (rfclip, True)})
+    if device.type == "cuda":  # the eager steps against the Triton kernels, plain and graphed
+        runs.update({"rfclip eager steps": (eager_steps, False), "clip graphs": (clip, True),
+                     "rfclip graphs": (rfclip, True), "rfclip eager steps graphs": (eager_steps, True)})
     encoders = {name: (DenseEncoder(model, dtype, cuda_graphs=graphs), config)
                 for name, (config, graphs) in runs.items()}
     out = {"precision": precision, "peak_tflops": peak, "rows": {}}
@@ -247,7 +249,10 @@ def step_times(model, device: torch.device, dtype: Optional[torch.dtype], batch:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     kind = "device" if device.type == "cuda" else "cpu"
     out = {}
-    for name, config in {"clip": RFCLIPConfig(mode="clip"), "rfclip": RFCLIPConfig()}.items():
+    configs = {"clip": RFCLIPConfig(mode="clip"), "rfclip": RFCLIPConfig()}
+    if device.type == "cuda":
+        configs["rfclip eager steps"] = RFCLIPConfig(triton_kernels=False)
+    for name, config in configs.items():
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             model.encode_dense(pixels, config)  # warm-up
             with profile(activities=activities) as prof:
