@@ -271,3 +271,13 @@ def test_the_distractor_kernel_finds_and_repairs_as_the_eager_steps(interpreted,
     torch.testing.assert_close(repaired, x, rtol=1e-6, atol=1e-6)
     if repair:
         assert not torch.equal(repaired, residual_stream(batch, grid, channels, k)[0])  # the repair did happen
+
+
+def test_the_attention_kernels_refuse_projections_without_unit_stride_channels():
+    """They read each token's channels as one row: a transposed view would be read wrong."""
+    q = torch.zeros(1, 2, 8, 17, dtype=torch.float16).transpose(-1, -2)  # (1, 2, 17, 8), channels strided
+    masks = torch.zeros(1, 16, dtype=torch.bool)
+    with pytest.raises(ValueError, match="unit stride"):
+        attention.refocused_attention(q, q, q, masks, masks, 0.4)
+    with pytest.raises(ValueError, match="unit stride"):
+        attention.accumulate_key_key(q, torch.zeros(1, 2, 16, 16), head_mean=True)

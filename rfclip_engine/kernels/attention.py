@@ -28,7 +28,8 @@ if triton is not None:
 # Query rows per program, so that its (rows, T) float32 tiles stay in registers (at 8 warps, for
 # 256 keys of 64 channels, compiled for sm_90: step 4 takes 150 registers with 32 rows and no
 # spills; the key-key sum, which keeps three such tiles across its loop over heads, spills some
-# 60 bytes with 16 rows and 500 with 32)
+# 120 bytes with 16 rows and 500 with 32). Crops (and heads) are the grid's first axis, which has
+# no practical bound; the second, rows, is at most 16.
 REFOCUS_ROWS = 32
 KEY_KEY_ROWS = 16
 
@@ -42,8 +43,10 @@ def available(projections: torch.Tensor) -> bool:
     return projections.dtype in HALF and kernels.available(projections, capability=(8, 0))
 
 
-def _sizes(x: torch.Tensor, rows: int) -> dict:
-    t, d = x.shape[-2:]
+def _sizes(rows: int, *projections: torch.Tensor) -> dict:
+    if any(x.stride(-1) != 1 for x in projections):
+        raise ValueError("the attention kernels read rows of channels: the last axis must have unit stride")
+    t, d = projections[0].shape[-2:]
     return dict(TP=max(16, triton.next_power_of_2(t)), DP=max(16, triton.next_power_of_2(d)), BM=rows)
 
 
@@ -55,10 +58,10 @@ def refocused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, distr
     in v's dtype."""
     b, heads, t, d = v.shape
     out = torch.empty_like(v)
-    _refocus_kernel[(triton.cdiv(t, REFOCUS_ROWS), b * heads)](
+    _refocus_kernel[(b * heads, triton.cdiv(t, REFOCUS_ROWS))](
         q, k, v, distraction.contiguous(), defocused.contiguous(), out, t, d, heads, d ** -0.5, beta,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        **_sizes(v, REFOCUS_ROWS), num_warps=8,
+        **_sizes(REFOCUS_ROWS, q, k, v), num_warps=8,
     )
     return out
 
@@ -71,9 +74,9 @@ def accumulate_key_key(k: torch.Tensor, key_key_sum: torch.Tensor,
     b, heads, t, d = k.shape
     n = t - 1
     similarity = k.new_empty((b, n, n), dtype=torch.float32) if head_mean else key_key_sum
-    _key_key_kernel[(triton.cdiv(n, KEY_KEY_ROWS), b)](
+    _key_key_kernel[(b, triton.cdiv(n, KEY_KEY_ROWS))](
         k, key_key_sum, similarity, t, d, heads, d ** -0.5, *k.stride()[:3], HEAD_MEAN=head_mean,
-        **_sizes(k, KEY_KEY_ROWS), num_warps=8,
+        **_sizes(KEY_KEY_ROWS, k), num_warps=8,
     )
     return key_key_sum, similarity if head_mean else None
 
@@ -95,9 +98,9 @@ if triton is not None:
     def _refocus_kernel(q_ptr, k_ptr, v_ptr, dis_ptr, def_ptr, out_ptr, t, d, heads, scale, beta,
                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                         TP: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr):
-        item = (tl.program_id(1) // heads).to(tl.int64)
-        head = tl.program_id(1) % heads
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        item = (tl.program_id(0) // heads).to(tl.int64)
+        head = tl.program_id(0) % heads
+        rows = tl.program_id(1) * BM + tl.arange(0, BM)
         keys = tl.arange(0, TP)
         dims = tl.arange(0, DP)
         tile = (rows[:, None] < t) & (dims[None, :] < d)
@@ -123,9 +126,9 @@ if triton is not None:
     @triton.jit
     def _key_key_kernel(k_ptr, sum_ptr, similarity_ptr, t, d, heads, scale, skb, skh, skt,
                         HEAD_MEAN: tl.constexpr, TP: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr):
-        item = tl.program_id(1).to(tl.int64)
+        item = tl.program_id(0).to(tl.int64)
         n = t - 1
-        patch = tl.program_id(0) * BM + tl.arange(0, BM)  # patch rows; token patch + 1
+        patch = tl.program_id(1) * BM + tl.arange(0, BM)  # patch rows; token patch + 1
         keys = tl.arange(0, TP)
         dims = tl.arange(0, DP)
         # key j (CLS is 0) is patch column j - 1 of the sum: the CLS column is left out, unrenormalized
