@@ -283,8 +283,8 @@ class RFCLIPModel(nn.Module):
             if refocus:
                 if localize:
                     with record_function("rfclip.fiedler"):
-                        # the running sum stands for the running mean W_l: the normalized cut of
-                        # c W is that of W (D^-1/2 W D^-1/2 does not change), and so is the cut
+                        # the running sum stands for the running mean W_l: scaling W leaves
+                        # D^-1/2 W D^-1/2, and so the cut, as they are
                         defocused, fiedler = find_defocused_tokens(similarity, distraction, config.fiedler_solver,
                                                                    fiedler, config.triton_kernels)
                 else:

@@ -233,4 +233,3 @@ def redistribute_attention(
     dis, dfc = keys[:, None, :1], keys[:, None, 1:]
     out[:, :, 1:].mul_(torch.addcmul(1 - beta * applies * dis, gain, dfc))
     return out
-
