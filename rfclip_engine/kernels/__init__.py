@@ -19,8 +19,10 @@ try:
 except ImportError:  # no Triton (e.g. a CPU-only install): the eager steps run everywhere
     triton = None
 
-# A program holds a window's tokens (padded to a power of two) in registers: 256 tokens
-# (ViT-B/16 and ViT-L/14 windows of 224) fit; whole images of hundreds more would spill.
+# A program holds a window's tokens (padded to a power of two) in registers: 256 fit. A ViT-B/16
+# window of 224 has 197 tokens; a ViT-L/14 one has 257 (256 patches and the CLS token), so there only
+# step 3, on the 256 patch tokens, runs as a kernel (compiled for 512, the key-key sum spills a
+# kilobyte a thread); the other steps and whole images of more tokens keep the eager steps.
 MAX_TOKENS = 256
 
 
