@@ -305,7 +305,7 @@ class RFCLIPModel(nn.Module):
         if preset.attention_test:
             q, k, _ = _qkv(block, x, contiguous=True)
             share = received_attention(attention_probs(q, k))
-        if config.triton_kernels and kernels.available(x):  # one kernel does both steps (kernels/distractors.py)
+        if config.triton_kernels and kernels.available(x[:, 1:]):  # one kernel for both (kernels/distractors.py)
             return distractors.find_and_repair(x[:, 1:], dims, grid, config.sigma, share, config.attention_threshold,
                                                repair=config.embedding_redistribution)
         distraction = find_distraction_tokens(x[:, 1:], dims, config.sigma, share, config.attention_threshold)

@@ -22,15 +22,16 @@ from .test_encoder import scene
 SOLVER_CASES = [(3, 40, 32, 0.6, True), (2, 196, 32, 0.6, True), (2, 196, 32, 0.6, False), (2, 10, 32, 0.6, True),
                 (2, 24, 8, 0.6, False), (3, 60, 4, 0.0, True), (3, 60, 8, 0.0, True)]
 ENCODER_CONFIG = RFCLIPConfig(sigma=1.5)
-# (batch, heads, tokens, head size, dtype): a tiny model's window, ViT-B/16's, and a head size
-# that is no power of two; in fp16, autocast's type on CUDA (the interpreter computes bfloat16
+# (batch, heads, tokens, head size, dtype): a tiny model's window, ViT-B/16's, ViT-L/14's (256
+# patch tokens and CLS), and a head size that is no power of two; in fp16, autocast's type on CUDA (the interpreter computes bfloat16
 # products from the raw bits, so bfloat16 is checked on a GPU alone, by test_device.py)
-ATTENTION_CASES = [(2, 3, 17, 16, torch.float16), (2, 2, 197, 64, torch.float16), (2, 2, 30, 12, torch.float16)]
+ATTENTION_CASES = [(2, 3, 17, 16, torch.float16), (2, 2, 197, 64, torch.float16), (2, 2, 257, 64, torch.float16),
+                   (2, 2, 30, 12, torch.float16)]
 
 
 # (batch, grid, channels, distraction dimensions, attention test, repair): a ViT-B/16 window, a
-# grid that is not square, and a 3x3 grid where every token is on the border
-DISTRACTOR_CASES = [(2, (14, 14), 768, 8, False, True), (3, (4, 5), 64, 3, True, True), (2, (3, 3), 48, 2, False, True),
+# ViT-L/14 one, a grid that is not square, and a 3x3 grid where every token is on the border
+DISTRACTOR_CASES = [(2, (14, 14), 768, 8, False, True), (2, (16, 16), 1024, 8, True, True), (3, (4, 5), 64, 3, True, True), (2, (3, 3), 48, 2, False, True),
                     (2, (4, 5), 64, 3, False, False)]
 SIGMA = 5.0
 

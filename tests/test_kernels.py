@@ -55,32 +55,35 @@ def aligned(vector: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 class OnGPU:
-    """Stands for a CUDA tensor of (1, N, N) similarities: only what `available` reads of one."""
+    """Stands for a CUDA tensor (..., tokens, channels): only what `available` reads of one."""
 
     is_cuda = True
     device = "cuda:0"
 
     def __init__(self, tokens: int, dtype: torch.dtype) -> None:
-        self.shape = (1, tokens, tokens)
+        self.shape = (1, tokens, 64)
         self.dtype = dtype
 
+    def __getitem__(self, index) -> "OnGPU":  # x[..., 1:, :]: the patch tokens
+        return OnGPU(self.shape[-2] - 1, self.dtype)
 
-@pytest.mark.parametrize("capability, tokens, dtype, solver, attention_steps", [
+
+@pytest.mark.parametrize("capability, patches, dtype, solver, attention_steps", [
     ((6, 1), 196, torch.float16, False, False), ((7, 0), 196, torch.float16, True, False),
     ((7, 5), 196, torch.float16, True, False), ((8, 0), 196, torch.bfloat16, True, True),
     ((9, 0), 256, torch.float16, True, True), ((9, 0), 196, torch.float32, True, False),
     ((9, 0), 257, torch.float16, False, False)])
-def test_the_kernels_run_only_where_triton_compiles_them(monkeypatch, capability, tokens, dtype, solver,
+def test_the_kernels_run_only_where_triton_compiles_them(monkeypatch, capability, patches, dtype, solver,
                                                          attention_steps):
     """Not on the CPU, nor on a GPU older than Volta (a Pascal card keeps the eager steps), nor
-    on more tokens than registers hold (whole images); the attention kernels only in half
-    precision and from Ampere on."""
+    on more patch tokens than registers hold (whole images; a ViT-L/14 window's 256 fit); the
+    attention kernels only in half precision and from Ampere on."""
     assert not kernels.available(torch.zeros(1, 4, 4))
     assert not attention.available(torch.zeros(1, 1, 4, 4, dtype=torch.float16))
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
-    assert kernels.available(OnGPU(tokens, dtype)) is solver
-    assert attention.available(OnGPU(tokens, dtype)) is attention_steps
+    assert kernels.available(OnGPU(patches, dtype)) is solver
+    assert attention.available(OnGPU(patches + 1, dtype)) is attention_steps  # the CLS token besides
 
 
 def solver_id(case) -> str:
@@ -208,7 +211,7 @@ def attention_builds(dtype: str):
     pointers = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
     floats = {"dis_ptr": "*i1", "def_ptr": "*i1", "sum_ptr": "*fp32", "similarity_ptr": "*fp32",
               "scale": "fp32", "beta": "fp32"}
-    window = {"TP": 256, "DP": 64}  # a ViT-B/16 window of 224: 197 tokens, heads of 64 channels
+    window = {"NP": 256, "DP": 64}  # up to 256 patch keys (a ViT-L/14 window), heads of 64 channels
     yield (attention._refocus_kernel, {**pointers, **floats}, {**window, "BM": attention.REFOCUS_ROWS}, 0)
     for head_mean in (True, False):
         yield (attention._key_key_kernel, {**pointers, **floats},

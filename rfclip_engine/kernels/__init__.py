@@ -19,15 +19,14 @@ try:
 except ImportError:  # no Triton (e.g. a CPU-only install): the eager steps run everywhere
     triton = None
 
-# A program holds a window's tokens (padded to a power of two) in registers: 256 fit. A ViT-B/16
-# window of 224 has 197 tokens; a ViT-L/14 one has 257 (256 patches and the CLS token), so there only
-# step 3, on the 256 patch tokens, runs as a kernel (compiled for 512, the key-key sum spills a
-# kilobyte a thread); the other steps and whole images of more tokens keep the eager steps.
+# A program holds a window's patch tokens (padded to a power of two) in registers, the CLS token
+# apart: 256 fit, a ViT-B/16 window of 224 (196) or a ViT-L/14 one (256); whole images of more
+# keep the eager steps.
 MAX_TOKENS = 256
 
 
 def available(tensor: torch.Tensor, capability: Tuple[int, int] = (7, 0)) -> bool:
-    """Whether a kernel can run on `tensor`, whose second-last axis counts tokens: at most
+    """Whether a kernel can run on `tensor`, whose second-last axis counts patch tokens: at most
     MAX_TOKENS of them, on a GPU that Triton compiles it for: ROCm's, or NVIDIA's of at least
     this compute capability (7.0, Volta, for float32 arithmetic; tensor-core products in half
     precision want 8.0, Ampere: before it Triton falls back to scalar products that spill)."""

@@ -3,9 +3,10 @@
 Eagerly each block writes the float32 (B, H, T, T) attention and key-key probabilities and passes
 over them again and again (softmax, step 4's masses and scaling, the cast for the product with the
 values, the running sum, its head mean): on an H200 at batch 128 those passes cost as much as a
-whole plain CLIP block (benchmarks/RESULTS.md). A window's keys fit in one program (T <= 256), so
-each program takes a range of query rows through scores, the whole softmax and what follows, and
-only the outputs go back to memory: no online softmax is needed.
+whole plain CLIP block (benchmarks/RESULTS.md). A window's keys fit in one program (up to 256
+patch keys, and the CLS key apart), so each program takes a range of query rows through scores,
+the whole softmax and what follows, and only the outputs go back to memory: no online softmax is
+needed.
 
 They take the projections in half precision, as autocast makes them (the segmenter's default on
 CUDA): scores from fp16 / bf16 products, softmax and sums in float32, the attention rounded to the
@@ -25,10 +26,10 @@ from . import triton
 if triton is not None:
     import triton.language as tl
 
-# Query rows per program, so that its (rows, T) float32 tiles stay in registers (at 8 warps, for
-# 256 keys of 64 channels, compiled for sm_90: step 4 takes 150 registers with 32 rows and no
-# spills; the key-key sum, which keeps three such tiles across its loop over heads, spills some
-# 120 bytes with 16 rows and 500 with 32). Crops (and heads) are the grid's first axis, which has
+# Query rows per program, so that its (rows, N) float32 tiles stay in registers (at 8 warps, for
+# 256 patch keys of 64 channels, compiled for sm_90: step 4 takes 150 registers with 32 rows and no
+# spills; the key-key sum, which keeps three such tiles across its loop over heads, spills 8 bytes
+# with 16 rows in fp16, some 300 in bf16 or on sm_80, and 500 with 32 rows). Crops (and heads) are the grid's first axis, which has
 # no practical bound; the second, rows, is at most 16.
 REFOCUS_ROWS = 32
 KEY_KEY_ROWS = 16
@@ -38,16 +39,16 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 def available(projections: torch.Tensor) -> bool:
-    """Whether these kernels run on the queries / keys / values (B, H, T, d): in half precision,
-    on a GPU from Ampere on (`kernels.available`)."""
-    return projections.dtype in HALF and kernels.available(projections, capability=(8, 0))
+    """Whether these kernels run on the queries / keys / values (..., T, d), CLS first: in half
+    precision, on a GPU from Ampere on, for up to `kernels.MAX_TOKENS` patch tokens."""
+    return projections.dtype in HALF and kernels.available(projections[..., 1:, :], capability=(8, 0))
 
 
 def _sizes(rows: int, *projections: torch.Tensor) -> dict:
     if any(x.stride(-1) != 1 for x in projections):
         raise ValueError("the attention kernels read rows of channels: the last axis must have unit stride")
     t, d = projections[0].shape[-2:]
-    return dict(TP=max(16, triton.next_power_of_2(t)), DP=max(16, triton.next_power_of_2(d)), BM=rows)
+    return dict(NP=max(16, triton.next_power_of_2(t - 1)), DP=max(16, triton.next_power_of_2(d)), BM=rows)
 
 
 def refocused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, distraction: torch.Tensor,
@@ -84,33 +85,40 @@ def accumulate_key_key(k: torch.Tensor, key_key_sum: torch.Tensor,
 if triton is not None:
 
     @triton.jit
-    def _probabilities(q, k_base, stride_kt, t, d, scale, TP: tl.constexpr, DP: tl.constexpr):
-        """softmax(q k^T * scale) over the t keys at k_base: (rows, TP) float32, 0 past t."""
-        keys = tl.arange(0, TP)
+    def _probabilities(q, k_base, stride_kt, n, d, scale, NP: tl.constexpr, DP: tl.constexpr):
+        """softmax(q k^T * scale) over the CLS key and the n patch keys after it at k_base: the
+        patch keys' probabilities (rows, NP), 0 past n, and the CLS key's (rows,). The CLS key is
+        kept apart so that 256 patch keys (a ViT-L/14 window) fill the NP = 256 columns."""
+        keys = tl.arange(0, NP)
         dims = tl.arange(0, DP)
-        k = tl.load(k_base + keys[:, None] * stride_kt + dims[None, :], mask=(keys[:, None] < t) & (dims[None, :] < d),
-                    other=0.0)
-        scores = tl.where(keys[None, :] < t, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
-        scores = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-        return scores / tl.sum(scores, axis=1)[:, None]
+        k = tl.load(k_base + (keys[:, None] + 1) * stride_kt + dims[None, :],
+                    mask=(keys[:, None] < n) & (dims[None, :] < d), other=0.0)
+        scores = tl.where(keys[None, :] < n, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        k_cls = tl.load(k_base + dims, mask=dims < d, other=0.0).to(tl.float32)
+        cls = tl.sum(q.to(tl.float32) * k_cls[None, :], axis=1) * scale
+        top = tl.maximum(tl.max(scores, axis=1), cls)
+        scores = tl.exp(scores - top[:, None])
+        cls = tl.exp(cls - top)
+        total = tl.sum(scores, axis=1) + cls
+        return scores / total[:, None], cls / total
 
     @triton.jit
     def _refocus_kernel(q_ptr, k_ptr, v_ptr, dis_ptr, def_ptr, out_ptr, t, d, heads, scale, beta,
                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-                        TP: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr):
+                        NP: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr):
         item = (tl.program_id(0) // heads).to(tl.int64)
         head = tl.program_id(0) % heads
-        rows = tl.program_id(1) * BM + tl.arange(0, BM)
-        keys = tl.arange(0, TP)
+        rows = tl.program_id(1) * BM + tl.arange(0, BM)  # query tokens, CLS (row 0) included
+        keys = tl.arange(0, NP)  # patch keys: key j is token j + 1
         dims = tl.arange(0, DP)
+        n = t - 1
         tile = (rows[:, None] < t) & (dims[None, :] < d)
         q = tl.load(q_ptr + item * sqb + head * sqh + rows[:, None] * sqt + dims[None, :], mask=tile, other=0.0)
-        attn = _probabilities(q, k_ptr + item * skb + head * skh, skt, t, d, scale, TP, DP)
-        # step 4: row i times (1 - beta) on Dis, (1 + g_i) on Def, 1 elsewhere, with
-        # g_i = beta (A 1_Dis)_i / (A 1_Def)_i; the CLS row (row 0) keeps its attention
-        patch = (keys >= 1) & (keys < t)  # key j is patch token j - 1; CLS is in neither set
-        dis = tl.load(dis_ptr + item * (t - 1) + keys - 1, mask=patch, other=0).to(tl.float32)
-        dfc = tl.load(def_ptr + item * (t - 1) + keys - 1, mask=patch, other=0).to(tl.float32)
+        attn, on_cls = _probabilities(q, k_ptr + item * skb + head * skh, skt, n, d, scale, NP, DP)
+        # step 4: row i times (1 - beta) on Dis, (1 + g_i) on Def, 1 elsewhere (the CLS key too),
+        # with g_i = beta (A 1_Dis)_i / (A 1_Def)_i; the CLS row keeps its attention
+        dis = tl.load(dis_ptr + item * n + keys, mask=keys < n, other=0).to(tl.float32)
+        dfc = tl.load(def_ptr + item * n + keys, mask=keys < n, other=0).to(tl.float32)
         # beta where the crop has defocused tokens, else 0: such a crop keeps its plain attention
         budget = tl.where(tl.max(dfc, axis=0) > 0, beta, 0.0)
         on_dis = tl.sum(attn * dis[None, :], axis=1)
@@ -118,28 +126,30 @@ if triton is not None:
         gain = budget * on_dis / tl.maximum(on_dfc, 1.1754943508222875e-38)
         factor = 1.0 - budget * dis[None, :] + gain[:, None] * dfc[None, :]
         attn = attn * tl.where(rows[:, None] >= 1, factor, 1.0)
-        v = tl.load(v_ptr + item * svb + head * svh + keys[:, None] * svt + dims[None, :],
-                    mask=(keys[:, None] < t) & (dims[None, :] < d), other=0.0)
-        out = tl.dot(attn.to(v.dtype), v)
+        v_base = v_ptr + item * svb + head * svh
+        v = tl.load(v_base + (keys[:, None] + 1) * svt + dims[None, :], mask=(keys[:, None] < n) & (dims[None, :] < d),
+                    other=0.0)
+        v_cls = tl.load(v_base + dims, mask=dims < d, other=0.0).to(tl.float32)
+        out = tl.dot(attn.to(v.dtype), v) + on_cls[:, None] * v_cls[None, :]
         tl.store(out_ptr + item * sob + head * soh + rows[:, None] * sot + dims[None, :], out.to(v.dtype), mask=tile)
 
     @triton.jit
     def _key_key_kernel(k_ptr, sum_ptr, similarity_ptr, t, d, heads, scale, skb, skh, skt,
-                        HEAD_MEAN: tl.constexpr, TP: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr):
+                        HEAD_MEAN: tl.constexpr, NP: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr):
         item = tl.program_id(0).to(tl.int64)
         n = t - 1
-        patch = tl.program_id(1) * BM + tl.arange(0, BM)  # patch rows; token patch + 1
-        keys = tl.arange(0, TP)
+        patch = tl.program_id(1) * BM + tl.arange(0, BM)  # patch query rows: token patch + 1
+        keys = tl.arange(0, NP)
         dims = tl.arange(0, DP)
-        # key j (CLS is 0) is patch column j - 1 of the sum: the CLS column is left out, unrenormalized
-        columns = (patch[:, None] < n) & (keys[None, :] >= 1) & (keys[None, :] < t)
-        offsets = patch[:, None] * n + keys[None, :] - 1
-        total = tl.zeros((BM, TP), dtype=tl.float32)
+        # the sum keeps the patch columns: the CLS key's probability is left out, unrenormalized
+        columns = (patch[:, None] < n) & (keys[None, :] < n)
+        offsets = patch[:, None] * n + keys[None, :]
+        total = tl.zeros((BM, NP), dtype=tl.float32)
         for head in range(heads):
             k_base = k_ptr + item * skb + head * skh
             rows = tl.load(k_base + (patch[:, None] + 1) * skt + dims[None, :],
                            mask=(patch[:, None] < n) & (dims[None, :] < d), other=0.0)
-            probs = _probabilities(rows, k_base, skt, t, d, scale, TP, DP)
+            probs, _ = _probabilities(rows, k_base, skt, n, d, scale, NP, DP)
             place = sum_ptr + (item * heads + head) * n * n + offsets
             running = tl.load(place, mask=columns, other=0.0) + probs
             tl.store(place, running, mask=columns)
