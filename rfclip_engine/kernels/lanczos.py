@@ -22,6 +22,7 @@ from . import triton
 if triton is not None:
     import triton.language as tl
 
+
 def fiedler(similarity: torch.Tensor, start: Optional[torch.Tensor], distraction: Optional[torch.Tensor],
             steps: int, squarings: int = 24, num_warps: int = 8,
             tile_rows: int = 16) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
