@@ -120,21 +120,15 @@ def _lanczos_second_vector(matrix: torch.Tensor, inv_sqrt_degree: torch.Tensor, 
     """Unit eigenvector of the second-largest eigenvalue of the normalized similarity `matrix`:
     the largest Ritz vector of its Krylov space kept orthogonal to the top eigenvector D^{1/2} 1."""
     b, n, _ = matrix.shape
-    top = F.normalize(inv_sqrt_degree.reciprocal(), dim=-1)
-    if start is None:
-        row = torch.linspace(-1.0, 1.0, n, device=matrix.device).expand(b, n)
-    else:
-        row = start.float() / inv_sqrt_degree  # back from y = D^{-1/2} u
-    return _lanczos_loop(matrix, top, row, steps)
-
-
-def _lanczos_loop(matrix: torch.Tensor, top: torch.Tensor, row: torch.Tensor, steps: int) -> torch.Tensor:
-    b, n, _ = matrix.shape
     steps = min(steps, n - 1)  # the space orthogonal to the top eigenvector has n - 1 dimensions
     # Vectors are rows, so each step is a few batched matmuls on (B, 1, N) rows: the solver's cost
     # is per-op overhead, not arithmetic. Row 0 holds the top eigenvector, rows 1.. the Krylov basis.
     basis = matrix.new_empty((b, steps + 1, n))
-    basis[:, 0] = top
+    basis[:, 0] = F.normalize(inv_sqrt_degree.reciprocal(), dim=-1)
+    if start is None:
+        row = torch.linspace(-1.0, 1.0, n, device=matrix.device).expand(b, n)
+    else:
+        row = start.float() / inv_sqrt_degree  # back from y = D^{-1/2} u
     row = row.unsqueeze(1)
     for j in range(steps):
         done = basis[:, :j + 1]

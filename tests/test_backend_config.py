@@ -123,6 +123,8 @@ def test_model_version_follows_the_method_not_how_it_runs():
     assert model_version(Settings.from_env({"RFCLIP_PAMR": "true"})) != base
     with pytest.raises(SettingsError, match="RFCLIP_CUDA_GRAPHS"):
         Settings.from_env({"RFCLIP_CUDA_GRAPHS": "sometimes"})
+    with pytest.raises(SettingsError, match="RFCLIP_TRITON_KERNELS"):
+        Settings.from_env({"RFCLIP_TRITON_KERNELS": "sometimes"})
     # Label Studio's model-versions column joins versions with commas
     tagged = model_version(Settings.from_env({"RFCLIP_WEIGHTS_TAG": "laion,2b"}))
     assert "," not in tagged and "laion_2b" in tagged

@@ -41,8 +41,8 @@ def test_dense_features_on_the_device_equal_the_cpu(models, mode):
     reference, model = models
     pixels = scene(4, 64, 0)
     config = RFCLIPConfig(mode=mode, sigma=1.5)
-    on_device = model.encode_dense(pixels.to(DEVICE), config)
-    torch.testing.assert_close(on_device.cpu(), reference.encode_dense(pixels, config), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.encode_dense(pixels.to(DEVICE), config).cpu(),
+                               reference.encode_dense(pixels, config), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("half", [False, True])
