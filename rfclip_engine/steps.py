@@ -133,10 +133,10 @@ def _lanczos_second_vector(matrix: torch.Tensor, inv_sqrt_degree: torch.Tensor, 
     for j in range(steps):
         done = basis[:, :j + 1]
         for _ in range(2):  # classical Gram-Schmidt twice keeps float32 Krylov vectors orthogonal
-            row = torch.baddbmm(row, row @ done.transpose(1, 2), done, alpha=-1)
+            row = torch.baddbmm(row, torch.bmm(row, done.transpose(1, 2)), done, alpha=-1)
         norm = torch.linalg.vector_norm(row, dim=-1, keepdim=True).clamp_min_(torch.finfo(row.dtype).tiny)
         row = torch.div(row, norm, out=basis[:, j + 1:j + 2])
-        row = row @ matrix  # M is symmetric: the row form of M u
+        row = torch.bmm(row, matrix)  # M is symmetric: the row form of M u
     krylov = basis[:, 1:]
     projected = krylov @ matrix @ krylov.transpose(1, 2)
     ritz = top_eigenvector((projected + projected.transpose(1, 2)) / 2, shift=1.0)
@@ -158,7 +158,7 @@ def top_eigenvector(symmetric: torch.Tensor, shift: float, squarings: int = 24) 
             # largest eigenvalue lies in [1/k, 1], so three squarings stay above 1e-12 * trace
             trace = power.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
             power = power / trace.clamp_min(torch.finfo(power.dtype).tiny)
-        power = power @ power
+        power = torch.bmm(power, power)
     # every column is a multiple of the eigenvector: the largest is the most accurate
     column = torch.linalg.vector_norm(power, dim=-2).argmax(dim=-1)
     vector = power.gather(-1, column[:, None, None].expand(-1, k, 1)).squeeze(-1)
