@@ -19,8 +19,11 @@ from .kernels import lanczos
 def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) over the last axis; q, k are (B, H, T, d). Key-key attention is
     `attention_probs(k, k)`."""
-    scale = q.shape[-1] ** -0.5
-    return torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1)
+    # the scale rides on the product (alpha) instead of a pass over q: on the CPU that pass cost
+    # as much as the softmax's add into the key-key sum
+    scores = torch.baddbmm(q.new_zeros(()), q.flatten(0, -3), k.flatten(0, -3).transpose(1, 2),
+                           beta=0, alpha=q.shape[-1] ** -0.5)
+    return torch.softmax(scores.view(*q.shape[:-1], k.shape[-2]), dim=-1)
 
 
 def received_attention(attn: torch.Tensor) -> torch.Tensor:
