@@ -70,6 +70,9 @@ def run_with_peak_memory(work: Callable[[], object], device: torch.device) -> Tu
     return seconds, torch.cuda.max_memory_allocated(device) - start
 
 
+MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
+
+
 def machine() -> dict:
     return {
         "cpu": platform.processor() or platform.machine(),
@@ -78,6 +81,8 @@ def machine() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # glibc's malloc thresholds change CPU times by some 10 % (the Docker image sets them)
+        "malloc": {name: os.environ.get(name) for name in MALLOC_SETTINGS},
     }
 
 
