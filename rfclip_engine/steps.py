@@ -20,8 +20,9 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) over the last axis; q, k are (B, H, T, d). Key-key attention is
     `attention_probs(k, k)`."""
     # the scale rides on the product (alpha) instead of a pass over q: on the CPU that pass cost
-    # as much as the softmax's add into the key-key sum
-    scores = torch.baddbmm(q.new_zeros(()), q.flatten(0, -3), k.flatten(0, -3).transpose(1, 2),
+    # as much as the softmax's add into the key-key sum. With beta=0 baddbmm ignores its input,
+    # NaN included, so an uninitialized scalar stands in (no fill, no launch).
+    scores = torch.baddbmm(q.new_empty(()), q.flatten(0, -3), k.flatten(0, -3).transpose(1, 2),
                            beta=0, alpha=q.shape[-1] ** -0.5)
     return torch.softmax(scores.view(*q.shape[:-1], k.shape[-2]), dim=-1)
 
