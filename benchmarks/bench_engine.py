@@ -120,6 +120,9 @@ def main() -> int:
     for device in devices:
         precision = args.precision or default_precision(device.type)
         print(f"\n## {device} ({precision})")
+        if device.type == "cpu" and not any(report["machine"]["malloc"].values()):
+            print("glibc's malloc defaults: CPU times include page faults that depend on the heap's history "
+                  "(README, Benchmarks: the Docker image's MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_)")
         report["devices"][str(device)] = {"precision": precision, **bench_device(device, precision, args)}
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.json}")
