@@ -8,9 +8,10 @@ FROM ${BASE_IMAGE}
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 # glibc's malloc gives big freed buffers back to the kernel (munmap, or trimming the heap's top),
-# so each forward page-faults its attention and MLP buffers in anew; these keep buffers of up to
-# 32 MB, and the heap's free top, for reuse (a worker keeps the memory of its peak): on the CPU rfclip ran about 5 % faster, plain CLIP 2-3 %, and the
-# times stopped depending on the heap's history (benchmarks/RESULTS.md, run I).
+# so each forward page-faults its attention and MLP buffers in anew. These keep buffers of up to
+# 32 MB, and the heap's free top, for reuse (a worker keeps the memory of its peak): on the CPU
+# rfclip ran about 5 % faster, plain CLIP 2-3 %, and times stopped depending on the heap's
+# history (benchmarks/RESULTS.md, run I).
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     HF_HOME=/hf \

@@ -81,7 +81,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        # glibc's malloc thresholds change CPU times by some 10 % (the Docker image sets them)
+        # glibc's malloc thresholds decide whether CPU times include page faults (the Docker image sets them)
         "malloc": {name: os.environ.get(name) for name in MALLOC_SETTINGS},
     }
 
