@@ -154,8 +154,7 @@ def launch_counts(model, device: torch.device) -> dict:
         model.encode_dense(pixels, config)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             model.encode_dense(pixels, config)
-        launched = [e for e in prof.events() if e.name.startswith("aten::") and e.name not in NO_KERNEL
-                    and not _inside_operator(e)]
+        launched = launched_operators(prof)
         steps = {label: sum(_inside(e, label) for e in launched) for label in STEP_LABELS}
         counts[mode] = {"per_forward": len(launched), "per_block": len(launched) / blocks, "per_step": steps}
     base = counts["clip"]["per_block"]
@@ -165,6 +164,13 @@ def launch_counts(model, device: torch.device) -> dict:
         [[mode, c["per_forward"], f"{c['per_block']:.1f}", f"{c['per_block'] / base:.1f}",
           *(f"{c['per_step'][label] / blocks:.1f}" for label in STEP_LABELS)] for mode, c in counts.items()]))
     return counts
+
+
+def launched_operators(prof, ignored: frozenset = frozenset()) -> list:
+    """The profiled operators, called from Python, that launch work: views, no-op conversions,
+    `ignored` and whatever runs inside another operator left out."""
+    return [e for e in prof.events() if e.name.startswith("aten::") and e.name not in NO_KERNEL
+            and e.name not in ignored and not _inside_operator(e)]
 
 
 def _ancestors(event) -> Iterator[str]:

@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_engine import NO_KERNEL, STEP_LABELS, _inside, _inside_operator  # noqa: E402
+from benchmarks.bench_engine import STEP_LABELS, _inside, launched_operators  # noqa: E402
 from benchmarks.common import arguments, machine, markdown_table  # noqa: E402
 from rfclip_engine import RFCLIPConfig, kernels, load_model  # noqa: E402
 from rfclip_engine.kernels import attention, distractors, lanczos  # noqa: E402
@@ -61,8 +61,7 @@ def count(model, config: RFCLIPConfig, pixels: torch.Tensor) -> dict:
     finally:
         for label, (module, name) in KERNELS.items():
             setattr(module, name, counted[label].kernel)
-    launched = [e for e in prof.events() if e.name.startswith("aten::") and e.name not in NO_KERNEL
-                and e.name not in INTERPRETER_TRAFFIC and not _inside_operator(e)]
+    launched = launched_operators(prof, INTERPRETER_TRAFFIC)
     blocks = len(model.visual.transformer.resblocks)
     steps = {label: (sum(_inside(e, label) for e in launched) + counted[label].launches) / blocks
              for label in STEP_LABELS}

@@ -29,8 +29,8 @@ if triton is not None:
 # Query rows per program, so that its (rows, N) float32 tiles stay in registers (at 8 warps, for
 # 256 patch keys of 64 channels, compiled for sm_90: step 4 takes 150 registers with 32 rows and no
 # spills; the key-key sum, which keeps three such tiles across its loop over heads, spills 8 bytes
-# with 16 rows in fp16, some 300 in bf16 or on sm_80, and 500 with 32 rows). Crops (and heads) are the grid's first axis, which has
-# no practical bound; the second, rows, is at most 16.
+# with 16 rows in fp16, some 300 in bf16 or on sm_80, and 500 with 32 rows). Crops (and heads) are
+# the grid's first axis, which has no practical bound; the second, rows, is at most 16.
 REFOCUS_ROWS = 32
 KEY_KEY_ROWS = 16
 
