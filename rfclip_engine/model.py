@@ -253,6 +253,18 @@ class RFCLIPModel(nn.Module):
             clone it to keep it.
         Returns (B, h, w, D) on the patch grid.
         """
+        # The blocks run in inference mode: no_grad still keeps a version counter and view
+        # record for every op, and with the RF-CLIP steps' some 370 small ops a block that was
+        # about 1 % of a CPU forward. The projection runs outside it, so callers get an ordinary
+        # tensor, which they may modify in place.
+        with torch.inference_mode():
+            z, grid = self._encode_tokens(pixels, config, on_block_input)
+        return self._project(z, grid)
+
+    def _encode_tokens(
+        self, pixels: torch.Tensor, config: RFCLIPConfig, on_block_input: Optional[BlockObserver],
+    ) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """The patch tokens z before ln_post and proj, and the patch grid."""
         preset = self.resolve_preset(config) if config.refocuses else None
         dims = self._dims_on(preset.dims, pixels.device) if preset else None
         x, grid = self._embed(pixels)
@@ -279,7 +291,7 @@ class RFCLIPModel(nn.Module):
                     key_key_sum, similarity = _accumulate_key_key(k, key_key_sum, parts, localize,
                                                                   config.triton_kernels)
             if index == n_blocks - 1 and config.mode != "clip":
-                return self._dense_head(block, v, key_key_sum, n_blocks, config.mode, grid)
+                return self._dense_head(block, v, key_key_sum, n_blocks, config.mode), grid
             if refocus:
                 if localize:
                     with record_function("rfclip.fiedler"):
@@ -296,7 +308,7 @@ class RFCLIPModel(nn.Module):
                 heads = F.scaled_dot_product_attention(q, k, v)
             x = x + block.ls_1(_project_heads(block, heads))
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
-        return self._project(x[:, 1:], grid)
+        return x[:, 1:], grid
 
     def _repair(self, block, x, grid, dims, preset: DistractionPreset, config: RFCLIPConfig):
         """Steps 1-2 on the block input: find the distraction tokens (returned), repair their
@@ -313,15 +325,13 @@ class RFCLIPModel(nn.Module):
             redistribute_embeddings(x[:, 1:], distraction, dims, grid, in_place=True)
         return distraction
 
-    def _dense_head(self, block, v, key_key_sum, n_blocks: int, mode: str, grid) -> torch.Tensor:
+    def _dense_head(self, block, v, key_key_sum, n_blocks: int, mode: str) -> torch.Tensor:
         """The last block without residual or MLP: values through out_proj (maskclip), or
         mixed by the layer-averaged key-key attention first (kk-proxy, rfclip)."""
         values = v[:, :, 1:]
         if mode == "maskclip":
-            z = block.attn.out_proj(_merge_heads(values))
-        else:
-            z = _project_heads(block, (key_key_sum / n_blocks).to(values.dtype) @ values)
-        return self._project(z, grid)
+            return block.attn.out_proj(_merge_heads(values))
+        return _project_heads(block, (key_key_sum / n_blocks).to(values.dtype) @ values)
 
     def _project(self, patch_tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         out = self.visual.ln_post(patch_tokens) @ self.visual.proj

@@ -192,6 +192,17 @@ def test_positional_embedding_interpolation(tiny_model):
     torch.testing.assert_close(pos[1:], expected.permute(0, 2, 3, 1).reshape(15, -1))
 
 
+@pytest.mark.parametrize("mode", ["clip", "rfclip"])
+def test_output_is_an_ordinary_tensor(mode, tiny_model):
+    """The blocks run in inference mode; what a caller gets back must not be an inference tensor,
+    which could not be modified in place outside it."""
+    dense = tiny_model.encode_dense(torch.randn(2, 3, 64, 64), RFCLIPConfig(mode=mode))
+    assert not dense.is_inference()
+    before = dense.clone()
+    dense.mul_(2)
+    torch.testing.assert_close(dense, 2 * before)
+
+
 def test_bad_pixels_shape(tiny_model):
     with pytest.raises(ValueError, match="multiples of the patch size"):
         tiny_model.encode_dense(torch.randn(1, 3, 60, 64))
