@@ -250,7 +250,9 @@ class RFCLIPModel(nn.Module):
         pixels: (B, 3, H, W), CLIP-normalized, H and W multiples of the patch size.
         on_block_input: called with (block index, residual stream entering the block) before
             any repair; calibration uses it. The tensor is repaired in place after the call:
-            clone it to keep it.
+            clone it to keep it. It and its clones are inference tensors (the blocks run in
+            inference mode): anything can read them, but only code under inference mode may
+            modify them in place.
         Returns (B, h, w, D) on the patch grid.
         """
         # The blocks run in inference mode: no_grad still keeps a version counter and view
