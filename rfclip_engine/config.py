@@ -44,7 +44,8 @@ class RFCLIPConfig:
         or "exact" (a full eigendecomposition per block). They give the same partition unless
         the Fiedler eigenvalue is nearly degenerate, where both cuts are about equally good.
     attention_chunk_mb: the explicit attention and key-key buffers are computed for as many crops
-        at a time as fit in this many MB (float32); None: 4 MB on the CPU (they stay in cache),
+        at a time as fit in this many MB (float32); None: on the CPU an eighth of this process's
+        share of the last-level cache, at least 4 MB (they stay in cache; `model.cpu_chunk_mb`),
         the whole batch on an accelerator (fewer launches). The result does not depend on it.
     triton_kernels: on CUDA, steps 1-4 run as Triton kernels (rfclip_engine/kernels/) wherever
         they can; False keeps the eager steps everywhere. The same result up to rounding.

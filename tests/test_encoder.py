@@ -264,6 +264,40 @@ def test_crop_ranges_cover_the_batch_once():
         RFCLIPConfig(attention_chunk_mb=0)
 
 
+def fake_sysfs_cache(root, levels):
+    root.mkdir()
+    for index, (level, size) in enumerate(levels):
+        entry = root / f"index{index}"
+        entry.mkdir()
+        (entry / "level").write_text(f"{level}\n")
+        (entry / "size").write_text(f"{size}\n")
+    return root
+
+
+def test_last_level_cache_read_from_sysfs(tmp_path):
+    read = rfclip_model._last_level_cache_bytes.__wrapped__  # uncached
+    xeon = fake_sysfs_cache(tmp_path / "xeon", [(1, "48K"), (1, "32K"), (2, "2048K"), (3, "266240K")])
+    assert read(xeon) == 266240 * 2 ** 10
+    assert read(fake_sysfs_cache(tmp_path / "m", [(2, "1M"), (3, "32M")])) == 32 * 2 ** 20
+    assert read(fake_sysfs_cache(tmp_path / "odd", [(2, "512K"), (3, "unknown")])) == 512 * 2 ** 10
+    assert read(tmp_path / "missing") == 0
+
+
+@pytest.mark.parametrize("cache_mb, cpus, threads, chunk_mb, parts_of_8", [
+    (260, 2, 2, 32.5, 1),  # the Xeon of benchmarks/RESULTS.md: the backend's 8 crops in one range
+    (260, 2, 1, 16.25, 1),  # one of two single-thread workers there
+    (260, 64, 4, 4.0, 4),  # one of many workers on a big host: its share is small
+    (32, 2, 2, 4.0, 4),  # the EPYC VM of run E, where ranges of 2 crops measured best
+    (0, 2, 2, 4.0, 4),  # cache size unknown
+])
+def test_cpu_range_of_attention_follows_the_cache_share(cache_mb, cpus, threads, chunk_mb, parts_of_8, monkeypatch):
+    monkeypatch.setattr(rfclip_model, "_last_level_cache_bytes", lambda: cache_mb * 2 ** 20)
+    monkeypatch.setattr(rfclip_model.os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(rfclip_model.torch, "get_num_threads", lambda: threads)
+    assert rfclip_model.cpu_chunk_mb() == pytest.approx(chunk_mb)
+    assert len(rfclip_model.crop_parts(8, 197, 12, torch.device("cpu"), None)) == parts_of_8
+
+
 def normalized_cut(weights, part):
     """Shi and Malik's Ncut(A, B) = cut/assoc(A) + cut/assoc(B), in float64."""
     a = part.double()
