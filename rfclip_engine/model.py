@@ -111,8 +111,8 @@ def cpu_chunk_mb() -> float:
     last-level cache (its intra-op threads over the machine's CPUs), and no less than 4 MB. A range
     works on about four buffers of that size (scores, probabilities, step 4's factor, the key-key
     sum), which then stay in that cache; smaller ranges only add operators. On a 32 MB L3 that is
-    the 4 MB measured best there; on the 260 MB L3 of benchmarks/RESULTS.md's Xeon, 32 MB: one
-    range for the backend's 8 crops, about 1 % faster there than ranges of 4 MB."""
+    4 MB, which beat one range there (run E of benchmarks/RESULTS.md); on the 260 MB L3 of runs
+    G-K's Xeon, 32 MB: one range for the backend's 8 crops, about 1 % faster there than 4 MB."""
     threads = torch.get_num_threads()
     share = min(1.0, threads / (os.cpu_count() or threads))
     return max(4.0, _last_level_cache_bytes() * share / 8 / 2 ** 20)
