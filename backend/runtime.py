@@ -11,6 +11,7 @@ import torch
 
 from rfclip_engine import Segmenter, load_model
 from rfclip_engine.loading import resolve_device
+from rfclip_engine.process import flush_subnormal_floats
 from rfclip_engine.text import EmbeddingCache
 
 from .learning.bank import open_bank
@@ -45,6 +46,7 @@ class Runtime:
 
 
 def build_runtime(settings: Settings, segmenter_loader: SegmenterLoader = load_segmenter) -> Runtime:
+    flush_subnormal_floats()  # before the model loader's and torch's threads start: they copy the flag
     text_cache = RedisEmbeddingCache(settings.redis_url)
     holder = ModelHolder(lambda: segmenter_loader(settings, text_cache))
     fetcher = ImageFetcher(settings.cache_dir, settings.allowed_local_dir, settings.max_download_bytes,

@@ -45,7 +45,9 @@ from benchmarks.common import arguments, machine, markdown_table, run_with_peak_
 from rfclip_engine import RFCLIPConfig, Segmenter, SegmenterConfig, Vocabulary, load_model  # noqa: E402
 from rfclip_engine.config import autocast_dtype, default_precision  # noqa: E402
 from rfclip_engine.graphs import DenseEncoder  # noqa: E402
+from rfclip_engine.model import cpu_chunk_mb  # noqa: E402
 from rfclip_engine.presets import find_preset  # noqa: E402
+from rfclip_engine.process import flush_subnormal_floats  # noqa: E402
 from rfclip_engine.sliding import crop_boxes  # noqa: E402
 
 MODES = {
@@ -95,6 +97,7 @@ def crops(size, count, short_side) -> int:
 
 
 def main() -> int:
+    flushed = flush_subnormal_floats()  # as every entry point does, before torch starts a thread
     parser = arguments(__file__, __doc__)
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--device", default="auto",
@@ -116,7 +119,9 @@ def main() -> int:
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     else:
         devices = [torch.device(args.device)]
-    report = {"machine": machine(), "model": args.model, "classes": args.classes, "devices": {}}
+    # the CPU's default range of crops for the explicit attention follows the cache
+    report = {"machine": {**machine(), "cpu_attention_range_mb": cpu_chunk_mb()}, "subnormals_flushed": flushed,
+              "model": args.model, "classes": args.classes, "devices": {}}
     for device in devices:
         precision = args.precision or default_precision(device.type)
         print(f"\n## {device} ({precision})")

@@ -12,8 +12,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from rfclip_engine.model import cpu_chunk_mb
-
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -85,8 +83,6 @@ def machine() -> dict:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         # glibc's malloc thresholds decide whether CPU times include page faults (the Docker image sets them)
         "malloc": {name: os.environ.get(name) for name in MALLOC_SETTINGS},
-        # the CPU's default range of crops for the explicit attention follows the cache
-        "cpu_attention_range_mb": cpu_chunk_mb(),
     }
 
 

@@ -29,6 +29,7 @@ from .loading import WeightsUnavailableError, load_model, resolve_device
 from .predictor import Segmenter
 from .prototypes import Example, Prototypes
 from .presets import save_preset_file
+from .process import flush_subnormal_floats
 from .text import Vocabulary
 from .visualize import colorize, overlay, palette
 
@@ -362,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    flush_subnormal_floats()  # before torch starts a thread: threads copy the flag when created
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,66 @@
+"""Subnormal floats flushed to zero, in every thread that runs the model, by every entry point."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from rfclip_engine import Segmenter
+
+from .backend_support import TEST_CONFIG
+
+# Multiplies a tensor of subnormals, big enough to be split across two intra-op threads, once
+# on the main thread and once on a thread started later; prints how many stayed non-zero.
+PROBE = textwrap.dedent("""
+    import sys, threading, torch
+    if sys.argv[1] == "flush":
+        from rfclip_engine.process import flush_subnormal_floats
+        assert flush_subnormal_floats()
+    torch.set_num_threads(2)
+
+    def survivors():
+        tiny = torch.full((1 << 21,), torch.finfo(torch.float32).tiny / 4)
+        print(int((tiny * 1.0 != 0).sum()))
+
+    survivors()
+    thread = threading.Thread(target=survivors)
+    thread.start()
+    thread.join()
+""")
+
+
+def survivors(mode: str) -> list:
+    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [int(line) for line in done.stdout.split()]
+
+
+def test_subnormals_are_flushed_in_the_threads_started_after():
+    assert survivors("keep") == [1 << 21, 1 << 21]  # the probe does see subnormals
+    assert survivors("flush") == [0, 0]
+
+
+def test_the_rfclip_command_flushes_before_anything_else(monkeypatch):
+    from rfclip_engine import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "flush_subnormal_floats", lambda: calls.append("flush"))
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert calls == ["flush"]
+
+
+def test_the_backend_flushes_before_the_model_loader_starts(monkeypatch, tiny_model, tmp_path):
+    from backend import runtime
+    from backend.settings import Settings
+
+    calls = []
+    monkeypatch.setattr(runtime, "flush_subnormal_floats", lambda: calls.append("flush"))
+
+    def loader(settings, cache):
+        calls.append("load")
+        return Segmenter(tiny_model, TEST_CONFIG, text_cache=cache)
+
+    built = runtime.build_runtime(Settings(cache_dir=tmp_path), segmenter_loader=loader)
+    built.holder.get(10)
+    assert calls == ["flush", "load"]
