@@ -48,7 +48,9 @@ class RFCLIPConfig:
         share of the last-level cache, at least 4 MB (they stay in cache; `model.cpu_chunk_mb`),
         the whole batch on an accelerator (fewer launches). The result does not depend on it.
     triton_kernels: on CUDA, steps 1-4 run as Triton kernels (rfclip_engine/kernels/) wherever
-        they can; False keeps the eager steps everywhere. The same result up to rounding.
+        they can; False keeps the eager steps everywhere. The same result up to rounding. The
+        segmenter's encoder (`graphs.DenseEncoder`) checks them against the eager steps on each
+        crop shape's first forward and keeps the eager steps where they fail or disagree.
     """
 
     mode: str = "rfclip"

@@ -1,4 +1,5 @@
-"""The encoder's forward at a precision, replayed from recorded CUDA graphs when asked.
+"""The encoder's forward at a precision, replayed from recorded CUDA graphs when asked, with the
+Triton kernels checked against the eager steps on their first forward.
 
 At small batches a GPU forward of RF-CLIP is bound by kernel launches, not by arithmetic: the
 Lanczos solver alone is some 300 small operators per block. A CUDA graph records the whole forward
@@ -7,16 +8,25 @@ host (see steps.py), which is what recording needs.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 from collections import OrderedDict
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from . import kernels
 from .config import RFCLIPConfig
 from .model import RFCLIPModel
 
 _Key = Tuple[Tuple[int, ...], torch.dtype, RFCLIPConfig]
+# Relative distance of the kernels' dense features from the eager steps' above which the kernels
+# are not used: half precision against float32 stays well inside it (tests/test_device.py), and
+# the kernels against the eager steps inside that again; a broken kernel lands far outside.
+KERNEL_TOLERANCE = 0.05
+
+log = logging.getLogger(__name__)
 
 
 class DenseEncoder:
@@ -25,6 +35,12 @@ class DenseEncoder:
     With `cuda_graphs`, a CUDA input runs as the replay of a graph recorded for its shape and
     config, the `max_graphs` most recently used kept (each holds its forward's buffers); other
     devices run the plain forward.
+
+    Where the Triton kernels would run (`config.triton_kernels` on a GPU), the first forward of
+    each crop shape and config runs with the kernels and with the eager steps: a kernel that
+    fails to compile or launch on this GPU, or features more than KERNEL_TOLERANCE from the eager
+    steps', and this encoder keeps the eager steps for that crop shape, with a warning. The kernels
+    are checked in tests through Triton's interpreter, not on every GPU and Triton release.
     """
 
     def __init__(self, model: RFCLIPModel, dtype: Optional[torch.dtype] = None, cuda_graphs: bool = False,
@@ -35,8 +51,11 @@ class DenseEncoder:
         self.max_graphs = max_graphs
         self._graphs: "OrderedDict[_Key, Tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]]" = OrderedDict()
         self._lock = threading.Lock()  # one replay at a time: the graph's buffers are shared
+        self._kernel_checks: Dict[_Key, bool] = {}  # whether the kernels passed, per crop shape and config
 
     def __call__(self, pixels: torch.Tensor, config: RFCLIPConfig) -> torch.Tensor:
+        if config.triton_kernels and config.mode in ("kk-proxy", "rfclip") and kernels.usable(pixels.device):
+            config = self._checked(pixels, config)
         # the exact Fiedler solver's eigh checks its result on the host, which recording forbids
         exact = config.refocuses and config.defocus_localization and config.fiedler_solver == "exact"
         if not (self.cuda_graphs and pixels.device.type == "cuda") or exact:
@@ -53,6 +72,34 @@ class DenseEncoder:
             static_input.copy_(pixels)
             graph.replay()
             return static_output.clone()  # the next replay overwrites the graph's output
+
+    def _checked(self, pixels: torch.Tensor, config: RFCLIPConfig) -> RFCLIPConfig:
+        """`config`, or the same with the eager steps where the kernels failed their check."""
+        key = (tuple(pixels.shape[1:]), pixels.dtype, config)  # a kernel is compiled per crop size, not batch
+        with self._lock:
+            passed = self._kernel_checks.get(key)
+            if passed is None:
+                failure = self._check_kernels(pixels, config)
+                if failure:
+                    log.warning("the Triton kernels %s on %s for crops %s: this encoder keeps the eager RF-CLIP "
+                                "steps for them (RFCLIP_TRITON_KERNELS=false or --no-triton-kernels skips the "
+                                "kernels and this check)", failure, pixels.device, tuple(pixels.shape[1:]))
+                passed = self._kernel_checks[key] = failure is None
+        return config if passed else dataclasses.replace(config, triton_kernels=False)
+
+    def _check_kernels(self, pixels: torch.Tensor, config: RFCLIPConfig) -> Optional[str]:
+        """None where the forward with the kernels matches the eager steps', else what went wrong."""
+        eager = self._forward(pixels, dataclasses.replace(config, triton_kernels=False)).float()
+        try:
+            fused = self._forward(pixels, config).float()
+        except Exception as err:  # Triton's compile and launch errors have no common type
+            return f"failed ({type(err).__name__}: {err})"
+        if not torch.isfinite(fused).all():
+            return "gave features that are not finite"
+        distance = (torch.linalg.vector_norm(fused - eager) / torch.linalg.vector_norm(eager)).item()
+        if not distance <= KERNEL_TOLERANCE:
+            return f"gave features {distance:.3g} from the eager steps' (more than {KERNEL_TOLERANCE})"
+        return None
 
     def _forward(self, pixels: torch.Tensor, config: RFCLIPConfig) -> torch.Tensor:
         # autocast's cache of cast weights is off: a recorded graph would read casts freed after it

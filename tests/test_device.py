@@ -116,3 +116,16 @@ def test_cuda_graph_replays_equal_the_forward(models, precision):
         pixels = scene(batch, 64, seed).to(DEVICE)
         torch.testing.assert_close(graphed(pixels, config), plain(pixels, config), rtol=1e-5, atol=1e-5)
     assert len(graphed._graphs) == (2 if DEVICE.type == "cuda" else 0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", HALF])
+@torch.no_grad()
+def test_the_encoders_kernel_check_passes_on_the_device(models, precision, caplog):
+    """On CUDA the segmenter's encoder checks the Triton kernels on its first forward of a crop
+    shape and keeps them (they agree with the eager steps); elsewhere no kernel runs and nothing
+    is checked."""
+    _, model = models
+    encoder = DenseEncoder(model, autocast_dtype(precision))
+    encoder(scene(2, 64, 0).to(DEVICE), RFCLIPConfig(sigma=1.5))
+    assert list(encoder._kernel_checks.values()) == ([True] if DEVICE.type == "cuda" else [])
+    assert not [r for r in caplog.records if r.name == "rfclip_engine.graphs"]

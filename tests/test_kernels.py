@@ -58,7 +58,7 @@ class OnGPU:
     """Stands for a CUDA tensor (..., tokens, channels): only what `available` reads of one."""
 
     is_cuda = True
-    device = "cuda:0"
+    device = torch.device("cuda", 0)
 
     def __init__(self, tokens: int, dtype: torch.dtype) -> None:
         self.shape = (1, tokens, 64)
