@@ -54,7 +54,8 @@ class DenseEncoder:
         self._kernel_checks: Dict[_Key, bool] = {}  # whether the kernels passed, per crop shape and config
 
     def __call__(self, pixels: torch.Tensor, config: RFCLIPConfig) -> torch.Tensor:
-        if config.triton_kernels and config.mode in ("kk-proxy", "rfclip") and kernels.usable(pixels.device):
+        tokens = (pixels.shape[-2] // self.model.patch_size) * (pixels.shape[-1] // self.model.patch_size)
+        if config.triton_kernels and config.mode in ("kk-proxy", "rfclip") and kernels.usable(pixels.device, tokens):
             config = self._checked(pixels, config)
         # the exact Fiedler solver's eigh checks its result on the host, which recording forbids
         exact = config.refocuses and config.defocus_localization and config.fiedler_solver == "exact"

@@ -39,7 +39,7 @@ def kernel_calls(monkeypatch):
     """Makes the attention kernels look available on the CPU; returns how often each replacement
     of step 4's kernel ran, and the function that installs one."""
     calls = []
-    monkeypatch.setattr(kernels, "usable", lambda device: True)
+    monkeypatch.setattr(kernels, "usable", lambda device, tokens, capability=(7, 0): True)
     monkeypatch.setattr(kernels, "available", lambda tensor, capability=(7, 0): False)  # steps 1-3 stay eager
     monkeypatch.setattr(attention, "available", lambda projections: True)
     monkeypatch.setattr(attention, "accumulate_key_key", eager_key_key)
@@ -107,4 +107,14 @@ def test_no_check_off_the_gpu(tiny_model, monkeypatch):
     encode = tiny_model.encode_dense
     monkeypatch.setattr(tiny_model, "encode_dense", lambda *args: forwards.append(1) or encode(*args))
     DenseEncoder(tiny_model)(scene(2, 64, 0), CONFIG)
-    assert len(forwards) == 1 and not kernels.usable(torch.device("cpu"))
+    assert len(forwards) == 1 and not kernels.usable(torch.device("cpu"), 16)
+
+
+@torch.no_grad()
+def test_the_check_asks_about_the_crops_own_token_count(tiny_model, monkeypatch):
+    """Whole images of more patch tokens than a kernel holds keep the eager steps: no check."""
+    asked = []
+    monkeypatch.setattr(kernels, "usable", lambda device, tokens, capability=(7, 0): asked.append(tokens) or False)
+    DenseEncoder(tiny_model)(scene(1, 64, 0)[..., :48], CONFIG)
+    patch = tiny_model.patch_size
+    assert asked[0] == (64 // patch) * (48 // patch)

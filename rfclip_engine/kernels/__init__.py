@@ -25,16 +25,16 @@ except ImportError:  # no Triton (e.g. a CPU-only install): the eager steps run 
 MAX_TOKENS = 256
 
 
-def usable(device: torch.device) -> bool:
-    """Whether any kernel here may run on `device`: Triton is installed and it is a GPU."""
-    return triton is not None and device.type == "cuda"
-
-
-def available(tensor: torch.Tensor, capability: Tuple[int, int] = (7, 0)) -> bool:
-    """Whether a kernel can run on `tensor`, whose second-last axis counts patch tokens: at most
+def usable(device: torch.device, tokens: int, capability: Tuple[int, int] = (7, 0)) -> bool:
+    """Whether a kernel can run on `device` for crops of `tokens` patch tokens: at most
     MAX_TOKENS of them, on a GPU that Triton compiles it for: ROCm's, or NVIDIA's of at least
     this compute capability (7.0, Volta, for float32 arithmetic; tensor-core products in half
     precision want 8.0, Ampere: before it Triton falls back to scalar products that spill)."""
-    if not usable(tensor.device) or tensor.shape[-2] > MAX_TOKENS:
+    if triton is None or device.type != "cuda" or tokens > MAX_TOKENS:
         return False
-    return bool(torch.version.hip) or torch.cuda.get_device_capability(tensor.device) >= capability
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= capability
+
+
+def available(tensor: torch.Tensor, capability: Tuple[int, int] = (7, 0)) -> bool:
+    """`usable` for `tensor`, whose second-last axis counts patch tokens."""
+    return usable(tensor.device, tensor.shape[-2], capability)
