@@ -9,6 +9,7 @@ import sys
 import torch
 
 from rfclip_engine import RFCLIPConfig, kernels, load_model
+from rfclip_engine.graphs import DenseEncoder
 from rfclip_engine.kernels import attention, distractors, lanczos
 from rfclip_engine.steps import bipartition, fiedler_vector
 
@@ -102,6 +103,7 @@ def tiny_model():
 @torch.no_grad()
 def main(out: str) -> None:
     kernels.available = lambda tensor, capability=None: True  # the interpreter runs them on CPU tensors
+    kernels.usable = lambda device, tokens, capability=None: True
     results = {}
     for batch, n, steps, contrast, warm in SOLVER_CASES:
         weights, start, distraction = clustered(batch, n, n + steps, contrast)
@@ -126,6 +128,9 @@ def main(out: str) -> None:
         results["encoder fp16, eager steps"] = tiny_model().encode_dense(
             scene(2, 64, 0), RFCLIPConfig(sigma=1.5, triton_kernels=False))
     results["kk-proxy"] = tiny_model().encode_dense(scene(2, 64, 0), RFCLIPConfig(mode="kk-proxy"))
+    encoder = DenseEncoder(tiny_model(), torch.float16)  # as the segmenter's on a GPU: it checks the kernels
+    features = encoder(scene(2, 64, 0), ENCODER_CONFIG)
+    results["dense encoder"] = list(encoder._kernel_checks.values()), features
     torch.save(results, out)
 
 

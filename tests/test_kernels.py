@@ -140,6 +140,14 @@ def test_the_encoder_with_every_kernel_equals_the_eager_encoder_in_fp16(interpre
     assert torch.equal(interpreted["encoder fp16, eager steps"], eager)
 
 
+def test_the_segmenters_encoder_keeps_kernels_that_agree(interpreted):
+    """DenseEncoder's check on its first forward, as on a GPU: the kernels, run by the
+    interpreter, agree with the eager steps, so they are kept and give its features."""
+    checks, features = interpreted["dense encoder"]
+    assert checks == [True]
+    assert torch.equal(features, interpreted["encoder fp16"])
+
+
 def case_id(case) -> str:
     return "batch %d, %d heads, %d tokens, head size %d, %s" % (*case[:4], str(case[4]).split(".")[1])
 
