@@ -1,5 +1,5 @@
 """Process-wide settings for the CPU path, applied once by every entry point before torch starts
-any thread (the `rfclip` CLI, the backend's runtime, the benchmarks)."""
+any thread (the `rfclip` CLI, the backend's runtime, bench_engine)."""
 from __future__ import annotations
 
 import torch
@@ -13,8 +13,8 @@ def flush_subnormal_floats() -> bool:
     a microcode assist for each arithmetic operation on one, about a hundred times the normal
     cost. RF-CLIP makes many such rows where keys have large norms: the key-key attention's
     diagonal is |k_i|^2 / sqrt(d), and its running sum and the last block's product then carry
-    the subnormals on. With keys of a random ViT-B/16 scaled 5x, rfclip took 1.35x clip's time
-    instead of 1.09x (benchmarks/bench_subnormal.py). Zero instead of a subnormal changes no
+    the subnormals on. With keys of a random ViT-B/16 scaled 5x, rfclip took 1.40x clip's time
+    instead of 1.09x (benchmarks/bench_subnormal.py, RESULTS run L). Zero instead of a subnormal changes no
     probability by more than 1.2e-38.
 
     The flag is per thread and copied to a thread when it is created, so called after torch's
