@@ -24,12 +24,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_engine import paired_ratio  # noqa: E402
 from benchmarks.common import arguments, machine, markdown_table, timed  # noqa: E402
 from rfclip_engine import RFCLIPConfig, load_model  # noqa: E402
+from rfclip_engine.model import _qkv  # noqa: E402
 from rfclip_engine.presets import find_preset  # noqa: E402
 from rfclip_engine.process import flush_subnormal_floats  # noqa: E402
 
@@ -110,11 +110,7 @@ def key_key_underflow(model, pixels: torch.Tensor) -> float:
     counts = []
 
     def observe(index: int, x: torch.Tensor) -> None:
-        block = model.visual.transformer.resblocks[index]
-        width, heads = block.attn.embed_dim, block.attn.num_heads
-        bias = block.attn.in_proj_bias[width:2 * width] if block.attn.in_proj_bias is not None else None
-        k = F.linear(block.ln_1(x), block.attn.in_proj_weight[width:2 * width], bias)
-        k = k.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, T, d)
+        _, k, _ = _qkv(model.visual.transformer.resblocks[index], x, queries=False)  # (B, H, T, d)
         logits = k[:, :, 1:] @ k.transpose(-1, -2) / math.sqrt(k.shape[-1])
         span = logits.amax(-1) - logits.amin(-1)
         counts.append(((span > UNDERFLOW_SPAN).sum().item(), span.numel()))

@@ -81,6 +81,11 @@ class RFCLIPConfig:
             object.__setattr__(self, "distraction_dims", tuple(int(d) for d in self.distraction_dims))
 
     @property
+    def sums_key_key(self) -> bool:
+        """Whether the forward keeps the running key-key attention sum (its last block reads it)."""
+        return self.mode in ("kk-proxy", "rfclip")
+
+    @property
     def refocuses(self) -> bool:
         """Whether any per-block RF-CLIP step runs."""
         return self.mode == "rfclip" and (self.embedding_redistribution or self.attention_redistribution)

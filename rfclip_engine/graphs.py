@@ -56,7 +56,7 @@ class DenseEncoder:
 
     def __call__(self, pixels: torch.Tensor, config: RFCLIPConfig) -> torch.Tensor:
         tokens = (pixels.shape[-2] // self.model.patch_size) * (pixels.shape[-1] // self.model.patch_size)
-        if config.triton_kernels and config.mode in ("kk-proxy", "rfclip") and kernels.usable(pixels.device, tokens):
+        if config.triton_kernels and config.sums_key_key and kernels.usable(pixels.device, tokens):
             config = self._checked(pixels, config)
         # the exact Fiedler solver's eigh checks its result on the host, which recording forbids
         exact = config.refocuses and config.defocus_localization and config.fiedler_solver == "exact"

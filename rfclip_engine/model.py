@@ -317,11 +317,11 @@ class RFCLIPModel(nn.Module):
                 with record_function("rfclip.distractors"):
                     distraction = self._repair(block, x, grid, dims, preset, config)
             q, k, v = _qkv(block, x, queries=index < n_blocks - 1 or config.mode == "clip",
-                           contiguous=config.mode in ("kk-proxy", "rfclip"), triton_kernels=config.triton_kernels)
+                           contiguous=config.sums_key_key, triton_kernels=config.triton_kernels)
             refocus = distraction is not None and config.attention_redistribution and index < n_blocks - 1
             localize = refocus and config.defocus_localization
             similarity = None
-            if config.mode in ("kk-proxy", "rfclip"):
+            if config.sums_key_key:
                 with record_function("rfclip.key_key"):
                     key_key_sum, similarity = _accumulate_key_key(k, key_key_sum, parts, localize,
                                                                   config.triton_kernels)

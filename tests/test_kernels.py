@@ -57,7 +57,6 @@ def aligned(vector: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 class OnGPU:
     """Stands for a CUDA tensor (..., tokens, channels): only what `available` reads of one."""
 
-    is_cuda = True
     device = torch.device("cuda", 0)
 
     def __init__(self, tokens: int, dtype: torch.dtype) -> None:
