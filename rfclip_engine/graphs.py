@@ -40,8 +40,9 @@ class DenseEncoder:
     Where the Triton kernels would run (`config.triton_kernels` on a GPU), the first forward of
     each crop shape and config runs with the kernels and with the eager steps: a kernel that
     fails to compile or launch on this GPU, or features more than KERNEL_TOLERANCE from the eager
-    steps', and this encoder keeps the eager steps for that crop shape, with a warning. The kernels
-    are checked in tests through Triton's interpreter, not on every GPU and Triton release.
+    steps', and this encoder keeps the eager steps for that crop shape, with a warning. That first
+    call returns the features of the path kept, so the check costs one forward. The kernels are
+    checked in tests through Triton's interpreter, not on every GPU and Triton release.
     """
 
     def __init__(self, model: RFCLIPModel, dtype: Optional[torch.dtype] = None, cuda_graphs: bool = False,
@@ -57,7 +58,9 @@ class DenseEncoder:
     def __call__(self, pixels: torch.Tensor, config: RFCLIPConfig) -> torch.Tensor:
         tokens = (pixels.shape[-2] // self.model.patch_size) * (pixels.shape[-1] // self.model.patch_size)
         if config.triton_kernels and config.sums_key_key and kernels.usable(pixels.device, tokens):
-            config = self._checked(pixels, config)
+            config, features = self._checked(pixels, config)
+            if features is not None:  # the check's forward was this input's: no other is needed
+                return features
         # the exact Fiedler solver's eigh checks its result on the host, which recording forbids
         exact = config.refocuses and config.defocus_localization and config.fiedler_solver == "exact"
         if not (self.cuda_graphs and pixels.device.type == "cuda") or exact:
@@ -75,33 +78,37 @@ class DenseEncoder:
             graph.replay()
             return static_output.clone()  # the next replay overwrites the graph's output
 
-    def _checked(self, pixels: torch.Tensor, config: RFCLIPConfig) -> RFCLIPConfig:
-        """`config`, or the same with the eager steps where the kernels failed their check."""
+    def _checked(self, pixels: torch.Tensor, config: RFCLIPConfig) -> Tuple[RFCLIPConfig, Optional[torch.Tensor]]:
+        """`config`, or the same with the eager steps where the kernels failed their check; and,
+        where this call ran the check, the features it gave for `pixels` (else None)."""
         key = (tuple(pixels.shape[1:]), pixels.dtype, config)  # a kernel is compiled per crop size, not batch
+        features = None
         with self._lock:
             passed = self._kernel_checks.get(key)
             if passed is None:
-                failure = self._check_kernels(pixels, config)
+                failure, features = self._check_kernels(pixels, config)
                 if failure:
                     log.warning("the Triton kernels %s on %s for crops %s: this encoder keeps the eager RF-CLIP "
                                 "steps for them (RFCLIP_TRITON_KERNELS=false or --no-triton-kernels skips the "
                                 "kernels and this check)", failure, pixels.device, tuple(pixels.shape[1:]))
                 passed = self._kernel_checks[key] = failure is None
-        return config if passed else dataclasses.replace(config, triton_kernels=False)
+        return (config if passed else dataclasses.replace(config, triton_kernels=False)), features
 
-    def _check_kernels(self, pixels: torch.Tensor, config: RFCLIPConfig) -> Optional[str]:
-        """None where the forward with the kernels matches the eager steps', else what went wrong."""
-        eager = self._forward(pixels, dataclasses.replace(config, triton_kernels=False)).float()
+    def _check_kernels(self, pixels: torch.Tensor, config: RFCLIPConfig) -> Tuple[Optional[str], torch.Tensor]:
+        """None and the kernels' features where they match the eager steps', else what went wrong
+        and the eager steps' features."""
+        eager = self._forward(pixels, dataclasses.replace(config, triton_kernels=False))
         try:
-            fused = self._forward(pixels, config).float()
+            fused = self._forward(pixels, config)
         except Exception as err:  # Triton's compile and launch errors have no common type
-            return f"failed ({type(err).__name__}: {err})"
+            return f"failed ({type(err).__name__}: {err})", eager
         if not torch.isfinite(fused).all():
-            return "gave features that are not finite"
-        distance = (torch.linalg.vector_norm(fused - eager) / torch.linalg.vector_norm(eager)).item()
+            return "gave features that are not finite", eager
+        difference = torch.linalg.vector_norm(fused.float() - eager.float())
+        distance = (difference / torch.linalg.vector_norm(eager.float())).item()
         if not distance <= KERNEL_TOLERANCE:
-            return f"gave features {distance:.3g} from the eager steps' (more than {KERNEL_TOLERANCE})"
-        return None
+            return f"gave features {distance:.3g} from the eager steps' (more than {KERNEL_TOLERANCE})", eager
+        return None, fused
 
     def _forward(self, pixels: torch.Tensor, config: RFCLIPConfig) -> torch.Tensor:
         # autocast's cache of cast weights is off: a recorded graph would read casts freed after it
