@@ -28,8 +28,10 @@ def load_segmenter(settings: Settings, text_cache: EmbeddingCache) -> Segmenter:
     device = resolve_device(settings.device)
     model = load_model(settings.model, pretrained=settings.pretrained, device=device,
                        distraction_dims=settings.distraction_dims, weights_tag=settings.weights_tag)
-    return Segmenter(model, segmenter_config(settings, device), text_cache=text_cache,
-                     max_pixels=settings.max_image_pixels)
+    segmenter = Segmenter(model, segmenter_config(settings, device), text_cache=text_cache,
+                          max_pixels=settings.max_image_pixels)
+    segmenter.warm_up()  # the model is reported loaded once a first image would not wait on a compile
+    return segmenter
 
 
 def destination_policy(settings: Settings) -> DestinationPolicy:

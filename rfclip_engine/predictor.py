@@ -96,6 +96,19 @@ class Segmenter:
         self.text = TextEmbedder(model, text_cache)
         self.max_pixels = max_pixels
 
+    def warm_up(self) -> None:
+        """One forward of a full batch of crops, so that a server's first image does not wait on
+        what a GPU does once per process: Triton compiling the kernels (tens of seconds in a fresh
+        container) and the encoder's check of them. Noise rather than a blank crop, whose tokens
+        differ only by their position: the check should see the steps work on tokens that differ,
+        as in an image. Does nothing without a window (each whole image has its own shape)."""
+        size = self.config.window
+        if size is None:
+            return
+        noise = torch.randn(self.config.batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            self._crop_features(noise.to(self.model.device))
+
     def predict(self, image: ImageSource, class_names: Union[Vocabulary, Iterable[ClassSpec]]) -> Prediction:
         """Segment one image. `class_names`: a Vocabulary, or strings where "person, man, woman"
         is one class with synonyms."""

@@ -128,3 +128,25 @@ def test_model_version_follows_the_method_not_how_it_runs():
     # Label Studio's model-versions column joins versions with commas
     tagged = model_version(Settings.from_env({"RFCLIP_WEIGHTS_TAG": "laion,2b"}))
     assert "," not in tagged and "laion_2b" in tagged
+
+
+def test_the_backends_segmenter_is_warmed_up_when_loaded(tmp_path, monkeypatch):
+    """The loader the server and workers use runs the warm-up, so that on a GPU the kernels are
+    compiled and checked before the model is reported loaded, not inside a first /predict."""
+    import torch
+
+    from backend import runtime
+    from rfclip_engine import load_model
+    from rfclip_engine.predictor import Segmenter
+    from rfclip_engine.text import MemoryCache
+
+    from .conftest import TINY_CONFIG
+
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(load_model(TINY_CONFIG, pretrained=None).clip.state_dict(), checkpoint)
+    warmed = []
+    monkeypatch.setattr(Segmenter, "warm_up", lambda self: warmed.append(self))
+    settings = Settings(model=TINY_CONFIG, pretrained=str(checkpoint), distraction_dims=(1, 2, 3),
+                        cache_dir=tmp_path / "cache")
+    segmenter = runtime.load_segmenter(settings, MemoryCache())
+    assert warmed == [segmenter]

@@ -147,6 +147,12 @@ def test_the_segmenters_encoder_keeps_kernels_that_agree(interpreted):
     assert torch.equal(features, interpreted["encoder fp16"])
 
 
+def test_the_warm_up_checks_the_kernels_and_keeps_them(interpreted):
+    """A server's warm-up runs the check on its own noise crops before any image, and the
+    kernels pass it."""
+    assert interpreted["warm-up"] == [((3, 64, 64), True)]
+
+
 def case_id(case) -> str:
     return "batch %d, %d heads, %d tokens, head size %d, %s" % (*case[:4], str(case[4]).split(".")[1])
 

@@ -283,3 +283,17 @@ def test_a_large_jpeg_is_decoded_reduced_with_its_full_size():
     assert size == (2000, 1500) and reduced.shape == (500, 375, 3)
     small, size = read_rgb(encode(Image.fromarray(rgb(600, 800)), "JPEG"), min_short_side=336)
     assert size == (600, 800) and small.shape == (600, 800, 3)  # less than twice the working size: as it is
+
+
+@pytest.mark.parametrize("window", [64, None])
+def test_warm_up_runs_one_full_batch_of_crops(tiny_model, monkeypatch, window):
+    """What a server runs once after loading: a forward of `batch_size` crops of the window's size
+    (whole images have no fixed shape, so none then), without autograd."""
+    config = SegmenterConfig(short_side=80, window=window, stride=32, batch_size=3, encoder=RFCLIPConfig(sigma=1.5))
+    segmenter = Segmenter(tiny_model, config)
+    seen = []
+    encode = segmenter.encoder.__call__
+    monkeypatch.setattr(segmenter, "encoder", lambda pixels, cfg: seen.append(
+        (tuple(pixels.shape), torch.is_inference_mode_enabled(), cfg)) or encode(pixels, cfg))
+    segmenter.warm_up()
+    assert seen == ([((3, 3, 64, 64), True, config.encoder)] if window else [])
