@@ -30,12 +30,21 @@ KERNEL_TOLERANCE = 0.05
 log = logging.getLogger(__name__)
 
 
+def graph_batch(crops: int) -> int:
+    """The batch a graph is recorded for: `crops` rounded up to a power of two. The last batch of
+    each group of images is partial, of any size below the full one when image sizes vary;
+    without rounding each size would record its own graph (three forwards) and push the full
+    batch's out of the few kept."""
+    return 1 << (crops - 1).bit_length()
+
+
 class DenseEncoder:
     """`model.encode_dense(pixels, config)` under autocast to `dtype` (None: full precision).
 
     With `cuda_graphs`, a CUDA input runs as the replay of a graph recorded for its shape and
-    config, the `max_graphs` most recently used kept (each holds its forward's buffers); other
-    devices run the plain forward.
+    config, its batch padded to `graph_batch` (crops are encoded independently, so the padding's
+    outputs are dropped); the `max_graphs` most recently used are kept (each holds its forward's
+    buffers). Other devices run the plain forward.
 
     Where the Triton kernels would run (`config.triton_kernels` on a GPU), the first forward of
     each crop shape and config runs with the kernels and with the eager steps: a kernel that
@@ -46,7 +55,7 @@ class DenseEncoder:
     """
 
     def __init__(self, model: RFCLIPModel, dtype: Optional[torch.dtype] = None, cuda_graphs: bool = False,
-                 max_graphs: int = 4) -> None:
+                 max_graphs: int = 8) -> None:
         self.model = model
         self.dtype = dtype
         self.cuda_graphs = cuda_graphs
@@ -63,8 +72,11 @@ class DenseEncoder:
                 return features
         # the exact Fiedler solver's eigh checks its result on the host, which recording forbids
         exact = config.refocuses and config.defocus_localization and config.fiedler_solver == "exact"
-        if not (self.cuda_graphs and pixels.device.type == "cuda") or exact:
+        if not self._replays(pixels) or exact:
             return self._forward(pixels, config)
+        crops = pixels.shape[0]
+        if graph_batch(crops) != crops:
+            pixels = torch.cat([pixels, pixels.new_zeros((graph_batch(crops) - crops, *pixels.shape[1:]))])
         key = (tuple(pixels.shape), pixels.dtype, config)
         with self._lock:
             entry = self._graphs.get(key)
@@ -76,7 +88,10 @@ class DenseEncoder:
             static_input, graph, static_output = entry
             static_input.copy_(pixels)
             graph.replay()
-            return static_output.clone()  # the next replay overwrites the graph's output
+            return static_output[:crops].clone()  # the next replay overwrites the graph's output
+
+    def _replays(self, pixels: torch.Tensor) -> bool:
+        return self.cuda_graphs and pixels.device.type == "cuda"
 
     def _checked(self, pixels: torch.Tensor, config: RFCLIPConfig) -> Tuple[RFCLIPConfig, Optional[torch.Tensor]]:
         """`config`, or the same with the eager steps where the kernels failed their check; and,

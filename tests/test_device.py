@@ -107,15 +107,21 @@ def test_the_segmenter_on_the_device_labels_as_on_the_cpu(models):
 @pytest.mark.parametrize("precision", ["fp32", HALF])
 @torch.no_grad()
 def test_cuda_graph_replays_equal_the_forward(models, precision):
-    """On CUDA each shape is recorded once and replayed with new inputs; elsewhere the plain forward."""
+    """On CUDA each batch of crops, padded to a power of two, is recorded once and replayed with
+    new inputs; elsewhere the plain forward. The padded batch may take other library kernels
+    than the plain one (so other rounding), hence a tolerance by precision."""
     _, model = models
     dtype = autocast_dtype(precision)
     config = RFCLIPConfig(sigma=1.5)
     graphed, plain = DenseEncoder(model, dtype, cuda_graphs=True, max_graphs=2), DenseEncoder(model, dtype)
-    for seed, batch in [(0, 3), (1, 3), (2, 2), (3, 3)]:  # a replay with new pixels, another shape, back
+    # the first call is the kernel check's; then a replay with new pixels, another shape, back
+    for seed, batch in [(0, 3), (1, 3), (2, 2), (3, 3), (4, 4)]:
         pixels = scene(batch, 64, seed).to(DEVICE)
-        torch.testing.assert_close(graphed(pixels, config), plain(pixels, config), rtol=1e-5, atol=1e-5)
-    assert len(graphed._graphs) == (2 if DEVICE.type == "cuda" else 0)
+        replayed, expected = graphed(pixels, config).float(), plain(pixels, config).float()
+        assert replayed.shape == expected.shape
+        relative = (torch.linalg.vector_norm(replayed - expected) / torch.linalg.vector_norm(expected)).item()
+        assert relative < (5e-3 if dtype is not None else 1e-3)
+    assert sorted(key[0][0] for key in graphed._graphs) == ([2, 4] if DEVICE.type == "cuda" else [])
 
 
 @pytest.mark.parametrize("precision", ["fp32", HALF])

@@ -1,0 +1,63 @@
+"""DenseEncoder's graph cache on the CPU: recording is CUDA's, so a stand-in records a graph
+whose replay runs the forward on the graph's own input buffer into its output buffer, as a
+CUDA graph does; what is checked is the rest: batches padded to a few sizes, the padding's
+outputs dropped, graphs kept and evicted."""
+import pytest
+import torch
+
+from rfclip_engine import RFCLIPConfig
+from rfclip_engine.graphs import DenseEncoder, graph_batch
+
+from .test_encoder import scene
+
+CONFIG = RFCLIPConfig(sigma=1.5, triton_kernels=False)
+
+
+@pytest.mark.parametrize("crops, batch", [(1, 1), (2, 2), (3, 4), (5, 8), (8, 8), (9, 16), (24, 32), (32, 32)])
+def test_graph_batches_are_powers_of_two_at_least_the_crops(crops, batch):
+    assert graph_batch(crops) == batch
+
+
+@pytest.fixture
+def recorded(tiny_model, monkeypatch):
+    """An encoder on the graph path, with the batch of each graph it records."""
+    encoder = DenseEncoder(tiny_model, cuda_graphs=True, max_graphs=2)
+    batches = []
+
+    class Replay:
+        def __init__(self, static_input, config, static_output):
+            self.args = static_input, config, static_output
+
+        def replay(self):
+            static_input, config, static_output = self.args
+            static_output.copy_(encoder._forward(static_input, config))
+
+    def record(pixels, config):
+        batches.append(pixels.shape[0])
+        static_input = pixels.clone()
+        static_output = encoder._forward(static_input, config)
+        return static_input, Replay(static_input, config, static_output), static_output
+
+    monkeypatch.setattr(encoder, "_replays", lambda pixels: True)
+    monkeypatch.setattr(encoder, "_record", record)
+    return encoder, batches
+
+
+@torch.no_grad()
+def test_partial_batches_replay_the_graph_of_their_power_of_two(tiny_model, recorded):
+    encoder, batches = recorded
+    for seed, crops in enumerate([3, 4, 3, 1, 2, 1]):
+        pixels = scene(crops, 64, seed)
+        features = encoder(pixels, CONFIG)
+        torch.testing.assert_close(features, tiny_model.encode_dense(pixels, CONFIG), rtol=1e-5, atol=1e-5)
+    assert batches == [4, 1, 2]  # 3 crops replay the 4's graph; recording the 2's evicts it (two kept)
+    assert [key[0][0] for key in encoder._graphs] == [2, 1]
+
+
+@torch.no_grad()
+def test_a_replay_returns_its_own_crops_not_the_next_ones(tiny_model, recorded):
+    encoder, _ = recorded
+    first = encoder(scene(3, 64, 0), CONFIG)
+    kept = first.clone()
+    encoder(scene(3, 64, 1), CONFIG)
+    assert first.shape[0] == 3 and torch.equal(first, kept)
