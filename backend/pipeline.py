@@ -25,6 +25,7 @@ from typing import ContextManager, Dict, Iterator, List, Mapping, Optional, Sequ
 import numpy as np
 from label_studio_sdk.label_interface import LabelInterface
 
+from rfclip_engine.config import images_per_batch
 from rfclip_engine.predictor import Segmenter
 from rfclip_engine.prototypes import Example, Prototypes
 from rfclip_engine.text import Vocabulary
@@ -87,6 +88,11 @@ class Job:
         return timed_into(self.stage_seconds, stage)
 
     @property
+    def images_per_batch(self) -> int:
+        """Tasks whose crops share the encoder's batches, as the segmenter's batch size suits."""
+        return images_per_batch(self.segmenter.config.batch_size)
+
+    @property
     def queries(self) -> Tuple[str, ...]:
         """Every class query of every control, once each."""
         return config_queries(self.groups)
@@ -95,9 +101,8 @@ class Job:
 class Pipeline:
     """Runs jobs through the model; the caller holds the model while it does."""
 
-    def __init__(self, fetcher: ImageFetcher, images_per_batch: int = 4, fetch_threads: int = 4) -> None:
+    def __init__(self, fetcher: ImageFetcher, fetch_threads: int = 4) -> None:
         self.fetcher = fetcher
-        self.images_per_batch = images_per_batch
         self.seconds_per_batch = 0.0  # running estimate, to stop before a deadline
         self._pool = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="rfclip-fetch")
 
@@ -107,13 +112,13 @@ class Pipeline:
             job.fetches[i] = self._pool.submit(self._fetch_images, job.tasks[i], job.groups, job.credentials)
 
     def run(self, job: Job) -> List[object]:
-        """Entries for the job's tasks: in groups of `images_per_batch` (their crops share the
+        """Entries for the job's tasks: in groups of its `images_per_batch` (their crops share the
         encoder's batches), the next groups' images fetched meanwhile. The first group always
         runs; later ones only while the estimate says they fit before the deadline. A task that
         fails gets NOT_PREDICTED and its reason in `job.failures`."""
         tasks = job.tasks
         entries: List[object] = [NOT_PREDICTED] * len(tasks)
-        size = self.images_per_batch
+        size = job.images_per_batch
         for start in range(0, len(tasks), size):
             if start and time.monotonic() + self.seconds_per_batch > job.deadline:
                 job.cancel_fetches()

@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -21,7 +21,7 @@ import torch
 from redis.exceptions import RedisError
 
 from rfclip_engine import __version__ as engine_version
-from rfclip_engine.config import RFCLIPConfig, SegmenterConfig, default_precision
+from rfclip_engine.config import RFCLIPConfig, SegmenterConfig, default_batch_size, default_precision
 from rfclip_engine.predictor import Segmenter
 from rfclip_engine.prototypes import Example
 from rfclip_engine.text import TEMPLATE_SET, TextEmbedder
@@ -93,6 +93,7 @@ def segmenter_config(settings: Settings, device: torch.device) -> SegmenterConfi
     return SegmenterConfig(encoder=RFCLIPConfig(mode=settings.mode, triton_kernels=settings.triton_kernels),
                            pamr=settings.pamr,
                            precision=default_precision(device.type), prototype_k=settings.prototype_k,
+                           batch_size=settings.batch_size or default_batch_size(device.type),
                            prototype_cap=settings.prototype_cap, cuda_graphs=settings.cuda_graphs)
 
 
@@ -100,8 +101,9 @@ def model_version(settings: Settings) -> str:
     """Readable and stable; changes when the model, its weights or any method setting change."""
     weights = settings.weights_tag or settings.pretrained
     weights_path = Path(settings.pretrained)
-    config = asdict(segmenter_config(settings, torch.device("cpu")))
-    # how the forward is executed does not change what it predicts
+    # how the forward is executed does not change what it predicts: the device's and the batch's
+    # defaults stand for any (the batch at the CPU's default, as in versions before it was a setting)
+    config = asdict(segmenter_config(replace(settings, batch_size=None), torch.device("cpu")))
     del config["cuda_graphs"], config["encoder"]["attention_chunk_mb"], config["encoder"]["triton_kernels"]
     identity = {"engine": engine_version, "model": settings.model, "pretrained": settings.pretrained,
                 "weights_tag": settings.weights_tag, "dims": settings.distraction_dims,
@@ -135,14 +137,14 @@ class Outcome:
 class PredictionService:
     """Answers /predict requests with the model held by a `ModelHolder`."""
 
-    def __init__(self, settings: Settings, holder: ModelHolder, fetcher: ImageFetcher, images_per_batch: int = 4,
+    def __init__(self, settings: Settings, holder: ModelHolder, fetcher: ImageFetcher,
                  bank: Optional[PrototypeBank] = None) -> None:
         self.settings = settings
         self.holder = holder
         self.fetcher = fetcher
         self.model_version = model_version(settings)  # without any project's examples
         self.bank = bank  # None: prototypes off
-        self.pipeline = Pipeline(fetcher, images_per_batch)
+        self.pipeline = Pipeline(fetcher)
         self._seconds_per_text_batch = 0.0  # the last text-encoder batch's time, likewise
         self._lock = ModelLock()  # one request at a time through the model in this process
         self._warming: set = set()  # query tuples being embedded ahead
@@ -274,7 +276,7 @@ class PredictionService:
         job = Job(job_tasks, targets_by_image(list(targets)), interface, segmenter, credentials, deadline,
                   self.version_for(project, examples), examples)
         # Images are on their way before the model is waited for: a slow host never holds it.
-        self.pipeline.fetch_until(job, 2 * self.pipeline.images_per_batch)
+        self.pipeline.fetch_until(job, 2 * job.images_per_batch)
         # Another request may hold the model; waiting must not outlast the budget either.
         if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic()) if budget_s else None):
             job.cancel_fetches()
@@ -299,7 +301,7 @@ class PredictionService:
         return outcome
 
     def _predict_in_order(self, job: Job) -> Tuple[List[object], str]:
-        """Tasks in groups of `images_per_batch` (their crops share the encoder's batches), the next
+        """Tasks in groups of the job's `images_per_batch` (their crops share the encoder's batches), the next
         groups' images fetched meanwhile. Every request runs its first group; later groups only
         while the estimate says they fit before the deadline. Also says why the tasks that were
         not tried were not."""

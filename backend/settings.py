@@ -33,6 +33,7 @@ class Settings:
     pamr: bool = False
     cuda_graphs: bool = True
     triton_kernels: bool = True
+    batch_size: Optional[int] = None  # crops per encoder forward (None: rfclip_engine's default_batch_size)
     redis_url: Optional[str] = None
     queue_name: str = "rfclip"
     job_timeout_s: int = 3600
@@ -96,6 +97,7 @@ class Settings:
             pamr=get("RFCLIP_PAMR", _parse_bool, defaults.pamr),
             cuda_graphs=get("RFCLIP_CUDA_GRAPHS", _parse_bool, defaults.cuda_graphs),
             triton_kernels=get("RFCLIP_TRITON_KERNELS", _parse_bool, defaults.triton_kernels),
+            batch_size=get("RFCLIP_BATCH_SIZE", _positive(int), None),
             redis_url=get("REDIS_URL", _parse_redis_url, None),
             queue_name=get("RFCLIP_QUEUE", _parse_queue_name, defaults.queue_name),
             job_timeout_s=get("RFCLIP_JOB_TIMEOUT_S", _positive(int), defaults.job_timeout_s),

@@ -46,6 +46,7 @@ from benchmarks.bench_backend import LABELS, MODEL_STAGES, jpeg, label_config  #
 from benchmarks.bench_listing import photo_prediction  # noqa: E402
 from benchmarks.common import arguments, label_studio_binary, machine, markdown_table  # noqa: E402
 from rfclip_engine import load_model  # noqa: E402
+from rfclip_engine.config import images_per_batch  # noqa: E402
 from rfclip_engine.presets import find_preset  # noqa: E402
 from rfclip_engine.text import Vocabulary  # noqa: E402
 from tests.fakes import FakeLabelStudio, RedisServer, free_port  # noqa: E402
@@ -136,13 +137,14 @@ class Stack:
         self.media.close()
 
 
-def engine_images_per_s(settings: Settings, stack: Stack, count: int, per_batch: int) -> float:
+def engine_images_per_s(settings: Settings, stack: Stack, count: int) -> float:
     """The Segmenter alone on the images the workers see (fetched and decoded the same way)."""
     runtime = build_runtime(settings)
     segmenter = load_segmenter(settings, runtime.text_cache)
     fetcher = runtime.service.fetcher
     images = [fetcher.fetch(f"{stack.media.url}/img/{i}.jpg", i, Credentials(None, None)) for i in range(count)]
     vocabulary = Vocabulary(tuple((label,) for label in LABELS))
+    per_batch = images_per_batch(segmenter.config.batch_size)  # the groups the workers' pipeline makes
     segmenter.logits_many([images[0].rgb], vocabulary)  # text embeddings and first-call costs
     started = time.perf_counter()
     for start in range(0, count, per_batch):
@@ -211,8 +213,7 @@ def main() -> int:
     try:
         for i in range(args.tasks):
             stack.media.public[f"{i}.jpg"] = jpeg(i)
-        per_batch = stack.service.pipeline.images_per_batch
-        before = engine_images_per_s(stack.settings, stack, args.tasks, per_batch)
+        before = engine_images_per_s(stack.settings, stack, args.tasks)
         results = {}
         for workers in runs:
             processes = stack.workers(workers, max(1, cores // workers))
@@ -225,7 +226,7 @@ def main() -> int:
             results[workers] = (seconds, stages)
         # the engine again after the runs: this shared VM drifts by 10 % within minutes, so the
         # ratio is taken to the mean of both and the two are kept beside it
-        after = engine_images_per_s(stack.settings, stack, args.tasks, per_batch)
+        after = engine_images_per_s(stack.settings, stack, args.tasks)
         engine = (before + after) / 2
         rows, report = [], {"machine": machine(), "tasks": args.tasks, "chunk": args.chunk,
                             "label_studio_core": args.label_studio_core, "engine_images_per_s": engine,

@@ -22,7 +22,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from .calibrate import calibrate
-from .config import MODES, PRECISIONS, RFCLIPConfig, SegmenterConfig, default_precision
+from .config import (
+    MODES,
+    PRECISIONS,
+    RFCLIPConfig,
+    SegmenterConfig,
+    default_batch_size,
+    default_precision,
+    images_per_batch,
+)
 from .evaluation import SegmentationDataset, dataset_specs, evaluate, format_table
 from .imageio import ImageError, load_rgb
 from .loading import WeightsUnavailableError, load_model, resolve_device
@@ -81,7 +89,8 @@ def _add_method_arguments(parser: argparse.ArgumentParser, short_side: Optional[
     parser.add_argument("--prob-threshold", type=float, default=prob_threshold,
                         help="leave pixels below this probability unlabeled (default "
                              f"{per_dataset if prob_threshold is None else prob_threshold})")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="crops per forward pass (default 8)")
+    parser.add_argument("--batch-size", type=_positive_int,
+                        help="crops per forward pass (default: 32 on CUDA, 8 elsewhere)")
     parser.add_argument("--precision", choices=("auto",) + PRECISIONS, default="auto",
                         help="auto: fp16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
@@ -109,7 +118,7 @@ def _segmenter_config(args: argparse.Namespace, device: torch.device) -> Segment
         stride=args.stride,
         pamr=args.pamr,
         prob_threshold=args.prob_threshold,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or default_batch_size(device.type),
         precision=precision,
         cuda_graphs=args.cuda_graphs,
     )
@@ -231,9 +240,10 @@ def segment_command(args: argparse.Namespace) -> int:
     failed: List[Tuple[Path, str]] = []
     jobs = list(zip(files, _output_stems(files)))
     progress = tqdm(total=len(jobs), unit="image", disable=len(files) == 1 or args.quiet)
-    for start in range(0, len(jobs), args.images_per_batch):
+    group = args.images_per_batch or images_per_batch(segmenter.config.batch_size)
+    for start in range(0, len(jobs), group):
         readable = []
-        for path, stem in jobs[start:start + args.images_per_batch]:
+        for path, stem in jobs[start:start + group]:
             try:
                 readable.append((path, stem, load_rgb(path, args.max_pixels)))
             except (ImageError, OSError) as err:
@@ -326,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--labels-file", help="one class per line, synonyms comma-separated: person, man, woman")
     seg.add_argument("--out", required=True, help="output folder")
     _add_method_arguments(seg, short_side=336, prob_threshold=0.0)
-    seg.add_argument("--images-per-batch", type=_positive_int, default=4,
-                     help="images whose crops share forward passes (default 4)")
+    seg.add_argument("--images-per-batch", type=_positive_int,
+                     help="images whose crops share forward passes (default: a quarter of --batch-size, at least 4)")
     seg.add_argument("--raw", action="store_true", help="also write the raw label map")
     seg.add_argument("--examples", help="a folder of corrected examples: NAME.png (or .jpg, ...) with "
                                         "NAME_labelmap.png (class indices in --labels order, 255 unlabeled, as --raw "

@@ -26,6 +26,20 @@ def default_precision(device_type: str) -> str:
     return "fp16" if device_type == "cuda" else "fp32"
 
 
+def default_batch_size(device_type: str) -> int:
+    """Crops per encoder forward: 32 on CUDA, where an H200 replayed RF-CLIP's graphed forward at
+    2.7 times the crops/s of batches of 8 (benchmarks/RESULTS.md); 8 elsewhere, the batch the
+    CPU's targets were measured at."""
+    return 32 if device_type == "cuda" else 8
+
+
+def images_per_batch(batch_size: int) -> int:
+    """Images whose crops share the encoder's batches, at least 4: a 4:3 image at the default short
+    side is 6 crops, so a group of batch_size / 4 of them is one full batch and a half one (a
+    power of two, as CUDA graphs pad to), not a full one and a few crops."""
+    return max(4, batch_size // 4)
+
+
 @dataclass(frozen=True)
 class RFCLIPConfig:
     """How the vision encoder turns pixels into dense patch embeddings.
@@ -101,7 +115,7 @@ class SegmenterConfig:
     logit_scale: probabilities are softmax(logit_scale * cosine) over classes.
     pamr: refine the logits with PAMR at the output size before the softmax.
     prob_threshold: pixels whose top probability is below this stay unlabeled.
-    batch_size: crops per encoder forward.
+    batch_size: crops per encoder forward (the CLI and the backend use `default_batch_size`).
     prototype_k, prototype_cap: a class with n visual examples weighs them by
         min(prototype_cap, n / (n + prototype_k)) against its text (see prototypes.py).
     prototypes_per_class: the newest examples of a class that score pixels (all count for n).

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,8 @@ def make_app(tiny_model, tmp_path, **overrides):
     settings = Settings(**{"cache_dir": tmp_path / "cache", "allow_private_urls": True, **overrides})
 
     def loader(settings, text_cache):
-        return Segmenter(tiny_model, TEST_CONFIG, text_cache=text_cache, max_pixels=settings.max_image_pixels)
+        config = replace(TEST_CONFIG, batch_size=settings.batch_size) if settings.batch_size else TEST_CONFIG
+        return Segmenter(tiny_model, config, text_cache=text_cache, max_pixels=settings.max_image_pixels)
 
     return create_app(settings, segmenter_loader=loader)
 

@@ -150,3 +150,19 @@ def test_the_backends_segmenter_is_warmed_up_when_loaded(tmp_path, monkeypatch):
                         cache_dir=tmp_path / "cache")
     segmenter = runtime.load_segmenter(settings, MemoryCache())
     assert warmed == [segmenter]
+
+
+def test_the_batch_size_defaults_by_device_and_does_not_change_the_version():
+    import torch
+
+    from backend.service import model_version, segmenter_config
+
+    default, chosen = Settings.from_env({}), Settings.from_env({"RFCLIP_BATCH_SIZE": "16"})
+    assert segmenter_config(default, torch.device("cuda")).batch_size == 32
+    assert segmenter_config(default, torch.device("cpu")).batch_size == 8
+    assert segmenter_config(chosen, torch.device("cuda")).batch_size == 16
+    assert segmenter_config(chosen, torch.device("cpu")).batch_size == 16
+    assert model_version(chosen) == model_version(default)  # crops are encoded independently
+    for bad in ("0", "-4", "eight"):
+        with pytest.raises(SettingsError, match="RFCLIP_BATCH_SIZE"):
+            Settings.from_env({"RFCLIP_BATCH_SIZE": bad})

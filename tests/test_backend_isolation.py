@@ -3,6 +3,7 @@ import logging
 import os
 import time
 
+import pytest
 
 from backend.media import ImageFetcher
 from rfclip_engine.text import TextEmbedder
@@ -85,6 +86,26 @@ def test_a_task_that_breaks_the_model_does_not_take_its_batch_down(tiny_model, t
     assert results[0]["result"] and results[1] == [] and results[2]["result"]
     assert batches[0] == 3  # first tried together
     assert any(r.getMessage() == "task 2: prediction failed" for r in caplog.records)
+
+
+@pytest.mark.parametrize("batch_size, groups", [(None, [4, 4, 2]), (32, [8, 2])])
+def test_tasks_are_grouped_as_the_segmenters_batch_suits(tiny_model, tmp_path, fake_ls, monkeypatch, batch_size,
+                                                         groups):
+    """A quarter of the batch size, at least 4: on a GPU's 32 crops, 8 images share forwards."""
+    from rfclip_engine import predictor
+
+    original = predictor.Segmenter.logits_many
+    seen = []
+
+    def counted(self, rgbs, vocabulary, timer=predictor.untimed, prototypes=None):
+        seen.append(len(rgbs))
+        return original(self, rgbs, vocabulary, timer, prototypes)
+
+    monkeypatch.setattr(predictor.Segmenter, "logits_many", counted)
+    fake_ls.public["a.png"] = png(40, 40)
+    client = make_app(tiny_model, tmp_path, batch_size=batch_size).test_client()
+    results = predict(client, [{"id": i, "data": {"image": f"{fake_ls.url}/img/a.png"}} for i in range(10)])
+    assert seen == groups and all(entry["result"] for entry in results)
 
 
 def test_slow_host_times_out(tiny_model, tmp_path, fake_ls, caplog):

@@ -182,3 +182,15 @@ def test_cuda_graphs_and_triton_kernels_are_on_unless_turned_off():
     assert config("--no-cuda-graphs", "--cuda-graphs").cuda_graphs
     assert config().encoder.triton_kernels
     assert not config("--no-triton-kernels").encoder.triton_kernels
+
+
+@pytest.mark.parametrize("device, batch", [("cuda", 32), ("cpu", 8)])
+def test_the_batch_size_defaults_by_device(device, batch):
+    from rfclip_engine.cli import _segmenter_config, build_parser
+
+    def config(*flags):
+        args = build_parser().parse_args(["segment", "x.png", "--labels", "a", "--out", "o", *flags])
+        return _segmenter_config(args, torch.device(device))
+
+    assert config().batch_size == batch
+    assert config("--batch-size", "3").batch_size == 3

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rfclip_engine import RFCLIPConfig
+from rfclip_engine.config import images_per_batch
 from rfclip_engine.graphs import DenseEncoder, graph_batch
 
 from .test_encoder import scene
@@ -61,3 +62,16 @@ def test_a_replay_returns_its_own_crops_not_the_next_ones(tiny_model, recorded):
     kept = first.clone()
     encoder(scene(3, 64, 1), CONFIG)
     assert first.shape[0] == 3 and torch.equal(first, kept)
+
+
+@pytest.mark.parametrize("batch_size", [8, 16, 32, 64, 128])
+def test_a_group_of_4_3_images_pads_nothing(batch_size):
+    """The backend's groups of images at its batch sizes: 6 crops per 4:3 image at the default
+    short side make full batches and one power of two, so graphs pad none of them."""
+    crops = 6 * images_per_batch(batch_size)
+    rest = crops % batch_size
+    assert crops >= batch_size and (rest == 0 or graph_batch(rest) == rest)
+
+
+def test_small_batches_still_group_four_images():
+    assert [images_per_batch(b) for b in (1, 8, 16, 32)] == [4, 4, 4, 8]
