@@ -4,7 +4,8 @@
         [--batches 1 8 32 128] [--precision fp32|fp16|bf16] [--peak-tflops N] [--skip-cases]
 
 Cases: one 336x448 image (short side 336: 6 crops), one 560x1120 image at short side 560 (the
-Cityscapes setting: 36 crops), and a batch of 8 336x448 images (48 crops in shared batches).
+Cityscapes setting: 36 crops), and a batch of 8 336x448 images (48 crops in shared batches), in
+forwards of the backend's batch on the device (8 crops on the CPU, 32 on CUDA).
 Modes: clip, maskclip, kk-proxy, rfclip, rfclip+PAMR, and on CUDA clip, rfclip and rfclip+PAMR with
 each batch's encoder forward replayed from a CUDA graph. Weights are random (time does not depend on
 them; the distraction dimensions are the OpenAI preset's). Runs are interleaved across modes and
@@ -43,7 +44,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import arguments, machine, markdown_table, run_with_peak_memory, synchronize, timed  # noqa: E402
 from rfclip_engine import RFCLIPConfig, Segmenter, SegmenterConfig, Vocabulary, load_model  # noqa: E402
-from rfclip_engine.config import autocast_dtype, default_precision  # noqa: E402
+from rfclip_engine.config import autocast_dtype, default_batch_size, default_precision  # noqa: E402
 from rfclip_engine.graphs import DenseEncoder  # noqa: E402
 from rfclip_engine.model import cpu_chunk_mb  # noqa: E402
 from rfclip_engine.presets import find_preset  # noqa: E402
@@ -84,8 +85,10 @@ DENSE_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, 
 
 
 def segmenter(model, mode: dict, short_side: int, precision: str) -> Segmenter:
+    """At the batch the backend runs on this device (8 crops on the CPU, 32 on CUDA)."""
     config = SegmenterConfig(encoder=RFCLIPConfig(mode=mode["mode"]), short_side=short_side,
-                             pamr=mode.get("pamr", False), batch_size=8, precision=precision,
+                             pamr=mode.get("pamr", False), batch_size=default_batch_size(model.device.type),
+                             precision=precision,
                              cuda_graphs=mode.get("cuda_graphs", False))
     return Segmenter(model, config)
 
