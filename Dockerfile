@@ -11,10 +11,12 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # so each forward page-faults its attention and MLP buffers in anew. These keep buffers of up to
 # 32 MB, and the heap's free top, for reuse (a worker keeps the memory of its peak): on the CPU
 # rfclip ran about 5 % faster, plain CLIP 2-3 %, and times stopped depending on the heap's
-# history (benchmarks/RESULTS.md, run I).
+# history (benchmarks/RESULTS.md, run I). Triton's compiled kernels (the CUDA image) go to the
+# volume the weights go to, so a new container or worker does not compile them again.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     HF_HOME=/hf \
+    TRITON_CACHE_DIR=/hf/triton \
     RFCLIP_CACHE_DIR=/cache \
     MALLOC_MMAP_THRESHOLD_=33554432 \
     MALLOC_TRIM_THRESHOLD_=1073741824

@@ -117,13 +117,16 @@ def test_workers_scale(services):
     assert worker["stop_grace_period"] == "5m"  # SIGTERM: the chunk in flight is finished
 
 
-def test_downloaded_weights_go_to_one_named_volume(services):
-    """The image's user writes the Hugging Face cache: in a host directory Docker made for root it
-    could not (RFCLIP_PRETRAINED=openai would fail to download), in a named volume it can."""
-    (hf_home,) = re.findall(r"HF_HOME=(\S+)", (REPO / "Dockerfile").read_text())
+@pytest.mark.parametrize("variable", ["HF_HOME", "TRITON_CACHE_DIR"])
+def test_what_is_made_once_goes_to_one_named_volume(services, variable):
+    """The image's user writes the Hugging Face cache (downloaded weights) and Triton's (kernels
+    compiled on a GPU): in a host directory Docker made for root it could not (RFCLIP_PRETRAINED=
+    openai would fail to download), in a named volume it can, once for every container."""
+    (path,) = re.findall(rf"{variable}=(\S+)", (REPO / "Dockerfile").read_text())
     sources = set()
     for name in ("rfclip", "worker"):
-        (mount,) = [v for v in services[name]["volumes"] if v.split(":")[1] == hf_home]
+        (mount,) = [v for v in services[name]["volumes"]
+                    if path == v.split(":")[1] or path.startswith(v.split(":")[1] + "/")]
         sources.add(mount.split(":")[0])
     (source,) = sources  # the backend and the workers download once, for all
     assert not source.startswith(("/", ".")), f"{source} is a host path, not a named volume"
