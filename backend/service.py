@@ -301,10 +301,10 @@ class PredictionService:
         return outcome
 
     def _predict_in_order(self, job: Job) -> Tuple[List[object], str]:
-        """Tasks in groups of the job's `images_per_batch` (their crops share the encoder's batches), the next
-        groups' images fetched meanwhile. Every request runs its first group; later groups only
-        while the estimate says they fit before the deadline. Also says why the tasks that were
-        not tried were not."""
+        """Tasks in groups of the job's `images_per_batch` (their crops share the encoder's
+        batches), the next groups' images fetched meanwhile. Every request runs its first group;
+        later groups only while the estimate says they fit before the deadline. Also says why the
+        tasks that were not tried were not."""
         tasks = job.tasks
         entries: List[object] = [NOT_PREDICTED] * len(tasks)
         with job.timed("text embeddings"):
