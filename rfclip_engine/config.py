@@ -122,8 +122,8 @@ class SegmenterConfig:
     precision: "fp32", or "fp16" / "bf16" autocast (meant for CUDA; bf16 also works on CPU).
     cuda_graphs: on CUDA, replay each batch shape's encoder forward from a recorded CUDA graph
         (one launch instead of hundreds, several times faster at small batches on an H200; each
-        recorded shape keeps its buffers; partial batches are padded to a power of two). No
-        effect elsewhere.
+        recorded shape keeps its buffers; partial batches are padded to a power of two; a shape
+        is recorded on its second use). No effect elsewhere.
     """
 
     encoder: RFCLIPConfig = field(default_factory=RFCLIPConfig)

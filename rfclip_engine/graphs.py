@@ -26,6 +26,7 @@ _Key = Tuple[Tuple[int, ...], torch.dtype, RFCLIPConfig]
 # them within this), and the kernels against the eager steps in one precision nearer still; a
 # broken kernel lands far outside.
 KERNEL_TOLERANCE = 0.05
+SHAPES_REMEMBERED = 64  # batch shapes whose next use records a graph
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,9 @@ class DenseEncoder:
 
     With `cuda_graphs`, a CUDA input runs as the replay of a graph recorded for its shape and
     config, its batch padded to `graph_batch` (crops are encoded independently, so the padding's
-    outputs are dropped); the `max_graphs` most recently used are kept (each holds its forward's
-    buffers). Other devices run the plain forward.
+    outputs are dropped); a shape's first use runs the plain forward and its second records the
+    graph; the `max_graphs` most recently used are kept (each holds its forward's buffers). Other
+    devices run the plain forward.
 
     Where the Triton kernels would run (`config.triton_kernels` on a GPU), the first forward of
     each crop shape and config runs with the kernels and with the eager steps: a kernel that
@@ -63,6 +65,7 @@ class DenseEncoder:
         self._graphs: "OrderedDict[_Key, Tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]]" = OrderedDict()
         self._lock = threading.Lock()  # one replay at a time: the graph's buffers are shared
         self._kernel_checks: Dict[_Key, bool] = {}  # whether the kernels passed, per crop shape and config
+        self._seen: "OrderedDict[_Key, None]" = OrderedDict()  # the shapes last run, whether recorded or not
 
     def __call__(self, pixels: torch.Tensor, config: RFCLIPConfig) -> torch.Tensor:
         tokens = (pixels.shape[-2] // self.model.patch_size) * (pixels.shape[-1] // self.model.patch_size)
@@ -75,11 +78,18 @@ class DenseEncoder:
         if not self._replays(pixels) or exact:
             return self._forward(pixels, config)
         crops = pixels.shape[0]
-        if graph_batch(crops) != crops:
-            pixels = torch.cat([pixels, pixels.new_zeros((graph_batch(crops) - crops, *pixels.shape[1:]))])
-        key = (tuple(pixels.shape), pixels.dtype, config)
+        key = ((graph_batch(crops), *pixels.shape[1:]), pixels.dtype, config)
         with self._lock:
             entry = self._graphs.get(key)
+            if entry is None and key not in self._seen:
+                # recorded on its second use: a shape used once (whole images of many sizes) would
+                # pay three forwards for a graph never replayed
+                self._seen[key] = None
+                while len(self._seen) > SHAPES_REMEMBERED:
+                    self._seen.popitem(last=False)
+                return self._forward(pixels, config)
+            if graph_batch(crops) != crops:
+                pixels = torch.cat([pixels, pixels.new_zeros((graph_batch(crops) - crops, *pixels.shape[1:]))])
             if entry is None:
                 entry = self._graphs[key] = self._record(pixels, config)
                 while len(self._graphs) > self.max_graphs:

@@ -115,8 +115,9 @@ def test_cuda_graph_replays_equal_the_forward(models, precision):
     dtype = autocast_dtype(precision)
     config = RFCLIPConfig(sigma=1.5)
     graphed, plain = DenseEncoder(model, dtype, cuda_graphs=True, max_graphs=2), DenseEncoder(model, dtype)
-    # the first call is the kernel check's; then a replay with new pixels, another shape, back
-    for seed, batch in [(0, 3), (1, 3), (2, 2), (3, 3), (4, 4)]:
+    # the kernel check's call; each batch shape's first use, plain; recorded; replayed with new
+    # pixels (3 crops in the 4's graph), another shape, back
+    for seed, batch in [(0, 3), (1, 3), (2, 2), (3, 3), (4, 4), (5, 2), (6, 3)]:
         pixels = scene(batch, 64, seed).to(DEVICE)
         replayed, expected = graphed(pixels, config).float(), plain(pixels, config).float()
         assert replayed.shape == expected.shape

@@ -7,6 +7,7 @@ import torch
 
 from rfclip_engine import RFCLIPConfig
 from rfclip_engine.config import images_per_batch
+from rfclip_engine import graphs
 from rfclip_engine.graphs import DenseEncoder, graph_batch
 
 from .test_encoder import scene
@@ -47,12 +48,30 @@ def recorded(tiny_model, monkeypatch):
 @torch.no_grad()
 def test_partial_batches_replay_the_graph_of_their_power_of_two(tiny_model, recorded):
     encoder, batches = recorded
-    for seed, crops in enumerate([3, 4, 3, 1, 2, 1]):
+    for seed, crops in enumerate([3, 4, 3, 1, 2, 1, 2, 4]):
         pixels = scene(crops, 64, seed)
         features = encoder(pixels, CONFIG)
         torch.testing.assert_close(features, tiny_model.encode_dense(pixels, CONFIG), rtol=1e-5, atol=1e-5)
-    assert batches == [4, 1, 2]  # 3 crops replay the 4's graph; recording the 2's evicts it (two kept)
-    assert [key[0][0] for key in encoder._graphs] == [2, 1]
+    # 3 crops: the 4's first use, plain; 4: recorded; 3: replayed. 1 and 2: plain, then recorded,
+    # the 2's evicting the 4's (two kept), whose shape is remembered: recorded again at once
+    assert batches == [4, 1, 2, 4]
+    assert [key[0][0] for key in encoder._graphs] == [2, 4]
+
+
+@torch.no_grad()
+def test_a_shape_used_once_is_never_recorded(tiny_model, recorded, monkeypatch):
+    """Whole images of many sizes: each shape runs plain, with no graph recorded for it; a shape
+    comes back for recording only while it is among the last SHAPES_REMEMBERED."""
+    encoder, batches = recorded
+    monkeypatch.setattr(graphs, "SHAPES_REMEMBERED", 2)
+    sizes = [(64, 64), (48, 64), (64, 48), (64, 64), (48, 64), (48, 64)]
+    for seed, (height, width) in enumerate(sizes):
+        pixels = scene(1, 64, seed)[..., :height, :width]
+        torch.testing.assert_close(encoder(pixels, CONFIG), tiny_model.encode_dense(pixels, CONFIG),
+                                   rtol=1e-5, atol=1e-5)
+    # 64x64 and 48x64 were forgotten by their second use (two other shapes came between): plain
+    # again; 48x64's third use came right after its second: recorded
+    assert batches == [1] and [key[0] for key in encoder._graphs] == [(1, 3, 48, 64)]
 
 
 @torch.no_grad()
