@@ -263,6 +263,8 @@ class GuardedSession(requests.Session):
             body = bytearray()
             while True:
                 chunk = response.raw.read1(1 << 16, decode_content=True)
+                if deadline.passed:  # before copying what a fast endless host sent in the meantime
+                    raise DeadlinePassed(f"download took longer than {self.timeout_s:g} s")
                 if not chunk:
                     return bytes(body)
                 body += chunk
