@@ -88,8 +88,7 @@ def segmenter(model, mode: dict, short_side: int, precision: str) -> Segmenter:
     """At the batch the backend runs on this device (8 crops on the CPU, 32 on CUDA)."""
     config = SegmenterConfig(encoder=RFCLIPConfig(mode=mode["mode"]), short_side=short_side,
                              pamr=mode.get("pamr", False), batch_size=default_batch_size(model.device.type),
-                             precision=precision,
-                             cuda_graphs=mode.get("cuda_graphs", False))
+                             precision=precision, cuda_graphs=mode.get("cuda_graphs", False))
     return Segmenter(model, config)
 
 

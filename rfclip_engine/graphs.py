@@ -77,8 +77,8 @@ class DenseEncoder:
         exact = config.refocuses and config.defocus_localization and config.fiedler_solver == "exact"
         if not self._replays(pixels) or exact:
             return self._forward(pixels, config)
-        crops = pixels.shape[0]
-        key = ((graph_batch(crops), *pixels.shape[1:]), pixels.dtype, config)
+        crops, padded = pixels.shape[0], graph_batch(pixels.shape[0])
+        key = ((padded, *pixels.shape[1:]), pixels.dtype, config)
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None and key not in self._seen:
@@ -88,8 +88,8 @@ class DenseEncoder:
                 while len(self._seen) > SHAPES_REMEMBERED:
                     self._seen.popitem(last=False)
                 return self._forward(pixels, config)
-            if graph_batch(crops) != crops:
-                pixels = torch.cat([pixels, pixels.new_zeros((graph_batch(crops) - crops, *pixels.shape[1:]))])
+            if padded != crops:
+                pixels = torch.cat([pixels, pixels.new_zeros((padded - crops, *pixels.shape[1:]))])
             if entry is None:
                 entry = self._graphs[key] = self._record(pixels, config)
                 while len(self._graphs) > self.max_graphs:
