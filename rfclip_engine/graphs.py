@@ -31,6 +31,12 @@ SHAPES_REMEMBERED = 64  # batch shapes whose next use records a graph
 log = logging.getLogger(__name__)
 
 
+def checks_kernels(device: torch.device, tokens: int, config: RFCLIPConfig) -> bool:
+    """Whether a DenseEncoder's first forward of crops of `tokens` patch tokens on `device`
+    compiles the Triton kernels and checks them against the eager steps."""
+    return config.triton_kernels and config.sums_key_key and kernels.usable(device, tokens)
+
+
 def graph_batch(crops: int) -> int:
     """The batch a graph is recorded for: `crops` rounded up to a power of two. The last batch of
     each group of images is partial, of any size below the full one when image sizes vary;
@@ -69,7 +75,7 @@ class DenseEncoder:
 
     def __call__(self, pixels: torch.Tensor, config: RFCLIPConfig) -> torch.Tensor:
         tokens = (pixels.shape[-2] // self.model.patch_size) * (pixels.shape[-1] // self.model.patch_size)
-        if config.triton_kernels and config.sums_key_key and kernels.usable(pixels.device, tokens):
+        if checks_kernels(pixels.device, tokens, config):
             config, features = self._checked(pixels, config)
             if features is not None:  # the check's forward was this input's: no other is needed
                 return features

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import pamr
 from .config import SegmenterConfig, autocast_dtype
-from .graphs import DenseEncoder
+from .graphs import DenseEncoder, checks_kernels
 from .imageio import ImageSource, load_rgb
 from .model import RFCLIPModel
 from .postprocess import label_map_tiled, probabilities
@@ -99,15 +99,19 @@ class Segmenter:
     def warm_up(self) -> None:
         """One forward of a full batch of crops, so that a server's first image does not wait on
         what a GPU does once per process: Triton compiling the kernels (tens of seconds in a fresh
-        container) and the encoder's check of them. Noise rather than a blank crop, whose tokens
-        differ only by their position: the check should see the steps work on tokens that differ,
-        as in an image. Does nothing without a window (each whole image has its own shape)."""
-        size = self.config.window
+        container), the encoder's check of them, the device's libraries starting. Noise rather than
+        a blank crop, whose tokens differ only by their position: the check should see the steps
+        work on tokens that differ, as in an image. Nothing on the CPU, whose first forward is like
+        any other, nor without a window (each whole image has its own shape)."""
+        size, device = self.config.window, self.model.device
         if size is None:
+            return
+        if device.type == "cpu" and not checks_kernels(device, (size // self.model.patch_size) ** 2,
+                                                       self.config.encoder):
             return
         noise = torch.randn(self.config.batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
-            self._crop_features(noise.to(self.model.device))
+            self._crop_features(noise.to(device))
 
     def predict(self, image: ImageSource, class_names: Union[Vocabulary, Iterable[ClassSpec]]) -> Prediction:
         """Segment one image. `class_names`: a Vocabulary, or strings where "person, man, woman"

@@ -286,14 +286,20 @@ def test_a_large_jpeg_is_decoded_reduced_with_its_full_size():
 
 
 @pytest.mark.parametrize("window", [64, None])
-def test_warm_up_runs_one_full_batch_of_crops(tiny_model, monkeypatch, window):
-    """What a server runs once after loading: a forward of `batch_size` crops of the window's size
-    (whole images have no fixed shape, so none then), without autograd."""
+@pytest.mark.parametrize("kernels_checked", [True, False])
+def test_warm_up_runs_one_full_batch_of_crops_where_a_first_forward_does_more(tiny_model, monkeypatch, window,
+                                                                                 kernels_checked):
+    """What a server runs once after loading, where the first forward compiles and checks the
+    kernels (as on a GPU; here `kernels.usable` stands in for one): a forward of `batch_size`
+    crops of the window's size (whole images have no fixed shape, so none then), without
+    autograd. On the CPU a first forward is like any other: none."""
+    from rfclip_engine import kernels
+
+    monkeypatch.setattr(kernels, "usable", lambda device, tokens, capability=None: kernels_checked)
     config = SegmenterConfig(short_side=80, window=window, stride=32, batch_size=3, encoder=RFCLIPConfig(sigma=1.5))
     segmenter = Segmenter(tiny_model, config)
     seen = []
-    encode = segmenter.encoder.__call__
     monkeypatch.setattr(segmenter, "encoder", lambda pixels, cfg: seen.append(
-        (tuple(pixels.shape), torch.is_inference_mode_enabled(), cfg)) or encode(pixels, cfg))
+        (tuple(pixels.shape), torch.is_inference_mode_enabled(), cfg)) or torch.zeros(pixels.shape[0], 16, 32))
     segmenter.warm_up()
-    assert seen == ([((3, 3, 64, 64), True, config.encoder)] if window else [])
+    assert seen == ([((3, 3, 64, 64), True, config.encoder)] if window and kernels_checked else [])
