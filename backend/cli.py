@@ -93,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      help="leave the project's active model version alone (by default it is set to this "
                           "model's, so the Data Manager shows the prediction scores)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
-    wrk = sub.add_parser("worker", help="run queued chunks with the model loaded once (one process per GPU)")
+    wrk = sub.add_parser("worker", help="run queued chunks with the model loaded once (several may share a GPU)")
     wrk.add_argument("--queue", help="queue name (default $RFCLIP_QUEUE or rfclip)")
     wrk.add_argument("--burst", action="store_true", help="quit when the queue is empty")
     learn = sub.add_parser("learn", help="build the project's visual prototypes from its existing annotations")

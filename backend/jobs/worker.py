@@ -1,6 +1,7 @@
 """`rfclip-backend worker`: an RQ worker that loads the model once and runs chunks in its own
 process. RQ's default worker forks a child per job, which would load the model again for every
-chunk and cannot carry a CUDA context; this one is a SimpleWorker: one process per GPU.
+chunk and cannot carry a CUDA context; this one is a SimpleWorker: one process, one model
+(several may share a GPU: README, "On RQ workers").
 
 A running chunk sends heartbeats every lease / 4 (RFCLIP_JOB_LEASE_S, 45 s by default). A worker
 that is killed stops sending them, so within the lease its chunk's entry in RQ's started registry expires, and the next maintenance
