@@ -137,3 +137,15 @@ def test_the_encoders_kernel_check_passes_on_the_device(models, precision, caplo
     encoder(scene(2, 64, 0).to(DEVICE), RFCLIPConfig(sigma=1.5))
     assert list(encoder._kernel_checks.values()) == ([True] if DEVICE.type == "cuda" else [])
     assert not [r for r in caplog.records if r.name == "rfclip_engine.graphs" and r.levelno >= logging.WARNING]
+
+
+def test_the_warm_up_checks_the_kernels_on_the_device(models):
+    """What a server runs while loading: on CUDA one forward of noise crops that compiles and
+    checks the kernels, which pass; on the CPU nothing (a first forward there is like any other)."""
+    _, model = models
+    config = SegmenterConfig(short_side=64, window=32, stride=16, batch_size=4, precision=HALF,
+                             encoder=RFCLIPConfig(sigma=1.5))
+    segmenter = Segmenter(model, config)
+    segmenter.warm_up()
+    checks = [(key[0], passed) for key, passed in segmenter.encoder._kernel_checks.items()]
+    assert checks == ([((3, 32, 32), True)] if DEVICE.type == "cuda" else [])
