@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from rfclip_engine.cli import positive_int
+
 from . import redaction
 from .settings import Settings, SettingsError
 
@@ -71,9 +73,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run = sub.add_parser("serve", help="serve the backend")
     run.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 in Docker)")
     run.add_argument("--port", type=int, default=9090)
-    run.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", 1)),
+    # string defaults go through `type` too, so a bad $WORKERS is refused by name, not with a traceback
+    run.add_argument("--workers", type=positive_int, default=os.environ.get("WORKERS", "1"),
                      help="processes, each with its own model (default $WORKERS or 1)")
-    run.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", 4)),
+    run.add_argument("--threads", type=positive_int, default=os.environ.get("THREADS", "4"),
                      help="threads per process (default $THREADS or 4)")
     run.add_argument("--timeout", type=int, default=120, help="gunicorn worker timeout in seconds")
     run.add_argument("--dev", action="store_true", help="Flask's threaded development server instead of gunicorn")

@@ -61,7 +61,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
 
 
-def _positive_int(raw: str) -> int:
+def positive_int(raw: str) -> int:
+    """argparse's type for a count; a string default (e.g. from the environment) is checked too."""
     value = int(raw)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {raw}")
@@ -89,7 +90,7 @@ def _add_method_arguments(parser: argparse.ArgumentParser, short_side: Optional[
     parser.add_argument("--prob-threshold", type=float, default=prob_threshold,
                         help="leave pixels below this probability unlabeled (default "
                              f"{per_dataset if prob_threshold is None else prob_threshold})")
-    parser.add_argument("--batch-size", type=_positive_int,
+    parser.add_argument("--batch-size", type=positive_int,
                         help="crops per forward pass (default: 32 on CUDA, 8 elsewhere)")
     parser.add_argument("--precision", choices=("auto",) + PRECISIONS, default="auto",
                         help="auto: fp16 autocast on CUDA, fp32 on CPU")
@@ -336,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--labels-file", help="one class per line, synonyms comma-separated: person, man, woman")
     seg.add_argument("--out", required=True, help="output folder")
     _add_method_arguments(seg, short_side=336, prob_threshold=0.0)
-    seg.add_argument("--images-per-batch", type=_positive_int,
+    seg.add_argument("--images-per-batch", type=positive_int,
                      help="images whose crops share forward passes (default: a quarter of --batch-size, at least 4)")
     seg.add_argument("--raw", action="store_true", help="also write the raw label map")
     seg.add_argument("--examples", help="a folder of corrected examples: NAME.png (or .jpg, ...) with "

@@ -110,6 +110,20 @@ def test_serve_refuses_bad_settings(monkeypatch, capsys):
     assert "RFCLIP_PREDICT_BUDGET_S" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("variable, value", [("WORKERS", "abc"), ("WORKERS", "0"), ("THREADS", "-2")])
+def test_serve_refuses_a_bad_process_or_thread_count(monkeypatch, capsys, variable, value):
+    """$WORKERS / $THREADS are --workers / --threads' defaults: a bad one is refused by its flag,
+    before anything starts, not with a traceback."""
+    from backend.cli import main
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --{variable.lower()}" in err and value in err and "Traceback" not in err
+
+
 def test_model_version_follows_the_method_not_how_it_runs():
     from backend.service import model_version
 
