@@ -14,7 +14,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import pytest
 import yaml
@@ -25,23 +25,25 @@ from backend.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
+GPU_COMPOSE = REPO / "docker-compose.gpu.yml"  # layered on COMPOSE on a GPU machine
 SERVE_FLAGS = {"WORKERS", "THREADS"}  # read by `serve` for its --workers / --threads defaults
 TORCH_FLAGS = {"OMP_NUM_THREADS"}  # read by torch itself
 
 
-def compose(*args: str, file: Path = COMPOSE,
+def compose(*args: str, files: Sequence[Path] = (COMPOSE,),
             shell: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
-    """`docker-compose -f FILE ARGS` with nothing of this shell's environment to interpolate but
-    `shell`, so the file's own defaults are what it resolves to."""
+    """`docker-compose -f FILE... ARGS` with nothing of this shell's environment to interpolate but
+    `shell`, so the files' own defaults are what it resolves to."""
     binary = shutil.which("docker-compose")
     assert binary, "docker-compose not found: install Debian's docker-compose (.ci/run does)"
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), **(shell or {})}
-    return subprocess.run([binary, "-f", str(file), "--project-directory", str(REPO), *args],
+    named = [arg for path in files for arg in ("-f", str(path))]
+    return subprocess.run([binary, *named, "--project-directory", str(REPO), *args],
                           capture_output=True, text=True, env=env, timeout=60)
 
 
-def resolved(shell: Optional[Dict[str, str]] = None) -> dict:
-    done = compose("config", shell=shell)
+def resolved(shell: Optional[Dict[str, str]] = None, files: Sequence[Path] = (COMPOSE,)) -> dict:
+    done = compose("config", files=files, shell=shell)
     assert done.returncode == 0, done.stderr
     return yaml.safe_load(done.stdout)
 
@@ -66,7 +68,7 @@ def test_compose_would_refuse_a_mistake(tmp_path):
         assert broken != text
         path = tmp_path / "docker-compose.yml"
         path.write_text(broken)
-        done = compose("config", "-q", file=path)
+        done = compose("config", "-q", files=(path,))
         assert done.returncode != 0 and ("invalid" in done.stderr or "undefined" in done.stderr), done.stderr
 
 
@@ -135,3 +137,20 @@ def test_what_is_made_once_goes_to_one_named_volume(services, variable):
 def test_label_studio_and_redis_as_the_jobs_need_them(services):
     assert services["label-studio"]["environment"][IMPORT_FLAG] == "true"  # pushes into big projects
     assert "--appendonly" in services["redis"]["command"]  # queued chunks survive a Redis restart
+
+
+def test_the_gpu_file_builds_the_cuda_image_and_gives_every_model_the_gpu(services):
+    """docker-compose.gpu.yml on top of the CPU file: the image is built with the torch index the
+    Dockerfile names for CUDA, and the backend and the workers (all from that one image) each get
+    GPU 0; nothing else changes, so RFCLIP_DEVICE=auto picks CUDA there."""
+    (cuda_index,) = re.findall(r"CUDA:.*--build-arg TORCH_INDEX_URL=(\S+)", (REPO / "Dockerfile").read_text())
+    on_gpu = resolved(files=(COMPOSE, GPU_COMPOSE))["services"]
+    assert on_gpu["rfclip"]["build"]["args"] == {"TORCH_INDEX_URL": cuda_index}
+    assert on_gpu["worker"]["image"] == on_gpu["rfclip"]["image"] != services["rfclip"]["image"]
+    for name in ("rfclip", "worker"):
+        (device,) = on_gpu[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device == {"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}
+        assert "deploy" not in services[name]  # the CPU file alone reserves no GPU
+        assert on_gpu[name]["environment"] == services[name]["environment"]
+        assert on_gpu[name]["environment"]["RFCLIP_DEVICE"] == "auto"
+    assert sorted(on_gpu) == sorted(services)
