@@ -106,6 +106,7 @@ class Segmenter:
         size, device = self.config.window, self.model.device
         if size is None:
             return
+        # on the CPU the kernels are checked only where Triton's interpreter stands in for a GPU
         if device.type == "cpu" and not checks_kernels(device, (size // self.model.patch_size) ** 2,
                                                        self.config.encoder):
             return
