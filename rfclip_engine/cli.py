@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -32,6 +33,7 @@ from .config import (
     images_per_batch,
 )
 from .evaluation import SegmentationDataset, dataset_specs, evaluate, format_table
+from .folder import Pictures, segment_files
 from .imageio import ImageError, load_rgb
 from .loading import WeightsUnavailableError, load_model, resolve_device
 from .predictor import Segmenter
@@ -39,7 +41,7 @@ from .prototypes import Example, Prototypes
 from .presets import save_preset_file
 from .process import flush_subnormal_floats
 from .text import Vocabulary
-from .visualize import colorize, overlay, palette
+from .visualize import palette
 
 log = logging.getLogger("rfclip")
 IMAGE_SUFFIXES = {s.lower() for s, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
@@ -167,13 +169,6 @@ def _vocabulary(args: argparse.Namespace) -> Vocabulary:
         raise UsageError(str(err)) from None
 
 
-def _save_label_map(path: Path, label_map: np.ndarray, n_classes: int) -> None:
-    """Class indices as a grayscale PNG; unlabeled pixels hold the dtype's maximum."""
-    dtype = np.uint8 if n_classes < 255 else np.uint16
-    raw = np.where(label_map < 0, np.iinfo(dtype).max, label_map).astype(dtype)
-    Image.fromarray(raw).save(path)
-
-
 LABEL_MAP_SUFFIX = "_labelmap.png"
 
 
@@ -239,29 +234,18 @@ def segment_command(args: argparse.Namespace) -> int:
          for i, (n, q) in enumerate(zip(vocabulary.names, vocabulary.classes))], indent=2) + "\n")
 
     failed: List[Tuple[Path, str]] = []
-    jobs = list(zip(files, _output_stems(files)))
-    progress = tqdm(total=len(jobs), unit="image", disable=len(files) == 1 or args.quiet)
+    progress = tqdm(total=len(files), unit="image", disable=len(files) == 1 or args.quiet)
+    pictures = Pictures(out, vocabulary.names, colors, args.raw)
     group = args.images_per_batch or images_per_batch(segmenter.config.batch_size)
-    for start in range(0, len(jobs), group):
-        readable = []
-        for path, stem in jobs[start:start + group]:
-            try:
-                readable.append((path, stem, load_rgb(path, args.max_pixels)))
-            except (ImageError, OSError) as err:
-                failed.append((path, str(err)))
-                tqdm.write(f"error: {path}: {err}", file=sys.stderr)
-                progress.update(1)
-        # the crops of these images share the encoder's batches
-        logits = segmenter.logits_many([rgb for _, _, rgb in readable], vocabulary, prototypes=prototypes) \
-            if readable else []
-        for (path, stem, rgb), image_logits in zip(readable, logits):
-            label_map = segmenter.decide(image_logits, vocabulary.names, rgb.shape[:2]).label_map.numpy()
-            colorize(label_map, colors).save(out / f"{stem}_labels.png")
-            overlay(rgb, label_map, vocabulary.names, colors).save(out / f"{stem}_overlay.png")
-            if args.raw:
-                _save_label_map(out / f"{stem}_labelmap.png", label_map, len(vocabulary))
-            progress.set_postfix_str(path.name)
-            progress.update(1)
+    # the threads mostly wait on the model on the CPU; on a GPU's host they are the run's pace
+    threads = min(8, os.cpu_count() or 2)
+    for path, error in segment_files(segmenter, list(zip(files, _output_stems(files))), vocabulary, pictures, group,
+                                     args.max_pixels, prototypes, threads):
+        if error is not None:
+            failed.append((path, error))
+            tqdm.write(f"error: {path}: {error}", file=sys.stderr)
+        progress.set_postfix_str(path.name)
+        progress.update(1)
     progress.close()
 
     done = len(files) - len(failed)
@@ -388,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"(OpenAI's release file, or an open_clip state dict with --weights-tag {err.tag}), "
               f"or copy the weights into {err.cache_dir} beforehand.", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError) as err:  # OSError: an output that cannot be written, too
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -68,6 +68,16 @@ def test_segment_folder_with_a_corrupt_file(tmp_path, checkpoint, capsys):
     assert not list(out.glob("broken*"))
 
 
+def test_an_output_that_cannot_be_written_is_an_error(tmp_path, checkpoint, capsys):
+    write_image(tmp_path / "scene.png", (64, 64))
+    out = tmp_path / "out"
+    (out / "scene_overlay.png").mkdir(parents=True)  # a folder where the overlay should go
+    code = main(["segment", str(tmp_path / "scene.png"), "--labels", "sky,tree", "--checkpoint", checkpoint,
+                 "--distraction-dims", "1,2,3", "--out", str(out), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and "error:" in err and "scene_overlay.png" in err and "Traceback" not in err
+
+
 def test_usage_errors(tmp_path, checkpoint, capsys):
     write_image(tmp_path / "x.png", (64, 64))
     with pytest.raises(SystemExit) as info:

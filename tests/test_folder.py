@@ -1,0 +1,99 @@
+"""Many files through the segmenter (`rfclip segment FOLDER`): reading ahead, writing behind."""
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rfclip_engine import RFCLIPConfig, SegmenterConfig
+from rfclip_engine import folder as folder_module
+from rfclip_engine.folder import Pictures, segment_files
+from rfclip_engine.predictor import Segmenter
+from rfclip_engine.text import Vocabulary
+from rfclip_engine.visualize import palette
+
+VOCABULARY = Vocabulary.from_names(["sky", "tree", "road"])
+CONFIG = SegmenterConfig(short_side=64, window=32, stride=16, batch_size=4, encoder=RFCLIPConfig(sigma=1.5))
+
+
+def images(folder, sizes, broken=()):
+    folder.mkdir()
+    files = []
+    for i, size in enumerate(sizes):
+        path = folder / f"{i}.png"
+        if i in broken:
+            path.write_bytes(b"\x89PNG not really")
+        else:
+            rng = np.random.default_rng(i)
+            blocks = rng.integers(0, 256, (size[0] // 8, size[1] // 8, 3), dtype=np.uint8)
+            Image.fromarray(np.repeat(np.repeat(blocks, 8, axis=0), 8, axis=1)).save(path)
+        files.append((path, f"out{i}"))
+    return files
+
+
+@pytest.mark.parametrize("per_group, threads", [(1, 1), (2, 2), (3, 4)])
+def test_every_file_once_with_the_labels_it_gets_alone(tmp_path, tiny_model, per_group, threads):
+    """Each readable file's label map, written in a thread, equals segmenting it alone; the file
+    that cannot be read is reported once, and its group goes on."""
+    files = images(tmp_path / "in", [(64, 80), (48, 64), (72, 56), (64, 64), (40, 96)], broken={2})
+    out = tmp_path / "out"
+    out.mkdir()
+    segmenter = Segmenter(tiny_model, CONFIG)
+    pictures = Pictures(out, VOCABULARY.names, palette(len(VOCABULARY)), raw=True)
+    done = list(segment_files(segmenter, files, VOCABULARY, pictures, per_group, threads=threads))
+    assert sorted(str(path) for path, _ in done) == sorted(str(path) for path, _ in files)
+    failed = {path.name: error for path, error in done if error is not None}
+    assert list(failed) == ["2.png"] and failed["2.png"]
+    for i, (path, stem) in enumerate(files):
+        if i == 2:
+            assert not list(out.glob(f"{stem}_*"))
+            continue
+        alone = segmenter.predict(path, VOCABULARY).label_map.numpy()
+        raw = np.array(Image.open(out / f"{stem}_labelmap.png"))
+        assert np.array_equal(np.where(raw == 255, -1, raw), alone)
+        assert Image.open(out / f"{stem}_labels.png").size == alone.shape[::-1]
+        overlay = Image.open(out / f"{stem}_overlay.png")
+        assert overlay.width > alone.shape[1] and overlay.height >= alone.shape[0]  # the image and a legend
+
+
+def test_the_next_group_is_read_and_the_last_written_while_the_model_runs(tmp_path, tiny_model, monkeypatch):
+    """While the model segments group n, group n + 1 is read and group n - 1 written: the model
+    call below waits for both to happen, which they could not if they ran after it."""
+    files = images(tmp_path / "in", [(48, 48)] * 6)
+    out = tmp_path / "out"
+    out.mkdir()
+    started = {path.name: threading.Event() for path, _ in files}
+    read, write = folder_module.load_rgb, Pictures.write
+    monkeypatch.setattr(folder_module, "load_rgb", lambda path, limit: started[path.name].set() or read(path, limit))
+    written = {stem: threading.Event() for _, stem in files}
+    monkeypatch.setattr(Pictures, "write", lambda self, stem, rgb, labels: (write(self, stem, rgb, labels),
+                                                                            written[stem].set()))
+    segmenter = Segmenter(tiny_model, CONFIG)
+    logits_many = segmenter.logits_many
+    groups = [files[:2], files[2:4], files[4:]]
+    calls = []
+
+    def model(rgbs, vocabulary, prototypes=None):
+        n = len(calls)
+        calls.append(n)
+        if n + 1 < len(groups):
+            assert all(started[path.name].wait(10) for path, _ in groups[n + 1]), "the next group was not read"
+        if n > 0:
+            assert all(written[stem].wait(10) for _, stem in groups[n - 1]), "the last group was not written"
+        return logits_many(rgbs, vocabulary, prototypes=prototypes)
+
+    monkeypatch.setattr(segmenter, "logits_many", model)
+    pictures = Pictures(out, VOCABULARY.names, palette(len(VOCABULARY)))
+    done = list(segment_files(segmenter, files, VOCABULARY, pictures, 2, threads=2))
+    assert calls == [0, 1, 2] and [error for _, error in done] == [None] * 6
+    assert all(event.is_set() for event in written.values())
+
+
+def test_a_picture_that_cannot_be_written_stops_the_run(tmp_path, tiny_model):
+    files = images(tmp_path / "in", [(48, 48)] * 3)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "out1_overlay.png").mkdir()  # where the second image's overlay should go
+    pictures = Pictures(out, VOCABULARY.names, palette(len(VOCABULARY)))
+    with pytest.raises(OSError):
+        list(segment_files(Segmenter(tiny_model, CONFIG), files, VOCABULARY, pictures, 2))
