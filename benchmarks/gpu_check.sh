@@ -2,7 +2,8 @@
 # The GPU check (issue 12), as one command on a lent GPU machine, from the repository root:
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]          # default OUT_DIR: $OUT, else benchmarks/gpu-out
-#   DEVICE=cpu BATCHES="1 2" REPEATS=1 CASES=--quick bash benchmarks/gpu_check.sh /tmp/check   # on the CPU
+#   DEVICE=cpu BATCHES="1 2" REPEATS=1 CASES=--quick SEGMENT="--images 2 --rounds 1" \
+#     bash benchmarks/gpu_check.sh /tmp/check                                                # on the CPU
 #   PRECISIONS=fp16 CASES=--quick REPEATS=5 bash benchmarks/gpu_check.sh   # in a 15-minute lease
 #
 # The device tests come first and compile the Triton kernels for their shapes (a minute or so);
@@ -15,9 +16,11 @@
 # rfclip at each batch, plain and graphed, the share of the dense peak, peak memory, device time per
 # RF-CLIP step at the largest batch, autocast against fp32; 3. step 3 alone on CUDA, eager against its
 # kernel (bench_solver.py); 4. the segmenter cases at the default precision, plain and graphed
-# (CASES=--quick: the first case only). Logs and
+# (CASES=--quick: the first case only); 5. `rfclip segment` over a folder against the engine alone
+# (bench_segment.py; SEGMENT="--images 2 --rounds 1" shortens it). Logs and
 # JSON go to OUT_DIR; copy the tables into benchmarks/RESULTS.md. PRECISIONS=fp16 leaves bf16 out
-# (8 files then, as many as the device tool brings back; the H200 ran it in 400 s with REPEATS=10).
+# (8 files then, as many as the device tool brings back; the H200 ran steps 1-4 in 400 s with
+# REPEATS=10).
 #
 # The lent machine has Python 3.12, torch and timm but not open_clip: carry its pure-Python wheels
 # in .whl (ignored by git; see the device tool's README), made here with e.g.
@@ -36,6 +39,7 @@ REPEATS=${REPEATS:-5}
 CASES=${CASES:-}
 PRECISIONS=${PRECISIONS:-fp16 bf16}
 PYTHON=${PYTHON:-python3}
+SEGMENT=${SEGMENT:---images 32 --rounds 2}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
@@ -50,11 +54,11 @@ status=0
 {
   "$PYTHON" -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__)"
   if [ "$DEVICE" != cpu ]; then nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; fi
-} 2>&1 | tee "$OUT_DIR/device.txt"
+} 2>&1 | tee "$OUT_DIR/tests.log"  # the device's facts head the tests' log
 
 echo "== device tests on $DEVICE"
 RFCLIP_TEST_DEVICE=$DEVICE "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_device.py 2>&1 \
-  | tee "$OUT_DIR/tests.log" || status=1
+  | tee -a "$OUT_DIR/tests.log" || status=1
 
 for precision in $PRECISIONS; do
   echo "== bench_engine on $DEVICE, $precision autocast, batches $BATCHES"
@@ -74,4 +78,10 @@ echo "== the segmenter cases on $DEVICE"
 # shellcheck disable=SC2086  # CASES is empty or --quick
 "$PYTHON" benchmarks/bench_engine.py --device "$DEVICE" --repeats "$REPEATS" $CASES \
   --json "$OUT_DIR/bench_engine_${DEVICE}_cases.json" 2>&1 | tee "$OUT_DIR/bench_engine_cases.log" || status=1
+
+echo "== rfclip segment over a folder on $DEVICE, against the engine alone"
+# shellcheck disable=SC2086  # SEGMENT is a list of options
+# no log file of its own (8 files come back): its table ends the output
+"$PYTHON" benchmarks/bench_segment.py --device "$DEVICE" $SEGMENT --json "$OUT_DIR/bench_segment_${DEVICE}.json" \
+  2>&1 | grep -v "^WARNING" || status=1
 exit $status
