@@ -21,8 +21,12 @@ ENV PYTHONUNBUFFERED=1 \
     MALLOC_MMAP_THRESHOLD_=33554432 \
     MALLOC_TRIM_THRESHOLD_=1073741824
 
+# The CUDA image also gets a C compiler: Triton builds its CUDA launcher with one the first time a
+# kernel runs (triton/runtime/build.py), and without it every RF-CLIP kernel fails its check and the
+# eager steps run instead. The CPU image runs no Triton kernel.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libglib2.0-0 \
+    && case "${TORCH_INDEX_URL}" in */whl/cpu*) ;; *) apt-get install -y --no-install-recommends gcc libc6-dev ;; esac \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

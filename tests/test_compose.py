@@ -154,3 +154,31 @@ def test_the_gpu_file_builds_the_cuda_image_and_gives_every_model_the_gpu(servic
         assert on_gpu[name]["environment"] == services[name]["environment"]
         assert on_gpu[name]["environment"]["RFCLIP_DEVICE"] == "auto"
     assert sorted(on_gpu) == sorted(services)
+
+
+def apt_installs(index_url: str, stubs: Path) -> str:
+    """What the Dockerfile's apt-get step installs for a torch index: its RUN line, run by `sh`
+    with stand-ins for apt-get (it prints what it is asked) and rm (it removes nothing) first on
+    the PATH."""
+    stubs.mkdir(exist_ok=True)
+    for name, body in (("apt-get", 'echo "$@"'), ("rm", "true")):
+        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+        (stubs / name).chmod(0o755)
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    (run,) = [line[4:] for line in text.splitlines() if line.startswith("RUN apt-get")]
+    done = subprocess.run(["/bin/sh", "-c", run], capture_output=True, text=True, timeout=30,
+                          env={"PATH": f"{stubs}:/usr/bin:/bin", "TORCH_INDEX_URL": index_url})
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_cuda_image_gets_the_c_compiler_triton_builds_its_launcher_with(tmp_path):
+    """Triton compiles its CUDA launcher with the system's C compiler when a kernel first runs:
+    without one in the CUDA image every kernel would fail its check. The CPU image needs none."""
+    (cpu_index,) = re.findall(r"^ARG TORCH_INDEX_URL=(\S+)", (REPO / "Dockerfile").read_text(), re.M)
+    (cuda_index,) = re.findall(r"CUDA:.*--build-arg TORCH_INDEX_URL=(\S+)", (REPO / "Dockerfile").read_text())
+    for index, compiler in ((cpu_index, False), (cuda_index, True),
+                            ("https://download.pytorch.org/whl/cu128", True)):
+        installed = apt_installs(index, tmp_path / "bin").split()
+        assert "libglib2.0-0" in installed
+        assert ("gcc" in installed and "libc6-dev" in installed) == compiler, (index, installed)
