@@ -94,6 +94,8 @@ def _add_method_arguments(parser: argparse.ArgumentParser, short_side: Optional[
                              f"{per_dataset if prob_threshold is None else prob_threshold})")
     parser.add_argument("--batch-size", type=positive_int,
                         help="crops per forward pass (default: 32 on CUDA, 8 elsewhere)")
+    parser.add_argument("--images-per-batch", type=positive_int,
+                        help="images whose crops share forward passes (default: a quarter of --batch-size, at least 4)")
     parser.add_argument("--precision", choices=("auto",) + PRECISIONS, default="auto",
                         help="auto: fp16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
@@ -295,10 +297,11 @@ def eval_command(args: argparse.Namespace) -> int:
     segmenter = Segmenter(model, config)
     vocabulary = dataset.vocabulary
 
-    def predict(rgb: np.ndarray) -> np.ndarray:
-        return segmenter.predict(rgb, vocabulary).label_map.numpy()
+    def predict(rgbs: List[np.ndarray]) -> List[np.ndarray]:
+        return [found.label_map.numpy() for found in segmenter.predict_many(rgbs, vocabulary)]
 
-    summary = evaluate(predict, dataset, args.limit, progress=not args.quiet)
+    summary = evaluate(predict, dataset, args.limit, progress=not args.quiet,
+                       images_per_group=args.images_per_batch or images_per_batch(config.batch_size))
     print(format_table(summary))
     if args.out:
         summary["settings"] = {"model": model.model_name, "weights": model.weights_id,
@@ -321,8 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--labels-file", help="one class per line, synonyms comma-separated: person, man, woman")
     seg.add_argument("--out", required=True, help="output folder")
     _add_method_arguments(seg, short_side=336, prob_threshold=0.0)
-    seg.add_argument("--images-per-batch", type=positive_int,
-                     help="images whose crops share forward passes (default: a quarter of --batch-size, at least 4)")
     seg.add_argument("--raw", action="store_true", help="also write the raw label map")
     seg.add_argument("--examples", help="a folder of corrected examples: NAME.png (or .jpg, ...) with "
                                         "NAME_labelmap.png (class indices in --labels order, 255 unlabeled, as --raw "

@@ -8,10 +8,12 @@ the whole dataset, mIoU the mean over classes with a non-zero union, aAcc the pi
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
+from itertools import islice
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -146,24 +148,33 @@ def _percent(value: float) -> Optional[float]:
     return None if not np.isfinite(value) else round(float(value) * 100, 4)
 
 
-Predictor = Callable[[np.ndarray], np.ndarray]  # RGB (H, W, 3) -> label map (H, W), -1 unlabeled
+# RGB images (H, W, 3) -> their label maps (H, W), -1 unlabeled; several at once, so that their
+# crops can share the encoder's batches
+Predictor = Callable[[List[np.ndarray]], List[np.ndarray]]
 
 
 def evaluate(predict: Predictor, dataset: SegmentationDataset, limit: Optional[int] = None,
-             progress: bool = True) -> dict:
-    """Run `predict` over the dataset and return the metric summary (and the image count)."""
+             progress: bool = True, images_per_group: int = 1) -> dict:
+    """Run `predict` over the dataset, `images_per_group` images a call, and return the metric
+    summary (and the image count). A thread reads the next group while `predict` runs: on a GPU,
+    decoding an image and its label map takes about as long as segmenting it."""
     names = dataset.vocabulary.names
     accumulator = IoUAccumulator(len(names))
     total = min(len(dataset), limit) if limit else len(dataset)
+    images = islice(dataset, total)
+    groups = iter(lambda: list(islice(images, images_per_group)), [])
     count = 0
-    for _, rgb, label in tqdm(dataset, total=total, unit="image", disable=not progress):
-        if count == total:
-            break
-        pred = predict(rgb)
-        if dataset.background_class is not None:
-            pred = np.where(pred < 0, dataset.background_class, pred)
-        accumulator.add(pred, label)
-        count += 1
+    with tqdm(total=total, unit="image", disable=not progress) as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="rfclip-read") as reader:
+        ahead = reader.submit(next, groups, None)
+        while (group := ahead.result()) is not None:
+            ahead = reader.submit(next, groups, None)  # one thread calls the iterator, one call at a time
+            for pred, (_, _, label) in zip(predict([rgb for _, rgb, _ in group]), group):
+                if dataset.background_class is not None:
+                    pred = np.where(pred < 0, dataset.background_class, pred)
+                accumulator.add(pred, label)
+            count += len(group)
+            bar.update(len(group))
     return {"dataset": dataset.name, "images": count, **accumulator.summary(names)}
 
 

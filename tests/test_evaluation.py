@@ -1,13 +1,14 @@
 """Evaluation: the metric against a hand-built confusion matrix, every dataset layout read from
 a synthetic copy, and `rfclip eval` end to end."""
 import json
+import threading
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from rfclip_engine import load_model
+from rfclip_engine import evaluation, load_model
 from rfclip_engine.cli import main
 from rfclip_engine.evaluation import IGNORE_INDEX, IoUAccumulator, SegmentationDataset, dataset_specs, evaluate
 
@@ -80,6 +81,11 @@ def build_dataset(root, name, raw_labels):
     return SegmentationDataset.open(name, root)
 
 
+def each(predict_one):
+    """A predictor of groups from one of single images."""
+    return lambda rgbs: [predict_one(rgb) for rgb in rgbs]
+
+
 @pytest.mark.parametrize("name", sorted(dataset_specs()))
 def test_every_layout_reads_and_scores(tmp_path, name):
     spec = dataset_specs()[name]
@@ -98,8 +104,8 @@ def test_every_layout_reads_and_scores(tmp_path, name):
         return raw
 
     # an oracle that reads the label back from the red channel scores 100 on every present class
-    perfect = evaluate(lambda rgb: np.where(to_classes(rgb[..., 0]) == 255, 0, to_classes(rgb[..., 0])),
-                       dataset, progress=False)
+    perfect = evaluate(each(lambda rgb: np.where(to_classes(rgb[..., 0]) == 255, 0, to_classes(rgb[..., 0]))),
+                       dataset, progress=False, images_per_group=2)
     present = {int(c) for raw in raws for c in np.unique(to_classes(raw)) if c != IGNORE_INDEX}
     ious = {i: v["IoU"] for i, v in enumerate(perfect["per_class"].values())}
     assert all(ious[c] == 100.0 for c in present)
@@ -107,7 +113,7 @@ def test_every_layout_reads_and_scores(tmp_path, name):
     assert perfect["mIoU"] == 100.0 and perfect["images"] == 3
 
     # a constant prediction of class 0, against the hand-built reference
-    const = evaluate(lambda rgb: np.zeros(rgb.shape[:2], np.int64), dataset, progress=False, limit=2)
+    const = evaluate(each(lambda rgb: np.zeros(rgb.shape[:2], np.int64)), dataset, progress=False, limit=2)
     iou, aacc = confusion_reference([np.zeros_like(r, np.int64) for r in raws[:2]], [to_classes(r) for r in raws[:2]], n)
     assert const["images"] == 2
     assert const["aAcc"] == pytest.approx(aacc * 100)
@@ -117,8 +123,40 @@ def test_every_layout_reads_and_scores(tmp_path, name):
 def test_unlabeled_pixels_become_background_where_the_dataset_has_one(tmp_path):
     raw = np.array([[0, 1], [2, 0]], np.uint8)
     dataset = build_dataset(tmp_path, "voc21", [raw])
-    result = evaluate(lambda rgb: np.array([[-1, 1], [2, -1]]), dataset, progress=False)
+    result = evaluate(each(lambda rgb: np.array([[-1, 1], [2, -1]])), dataset, progress=False)
     assert result["mIoU"] == 100.0
+
+
+@pytest.mark.parametrize("per_group, limit", [(1, None), (2, None), (3, None), (4, 5), (8, None)])
+def test_groups_score_as_single_images_and_the_next_is_read_meanwhile(tmp_path, monkeypatch, per_group, limit):
+    """The predictor gets the images in groups of `per_group` (the last one shorter) and the
+    metrics are those of single images; while it predicts one group, the next one's first image
+    is read (the predictor below waits for it, which it could not if reading came after)."""
+    rng = np.random.default_rng(3)
+    raws = [rng.integers(0, 21, (6, 9)).astype(np.uint8) for _ in range(7)]
+    dataset = build_dataset(tmp_path / "voc", "voc21", raws)
+    read, started = evaluation.load_rgb, {}
+
+    def load(path, *args):
+        started.setdefault(path.stem, threading.Event()).set()
+        return read(path, *args)
+
+    monkeypatch.setattr(evaluation, "load_rgb", load)
+    noisy = lambda rgb: np.where(rgb[..., 0] % 3 == 0, 0, rgb[..., 0]).astype(np.int64)  # noqa: E731
+    groups = []
+
+    def predict(rgbs):
+        groups.append(len(rgbs))
+        following = f"img{sum(groups)}"
+        if sum(groups) < (limit or len(raws)):
+            assert started.setdefault(following, threading.Event()).wait(10), "the next group was not read"
+        return [noisy(rgb) for rgb in rgbs]
+
+    grouped = evaluate(predict, dataset, progress=False, limit=limit, images_per_group=per_group)
+    single = evaluate(each(noisy), SegmentationDataset.open("voc21", tmp_path / "voc"), progress=False, limit=limit)
+    total = limit or len(raws)
+    assert groups == [per_group] * (total // per_group) + ([total % per_group] if total % per_group else [])
+    assert grouped == single and grouped["images"] == total
 
 
 def test_missing_layout_is_explained(tmp_path):
