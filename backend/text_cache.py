@@ -42,7 +42,7 @@ class RedisEmbeddingCache:
         self._down_since: Optional[float] = None
         self._answered = False  # whether Redis ever answered this process
         self._lock = threading.Lock()
-        self.hits = self.misses = 0  # Redis lookups that found / did not find the key
+        self.hits = 0  # Redis lookups that found the key
 
     @property
     def state(self) -> str:
@@ -59,8 +59,6 @@ class RedisEmbeddingCache:
             return value
         raw = self._call(lambda client: client.get(key))
         if raw is None:
-            if self._usable():
-                self.misses += 1
             return None
         self.hits += 1
         value = torch.from_numpy(np.frombuffer(raw, dtype=np.float32).copy())
@@ -76,9 +74,6 @@ class RedisEmbeddingCache:
         """Try Redis now (for /health) and return the state."""
         self._call(lambda client: client.ping(), force=True)
         return self.state
-
-    def _usable(self) -> bool:
-        return self._client is not None and self._down_since is None
 
     def _call(self, operation, force: bool = False):
         if self._client is None:

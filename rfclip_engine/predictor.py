@@ -73,10 +73,6 @@ class Prediction:
         """(H, W) bool mask of one class."""
         return self.label_map == class_index
 
-    @property
-    def present_classes(self) -> List[int]:
-        return [int(c) for c in torch.nonzero(self.pixel_counts).flatten()]
-
 
 class Segmenter:
     """Segments images into the classes of an open vocabulary."""
