@@ -29,8 +29,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import arguments, machine, markdown_table, synchronize  # noqa: E402
 from rfclip_engine import Segmenter, Vocabulary, load_model  # noqa: E402
+from rfclip_engine.cli import _images_per_group, _segmenter_config, build_parser  # noqa: E402
 from rfclip_engine.cli import main as rfclip  # noqa: E402
-from rfclip_engine.config import SegmenterConfig, default_batch_size, default_precision, images_per_batch  # noqa: E402
 from rfclip_engine.imageio import load_rgb  # noqa: E402
 from rfclip_engine.loading import resolve_device  # noqa: E402
 
@@ -67,8 +67,10 @@ def main() -> int:
     command = ["segment", str(folder), "--labels", ",".join(LABELS), "--checkpoint", str(checkpoint),
                "--weights-tag", "openai", "--device", args.device, "--quiet"]
 
-    config = SegmenterConfig(batch_size=default_batch_size(device.type), precision=default_precision(device.type))
-    group = images_per_batch(config.batch_size)
+    # the command's own config and groups, from its own parser: both sides segment alike
+    parsed = build_parser().parse_args([*command, "--out", str(work / "unused")])
+    config = _segmenter_config(parsed, device)
+    group = _images_per_group(parsed, config)
     files = sorted(folder.iterdir())
     vocabulary = Vocabulary.from_names(LABELS)
 

@@ -80,8 +80,8 @@ echo "== the segmenter cases on $DEVICE"
   --json "$OUT_DIR/bench_engine_${DEVICE}_cases.json" 2>&1 | tee "$OUT_DIR/bench_engine_cases.log" || status=1
 
 echo "== rfclip segment over a folder on $DEVICE, against the engine alone"
-# shellcheck disable=SC2086  # SEGMENT is a list of options
 # no log file of its own (8 files come back): its table ends the output
+# shellcheck disable=SC2086  # SEGMENT is a list of options
 "$PYTHON" benchmarks/bench_segment.py --device "$DEVICE" $SEGMENT --json "$OUT_DIR/bench_segment_${DEVICE}.json" \
   2>&1 | grep -v "^WARNING" || status=1
 exit $status

@@ -129,6 +129,11 @@ def _segmenter_config(args: argparse.Namespace, device: torch.device) -> Segment
     )
 
 
+def _images_per_group(args: argparse.Namespace, config: SegmenterConfig) -> int:
+    """Images whose crops share the encoder's batches: --images-per-batch, else the batch's default."""
+    return args.images_per_batch or images_per_batch(config.batch_size)
+
+
 def _load(args: argparse.Namespace):
     dims = args.distraction_dims
     if dims and not Path(dims).is_file():
@@ -238,7 +243,7 @@ def segment_command(args: argparse.Namespace) -> int:
     failed: List[Tuple[Path, str]] = []
     progress = tqdm(total=len(files), unit="image", disable=len(files) == 1 or args.quiet)
     pictures = Pictures(out, vocabulary.names, colors, args.raw)
-    group = args.images_per_batch or images_per_batch(segmenter.config.batch_size)
+    group = _images_per_group(args, config)
     # the threads mostly wait on the model on the CPU; on a GPU's host they are the run's pace
     threads = min(8, os.cpu_count() or 2)
     for path, error in segment_files(segmenter, list(zip(files, _output_stems(files))), vocabulary, pictures, group,
@@ -301,7 +306,7 @@ def eval_command(args: argparse.Namespace) -> int:
         return [found.label_map.numpy() for found in segmenter.predict_many(rgbs, vocabulary)]
 
     summary = evaluate(predict, dataset, args.limit, progress=not args.quiet,
-                       images_per_group=args.images_per_batch or images_per_batch(config.batch_size))
+                       images_per_group=_images_per_group(args, config))
     print(format_table(summary))
     if args.out:
         summary["settings"] = {"model": model.model_name, "weights": model.weights_id,
