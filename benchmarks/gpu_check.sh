@@ -17,7 +17,8 @@
 # RF-CLIP step at the largest batch, autocast against fp32; 3. step 3 alone on CUDA, eager against its
 # kernel (bench_solver.py); 4. the segmenter cases at the default precision, plain and graphed
 # (CASES=--quick: the first case only); 5. `rfclip segment` over a folder against the engine alone
-# (bench_segment.py; SEGMENT="--images 2 --rounds 1" shortens it). Logs and
+# (bench_segment.py: what 32 more images cost the command, its start cancelled, against a warm
+# engine, and the start itself; SEGMENT="--images 2 --rounds 1" shortens it). Logs and
 # JSON go to OUT_DIR; copy the tables into benchmarks/RESULTS.md. PRECISIONS=fp16 leaves bf16 out
 # (8 files then, as many as the device tool brings back; the H200 ran steps 1-4 in 400 s with
 # REPEATS=10).

@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     seg = sub.add_parser("segment", help="segment an image or a folder of images",
-                         description="Writes per image NAME_labels.png (colour label map), NAME_overlay.png "
+                         description="Writes per image NAME_labels.png (colour label map), NAME_overlay.jpg "
                                      "(image + legend), with --raw NAME_labelmap.png (class indices), and classes.json.")
     seg.add_argument("input", help="an image file or a folder of images")
     seg.add_argument("--labels", help='comma-separated classes; synonyms with "|": "person|man|woman,dog,grass"')

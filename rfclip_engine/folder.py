@@ -1,15 +1,15 @@
 """Many image files through the segmenter, as `rfclip segment` runs a folder: each group of images
 shares the encoder's batches, while threads read the next group and write the last one's pictures.
 
-Reading and writing are host work the model does not need to wait on: a 1024x768 photo took 0.4 s
-of it here before (decoding, the colour map and the overlay, PNG compression) against some 4 ms of
-an H200's time for its segmentation, and the command ran at 1.39x the engine's time on the CPU;
-now 1.10x (benchmarks/RESULTS.md). Pillow and zlib release the GIL, so the threads run beside the
-model. At most three groups of images are in memory: the one being segmented, the next one read
+Reading and writing are host work the model does not need to wait on: for a 1024x768 photo, some
+25 ms of decoding and pictures against some 4 ms of an H200's time for its segmentation (0.4 s of
+host work before the threads, the JPEG overlay and the cheaper blend; benchmarks/RESULTS.md).
+Pillow and zlib release the GIL, so the threads run beside the model. At most three groups of images are in memory: the one being segmented, the next one read
 and the last one being written.
 """
 from __future__ import annotations
 
+import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,15 +25,17 @@ from .prototypes import Prototypes
 from .text import Vocabulary
 from .visualize import colorize, overlay
 
-# zlib's fastest level: the pictures are photos, whose grain no level compresses, and colour maps,
-# which every level makes small; level 6 (Pillow's default) took 3.7x as long for an overlay 0.2 %
-# smaller (1024x768).
-PNG_COMPRESSION = 1
+# PNGs at zlib's fastest level with its run-length strategy: colour and class maps are flat
+# regions, which it stores a third as large as the default strategy, as fast (1024x768).
+PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}
+# The overlay is a photo to look at: as a PNG its grain made it 1.3 MB and 73 ms to write for a
+# 1024x768 image, as a JPEG 0.19 MB and 3 ms.
+OVERLAY_QUALITY = 90
 
 
 @dataclass(frozen=True)
 class Pictures:
-    """What is written per image into `folder`: STEM_labels.png (colours), STEM_overlay.png (the
+    """What is written per image into `folder`: STEM_labels.png (colours), STEM_overlay.jpg (the
     image with the colours blended in and a legend) and, with `raw`, STEM_labelmap.png (class
     indices, the dtype's maximum where unlabeled)."""
 
@@ -43,9 +45,10 @@ class Pictures:
     raw: bool = False
 
     def write(self, stem: str, rgb: np.ndarray, label_map: np.ndarray) -> None:
-        colorize(label_map, self.colors).save(self.folder / f"{stem}_labels.png", compress_level=PNG_COMPRESSION)
-        overlay(rgb, label_map, self.names, self.colors).save(self.folder / f"{stem}_overlay.png",
-                                                              compress_level=PNG_COMPRESSION)
+        colored = colorize(label_map, self.colors)
+        colored.save(self.folder / f"{stem}_labels.png", **PNG_OPTIONS)
+        overlay(rgb, label_map, colored, self.names, self.colors).save(self.folder / f"{stem}_overlay.jpg",
+                                                                       quality=OVERLAY_QUALITY)
         if self.raw:
             save_label_map(self.folder / f"{stem}_labelmap.png", label_map, len(self.names))
 
@@ -54,7 +57,7 @@ def save_label_map(path: Path, label_map: np.ndarray, n_classes: int) -> None:
     """Class indices as a grayscale PNG; unlabeled pixels hold the dtype's maximum."""
     dtype = np.uint8 if n_classes < 255 else np.uint16
     raw = np.where(label_map < 0, np.iinfo(dtype).max, label_map).astype(dtype)
-    Image.fromarray(raw).save(path, compress_level=PNG_COMPRESSION)
+    Image.fromarray(raw).save(path, **PNG_OPTIONS)
 
 
 def segment_files(

@@ -39,7 +39,7 @@ def test_segment_one_image(tmp_path, checkpoint, capsys):
     assert code == 0
     labels = Image.open(out / "scene_labels.png")
     assert labels.size == (110, 75) and labels.mode == "RGB"
-    overlay = Image.open(out / "scene_overlay.png")
+    overlay = Image.open(out / "scene_overlay.jpg")
     assert overlay.height == 75 and overlay.width > 110  # image plus legend
     raw = np.array(Image.open(out / "scene_labelmap.png"))
     assert raw.shape == (75, 110) and set(np.unique(raw)) <= {0, 1, 2}
@@ -64,18 +64,18 @@ def test_segment_folder_with_a_corrupt_file(tmp_path, checkpoint, capsys):
     err = capsys.readouterr().err
     assert "broken.png" in err and "segmented 2 of 3" in err
     assert Image.open(out / "a_labels.png").size == (90, 64)
-    assert Image.open(out / "b_overlay.png").height == 50
+    assert Image.open(out / "b_overlay.jpg").height == 50
     assert not list(out.glob("broken*"))
 
 
 def test_an_output_that_cannot_be_written_is_an_error(tmp_path, checkpoint, capsys):
     write_image(tmp_path / "scene.png", (64, 64))
     out = tmp_path / "out"
-    (out / "scene_overlay.png").mkdir(parents=True)  # a folder where the overlay should go
+    (out / "scene_overlay.jpg").mkdir(parents=True)  # a folder where the overlay should go
     code = main(["segment", str(tmp_path / "scene.png"), "--labels", "sky,tree", "--checkpoint", checkpoint,
                  "--distraction-dims", "1,2,3", "--out", str(out), *FAST])
     err = capsys.readouterr().err
-    assert code == 2 and "error:" in err and "scene_overlay.png" in err and "Traceback" not in err
+    assert code == 2 and "error:" in err and "scene_overlay.jpg" in err and "Traceback" not in err
 
 
 def test_usage_errors(tmp_path, checkpoint, capsys):

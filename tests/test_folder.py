@@ -52,7 +52,7 @@ def test_every_file_once_with_the_labels_it_gets_alone(tmp_path, tiny_model, per
         raw = np.array(Image.open(out / f"{stem}_labelmap.png"))
         assert np.array_equal(np.where(raw == 255, -1, raw), alone)
         assert Image.open(out / f"{stem}_labels.png").size == alone.shape[::-1]
-        overlay = Image.open(out / f"{stem}_overlay.png")
+        overlay = Image.open(out / f"{stem}_overlay.jpg")
         assert overlay.width > alone.shape[1] and overlay.height >= alone.shape[0]  # the image and a legend
 
 
@@ -93,7 +93,19 @@ def test_a_picture_that_cannot_be_written_stops_the_run(tmp_path, tiny_model):
     files = images(tmp_path / "in", [(48, 48)] * 3)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "out1_overlay.png").mkdir()  # where the second image's overlay should go
+    (out / "out1_overlay.jpg").mkdir()  # where the second image's overlay should go
     pictures = Pictures(out, VOCABULARY.names, palette(len(VOCABULARY)))
     with pytest.raises(OSError):
         list(segment_files(Segmenter(tiny_model, CONFIG), files, VOCABULARY, pictures, 2))
+
+
+@pytest.mark.parametrize("classes, dtype", [(3, np.uint8), (254, np.uint8), (255, np.uint16), (300, np.uint16)])
+def test_the_raw_label_map_reads_back_with_unlabeled_at_the_dtype_maximum(tmp_path, classes, dtype):
+    rng = np.random.default_rng(classes)
+    labels = rng.integers(-1, classes, (30, 40))
+    labels[0, :2] = [-1, classes - 1]
+    folder_module.save_label_map(tmp_path / "raw.png", labels, classes)
+    raw = np.array(Image.open(tmp_path / "raw.png"))
+    assert raw.dtype == dtype, raw.dtype
+    unlabeled = np.iinfo(dtype).max
+    assert np.array_equal(raw, np.where(labels < 0, unlabeled, labels))
