@@ -14,8 +14,9 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -157,9 +158,21 @@ def _list_images(target: Path) -> List[Path]:
 
 
 def _output_stems(files: Sequence[Path]) -> List[str]:
-    """File stems, with the extension kept where two inputs share a stem."""
-    stems = [p.stem for p in files]
-    return [p.name.replace(".", "_") if stems.count(p.stem) > 1 else p.stem for p in files]
+    """File stems, with the extension kept where two inputs share a stem, and a number added where
+    that meets another file's own stem ("a.jpg" and "a.png" beside "a_jpg.png"): one output per
+    input, in time linear in the number of files."""
+    shared = Counter(p.stem for p in files)
+    used: Set[str] = set()
+    stems = []
+    for path in files:
+        stem = unique = path.name.replace(".", "_") if shared[path.stem] > 1 else path.stem
+        n = 1
+        while unique in used:
+            n += 1
+            unique = f"{stem}_{n}"
+        used.add(unique)
+        stems.append(unique)
+    return stems
 
 
 def _vocabulary(args: argparse.Namespace) -> Vocabulary:

@@ -1,5 +1,6 @@
 """The `rfclip` command with a tiny checkpoint: segment files and folders, calibrate."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +205,11 @@ def test_the_batch_size_defaults_by_device(device, batch):
 
     assert config().batch_size == batch
     assert config("--batch-size", "3").batch_size == 3
+
+
+def test_output_stems_are_one_per_input_even_where_names_meet():
+    from rfclip_engine.cli import _output_stems
+    files = [Path(name) for name in ("a.jpg", "a.png", "a_jpg.png", "b.jpg", "c.d.png", "x/e.png", "y/e.png")]
+    assert _output_stems(files) == ["a_jpg", "a_png", "a_jpg_2", "b", "c.d", "e_png", "e_png_2"]
+    many = [Path(f"{i:06d}.jpg") for i in range(100_000)]  # a quadratic count would take minutes here
+    assert _output_stems(many) == [p.stem for p in many]
