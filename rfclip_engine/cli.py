@@ -34,9 +34,10 @@ from .config import (
     images_per_batch,
 )
 from .evaluation import SegmentationDataset, dataset_specs, evaluate, format_table
-from .folder import Pictures, segment_files
+from .folder import Pictures, segment_files, start_run
 from .imageio import ImageError, load_rgb
 from .loading import WeightsUnavailableError, load_model, resolve_device
+from .model import RFCLIPModel
 from .predictor import Segmenter
 from .prototypes import Example, Prototypes
 from .presets import save_preset_file
@@ -249,18 +250,24 @@ def segment_command(args: argparse.Namespace) -> int:
     segmenter = Segmenter(model, config, max_pixels=args.max_pixels)
     prototypes = _learn_examples(segmenter, pairs_folder, vocabulary, args.max_pixels) if pairs_folder else None
     colors = palette(len(vocabulary))
-    (out / "classes.json").write_text(json.dumps(
-        [{"index": i, "name": n, "queries": list(q), "color": colors[i].tolist()}
-         for i, (n, q) in enumerate(zip(vocabulary.names, vocabulary.classes))], indent=2) + "\n")
+    classes = [{"index": i, "name": n, "queries": list(q), "color": colors[i].tolist()}
+               for i, (n, q) in enumerate(zip(vocabulary.names, vocabulary.classes))]
+    started, resumed = start_run(out, _run_settings(args, model, config, classes), args.resume)
+    (out / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
 
-    failed: List[Tuple[Path, str]] = []
-    progress = tqdm(total=len(files), unit="image", disable=len(files) == 1 or args.quiet)
     pictures = Pictures(out, vocabulary.names, colors, args.raw)
+    todo = [(path, stem) for path, stem in zip(files, _output_stems(files))
+            if not (resumed and pictures.written_since(stem, started))]
+    if resumed:
+        print(f"resuming: {len(files) - len(todo)} of {len(files)} image(s) were segmented into {out} before",
+              file=sys.stderr)
+    failed: List[Tuple[Path, str]] = []
+    progress = tqdm(total=len(todo), unit="image", disable=len(todo) <= 1 or args.quiet)
     group = _images_per_group(args, config)
     # the threads mostly wait on the model on the CPU; on a GPU's host they are the run's pace
     threads = min(8, os.cpu_count() or 2)
-    for path, error in segment_files(segmenter, list(zip(files, _output_stems(files))), vocabulary, pictures, group,
-                                     args.max_pixels, prototypes, threads):
+    for path, error in segment_files(segmenter, todo, vocabulary, pictures, group, args.max_pixels, prototypes,
+                                     threads):
         if error is not None:
             failed.append((path, error))
             tqdm.write(f"error: {path}: {error}", file=sys.stderr)
@@ -268,11 +275,23 @@ def segment_command(args: argparse.Namespace) -> int:
         progress.update(1)
     progress.close()
 
-    done = len(files) - len(failed)
-    print(f"segmented {done} of {len(files)} image(s) into {out}", file=sys.stderr)
+    print(f"segmented {len(todo) - len(failed)} of {len(todo)} image(s) into {out}", file=sys.stderr)
     for path, reason in failed:
         print(f"  failed: {path}: {reason}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _run_settings(args: argparse.Namespace, model: RFCLIPModel, config: SegmenterConfig, classes: list) -> dict:
+    """What a run's labels depend on, which a resumed run must share: how forwards are executed
+    (device, batch, precision, graphs, kernels) may change, as it moves labels by rounding only."""
+    labelling = dataclasses.asdict(config)
+    for key in ("batch_size", "precision", "cuda_graphs"):
+        del labelling[key]
+    for key in ("attention_chunk_mb", "triton_kernels"):
+        del labelling["encoder"][key]
+    return {"model": model.model_name, "weights": model.weights_id,
+            "distraction": model.preset.to_json() if model.preset else None, "config": labelling,
+            "classes": [{key: c[key] for key in ("name", "queries")} for c in classes], "examples": args.examples}
 
 
 def _readable_images(files: Sequence[Path], max_pixels: Optional[int]) -> Iterator[np.ndarray]:
@@ -343,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--out", required=True, help="output folder")
     _add_method_arguments(seg, short_side=336, prob_threshold=0.0)
     seg.add_argument("--raw", action="store_true", help="also write the raw label map")
+    seg.add_argument("--resume", action="store_true",
+                     help="go on with an interrupted run into the same --out: images whose pictures it wrote are "
+                          "skipped (refused if its classes or method settings differ)")
     seg.add_argument("--examples", help="a folder of corrected examples: NAME.png (or .jpg, ...) with "
                                         "NAME_labelmap.png (class indices in --labels order, 255 unlabeled, as --raw "
                                         "writes); each class's mean feature inside its pixels joins its text")

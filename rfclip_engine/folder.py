@@ -4,11 +4,17 @@ shares the encoder's batches, while threads read the next group and write the la
 Reading and writing are host work the model does not need to wait on: for a 1024x768 photo, some
 25 ms of decoding and pictures against some 4 ms of an H200's time for its segmentation (0.4 s of
 host work before the threads, the JPEG overlay and the cheaper blend; benchmarks/RESULTS.md).
-Pillow and zlib release the GIL, so the threads run beside the model. At most three groups of images are in memory: the one being segmented, the next one read
-and the last one being written.
+Pillow and zlib release the GIL, so the threads run beside the model. At most three groups of
+images are in memory: the one being segmented, the next one read and the last one being written.
+
+A run records its settings beside its pictures, and every picture is written whole or not at all,
+so an interrupted run can be resumed (`start_run`, `Pictures.written_since`): a million images
+need not start again from the first.
 """
 from __future__ import annotations
 
+import json
+import os
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,31 +39,83 @@ PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}
 OVERLAY_QUALITY = 90
 
 
+# what a run was asked for, beside its pictures: `start_run` checks it before a run resumes
+RUN_RECORD = "run.json"
+
+
 @dataclass(frozen=True)
 class Pictures:
     """What is written per image into `folder`: STEM_labels.png (colours), STEM_overlay.jpg (the
     image with the colours blended in and a legend) and, with `raw`, STEM_labelmap.png (class
-    indices, the dtype's maximum where unlabeled)."""
+    indices, the dtype's maximum where unlabeled). Each file appears whole or not at all."""
 
     folder: Path
     names: Tuple[str, ...]
     colors: np.ndarray
     raw: bool = False
 
+    def paths(self, stem: str) -> List[Path]:
+        suffixes = ["_labels.png", "_overlay.jpg"] + (["_labelmap.png"] if self.raw else [])
+        return [self.folder / f"{stem}{suffix}" for suffix in suffixes]
+
+    def written_since(self, stem: str, since_ns: int) -> bool:
+        """Whether every picture of `stem` was written at or after `since_ns` (a file time)."""
+        try:
+            return all(path.stat().st_mtime_ns >= since_ns for path in self.paths(stem))
+        except FileNotFoundError:
+            return False
+
     def write(self, stem: str, rgb: np.ndarray, label_map: np.ndarray) -> None:
+        labels, overlay_path, *raw = self.paths(stem)
         colored = colorize(label_map, self.colors)
-        colored.save(self.folder / f"{stem}_labels.png", **PNG_OPTIONS)
-        overlay(rgb, label_map, colored, self.names, self.colors).save(self.folder / f"{stem}_overlay.jpg",
-                                                                       quality=OVERLAY_QUALITY)
-        if self.raw:
-            save_label_map(self.folder / f"{stem}_labelmap.png", label_map, len(self.names))
+        _save(colored, labels, "PNG", **PNG_OPTIONS)
+        _save(overlay(rgb, label_map, colored, self.names, self.colors), overlay_path, "JPEG",
+              quality=OVERLAY_QUALITY)
+        if raw:
+            save_label_map(raw[0], label_map, len(self.names))
 
 
 def save_label_map(path: Path, label_map: np.ndarray, n_classes: int) -> None:
     """Class indices as a grayscale PNG; unlabeled pixels hold the dtype's maximum."""
     dtype = np.uint8 if n_classes < 255 else np.uint16
     raw = np.where(label_map < 0, np.iinfo(dtype).max, label_map).astype(dtype)
-    Image.fromarray(raw).save(path, **PNG_OPTIONS)
+    _save(Image.fromarray(raw), path, "PNG", **PNG_OPTIONS)
+
+
+def _save(image: Image.Image, path: Path, image_format: str, **options) -> None:
+    # written under another name and renamed: a run killed mid-write leaves no truncated picture
+    # that a resumed run would take for done
+    part = path.with_name(f".{path.name}.part")
+    try:
+        image.save(part, image_format, **options)
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def start_run(folder: Path, settings: dict, resume: bool) -> Tuple[int, bool]:
+    """The file time from which pictures in `folder` count as this run's, and whether it resumes
+    an earlier run. A fresh run records `settings` and starts now. With `resume`, a run recorded
+    there with the same settings goes on from when it started (pictures written since are done);
+    one with other settings raises ValueError; none at all starts afresh."""
+    record = folder / RUN_RECORD
+    settings = json.loads(json.dumps(settings, default=str))  # as the record reads back
+    if resume and record.is_file():
+        try:
+            recorded = json.loads(record.read_text())["settings"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"--resume: {record} cannot be read ({err}); segment into another folder, or "
+                             "without --resume to start afresh") from None
+        if recorded != settings:
+            differing = sorted(key for key in settings.keys() | recorded.keys()
+                               if settings.get(key) != recorded.get(key))
+            raise ValueError(f"--resume: {folder} holds a run with other settings ({', '.join(differing)}); "
+                             "resume it with the same ones, or start afresh without --resume")
+        return record.stat().st_mtime_ns, True
+    record.write_text(json.dumps({"settings": settings}, indent=2) + "\n")
+    # the record's own file time, not the clock's: the pictures' times come from the same
+    # (coarser) file-system clock, so none written after it can read earlier
+    return record.stat().st_mtime_ns, False
 
 
 def segment_files(

@@ -213,3 +213,58 @@ def test_output_stems_are_one_per_input_even_where_names_meet():
     assert _output_stems(files) == ["a_jpg", "a_png", "a_jpg_2", "b", "c.d", "e_png", "e_png_2"]
     many = [Path(f"{i:06d}.jpg") for i in range(100_000)]  # a quadratic count would take minutes here
     assert _output_stems(many) == [p.stem for p in many]
+
+
+def segment_folder(folder, out, checkpoint, *extra, labels="sky,tree"):
+    return main(["segment", str(folder), "--labels", labels, "--checkpoint", checkpoint, "--distraction-dims", "1,2,3",
+                 "--raw", "--out", str(out), *FAST, *extra])
+
+
+def image_folder(path, count):
+    path.mkdir()
+    for i in range(count):
+        write_image(path / f"{i}.png", (48, 64), seed=i)
+    return path
+
+
+def test_resume_segments_what_an_interrupted_run_left_and_nothing_twice(tmp_path, checkpoint, capsys):
+    folder, out = image_folder(tmp_path / "in", 4), tmp_path / "out"
+    assert segment_folder(folder, out, checkpoint) == 0
+    whole = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "run.json"}
+    # cut off: image 1 not written at all, image 2 in the middle of its raw label map
+    for name in ("1_labels.png", "1_overlay.jpg", "1_labelmap.png", "2_labelmap.png"):
+        (out / name).unlink()
+    (out / ".2_labelmap.png.part").write_bytes(b"\x89PNG trunc")
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("[03]_*")}
+    capsys.readouterr()
+    assert segment_folder(folder, out, checkpoint, "--resume") == 0
+    err = capsys.readouterr().err
+    assert "resuming: 2 of 4 image(s) were segmented" in err and "segmented 2 of 2" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("[03]_*")} == kept  # not segmented twice
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "run.json"} == whole  # no part file left
+
+
+def test_resume_refuses_other_settings_and_takes_only_the_recorded_runs_pictures(tmp_path, checkpoint, capsys):
+    folder, out = image_folder(tmp_path / "in", 3), tmp_path / "out"
+    assert segment_folder(folder, out, checkpoint, "--resume") == 0  # nothing to resume: a fresh run
+    for extra, labels, differing in [((), "sky,road", "classes"), (("--beta", "0.6"), "sky,tree", "config")]:
+        capsys.readouterr()
+        assert segment_folder(folder, out, checkpoint, "--resume", *extra, labels=labels) == 2
+        err = capsys.readouterr().err
+        assert f"holds a run with other settings ({differing})" in err and "Traceback" not in err
+    assert json.loads((out / "classes.json").read_text())[1]["name"] == "tree"  # the refused runs wrote nothing
+    # how forwards run is not a setting of the labels: another batch resumes, and finds all done
+    assert segment_folder(folder, out, checkpoint, "--resume", "--batch-size", "3") == 0
+    assert "resuming: 3 of 3" in capsys.readouterr().err
+
+    # a fresh run with other classes, cut off after its first image: the earlier run's pictures of
+    # the other two are not this run's, so resuming it segments them again
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "0.png").write_bytes((folder / "0.png").read_bytes())
+    assert segment_folder(single, out, checkpoint, labels="sky,road") == 0
+    capsys.readouterr()
+    assert segment_folder(folder, out, checkpoint, "--resume", labels="sky,road") == 0
+    err = capsys.readouterr().err
+    assert "resuming: 1 of 3" in err and "segmented 2 of 2" in err
+    assert [c["name"] for c in json.loads((out / "classes.json").read_text())] == ["sky", "road"]

@@ -97,6 +97,7 @@ def test_a_picture_that_cannot_be_written_stops_the_run(tmp_path, tiny_model):
     pictures = Pictures(out, VOCABULARY.names, palette(len(VOCABULARY)))
     with pytest.raises(OSError):
         list(segment_files(Segmenter(tiny_model, CONFIG), files, VOCABULARY, pictures, 2))
+    assert not list(out.glob(".*.part"))  # the picture that failed left no part of itself
 
 
 @pytest.mark.parametrize("classes, dtype", [(3, np.uint8), (254, np.uint8), (255, np.uint16), (300, np.uint16)])
