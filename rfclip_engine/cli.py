@@ -244,6 +244,9 @@ def segment_command(args: argparse.Namespace) -> int:
     if pairs_folder is not None:
         _example_pairs(pairs_folder)  # bad usage is said before the model loads
     out = Path(args.out)
+    if Path(args.input).is_dir() and out.resolve() == Path(args.input).resolve():
+        raise UsageError(f"--out {out} is the input folder: the next run (or --resume) would read its pictures "
+                         "as images to segment; give another folder")
     out.mkdir(parents=True, exist_ok=True)
     model = _load(args)
     config = _segmenter_config(args, model.device)
