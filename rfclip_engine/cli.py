@@ -34,7 +34,7 @@ from .config import (
     images_per_batch,
 )
 from .evaluation import SegmentationDataset, dataset_specs, evaluate, format_table
-from .folder import Pictures, segment_files, start_run
+from .folder import RUN_RECORD, Pictures, segment_files, start_run
 from .imageio import ImageError, load_rgb
 from .loading import WeightsUnavailableError, load_model, resolve_device
 from .model import RFCLIPModel
@@ -264,6 +264,8 @@ def segment_command(args: argparse.Namespace) -> int:
     if resumed:
         print(f"resuming: {len(files) - len(todo)} of {len(files)} image(s) were segmented into {out} before",
               file=sys.stderr)
+    elif args.resume:
+        print(f"resuming: no run is recorded in {out} ({RUN_RECORD}): segmenting every image", file=sys.stderr)
     failed: List[Tuple[Path, str]] = []
     progress = tqdm(total=len(todo), unit="image", disable=len(todo) <= 1 or args.quiet)
     group = _images_per_group(args, config)

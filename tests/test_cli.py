@@ -251,6 +251,7 @@ def test_resume_segments_what_an_interrupted_run_left_and_nothing_twice(tmp_path
 def test_resume_refuses_other_settings_and_takes_only_the_recorded_runs_pictures(tmp_path, checkpoint, capsys):
     folder, out = image_folder(tmp_path / "in", 3), tmp_path / "out"
     assert segment_folder(folder, out, checkpoint, "--resume") == 0  # nothing to resume: a fresh run
+    assert "no run is recorded" in capsys.readouterr().err
     for extra, labels, differing in [((), "sky,road", "classes"), (("--beta", "0.6"), "sky,tree", "config")]:
         capsys.readouterr()
         assert segment_folder(folder, out, checkpoint, "--resume", *extra, labels=labels) == 2
