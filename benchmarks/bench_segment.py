@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -100,9 +101,10 @@ def main() -> int:
         started = time.perf_counter()
         assert rfclip(command(folders[name], out)) == 0
         seconds = time.perf_counter() - started
-        written = sorted(p.name for p in out.iterdir())
+        written = sorted(p.name for p in out.iterdir() if p.suffix in (".png", ".jpg"))
         images = len(list(folders[name].iterdir()))
-        assert len(written) == 2 * images + 1, written  # labels and overlay per image, classes.json
+        assert len(written) == 2 * images, written  # labels and overlay per image
+        shutil.rmtree(out)
         return seconds
 
     rounds = []
@@ -132,6 +134,7 @@ def main() -> int:
                                            "group": group, "rounds": rounds, "ratio": ratio,
                                            "host_ms_per_image": host_ms, "start_s": start_s}, indent=2) + "\n")
     print(f"wrote {args.json}", file=sys.stderr)
+    shutil.rmtree(work)
     return 0
 
 
