@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -21,7 +21,13 @@ import torch
 from redis.exceptions import RedisError
 
 from rfclip_engine import __version__ as engine_version
-from rfclip_engine.config import RFCLIPConfig, SegmenterConfig, default_batch_size, default_precision
+from rfclip_engine.config import (
+    RFCLIPConfig,
+    SegmenterConfig,
+    default_batch_size,
+    default_precision,
+    labelling_settings,
+)
 from rfclip_engine.predictor import Segmenter
 from rfclip_engine.prototypes import Example
 from rfclip_engine.text import TEMPLATE_SET, TextEmbedder
@@ -101,10 +107,11 @@ def model_version(settings: Settings) -> str:
     """Readable and stable; changes when the model, its weights or any method setting change."""
     weights = settings.weights_tag or settings.pretrained
     weights_path = Path(settings.pretrained)
-    # how the forward is executed does not change what it predicts: the device's and the batch's
-    # defaults stand for any (the batch at the CPU's default, as in versions before it was a setting)
-    config = asdict(segmenter_config(replace(settings, batch_size=None), torch.device("cpu")))
-    del config["cuda_graphs"], config["encoder"]["attention_chunk_mb"], config["encoder"]["triton_kernels"]
+    # how the forward is executed does not change what it predicts; the batch and the precision
+    # stand at the CPU's defaults, as in the versions hashed before they were left out
+    cpu = torch.device("cpu")
+    config = {**labelling_settings(segmenter_config(settings, cpu)), "batch_size": default_batch_size(cpu.type),
+              "precision": default_precision(cpu.type)}
     identity = {"engine": engine_version, "model": settings.model, "pretrained": settings.pretrained,
                 "weights_tag": settings.weights_tag, "dims": settings.distraction_dims,
                 "config": config, "templates": TEMPLATE_SET}

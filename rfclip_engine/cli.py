@@ -32,6 +32,7 @@ from .config import (
     default_batch_size,
     default_precision,
     images_per_batch,
+    labelling_settings,
 )
 from .evaluation import SegmentationDataset, dataset_specs, evaluate, format_table
 from .folder import RUN_RECORD, Pictures, segment_files, start_run
@@ -289,13 +290,8 @@ def segment_command(args: argparse.Namespace) -> int:
 def _run_settings(args: argparse.Namespace, model: RFCLIPModel, config: SegmenterConfig, classes: list) -> dict:
     """What a run's labels depend on, which a resumed run must share: how forwards are executed
     (device, batch, precision, graphs, kernels) may change, as it moves labels by rounding only."""
-    labelling = dataclasses.asdict(config)
-    for key in ("batch_size", "precision", "cuda_graphs"):
-        del labelling[key]
-    for key in ("attention_chunk_mb", "triton_kernels"):
-        del labelling["encoder"][key]
     return {"model": model.model_name, "weights": model.weights_id,
-            "distraction": model.preset.to_json() if model.preset else None, "config": labelling,
+            "distraction": model.preset.to_json() if model.preset else None, "config": labelling_settings(config),
             "classes": [{key: c[key] for key in ("name", "queries")} for c in classes], "examples": args.examples}
 
 

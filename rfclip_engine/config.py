@@ -5,7 +5,7 @@ pre/post-processing settings that `Segmenter` owns. Defaults are the algorithm p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Tuple
 
 import torch
@@ -157,3 +157,19 @@ class SegmenterConfig:
             raise ValueError("need prototype_k > 0, 0 <= prototype_cap <= 1 and prototypes_per_class > 0, got "
                              f"{self.prototype_k}, {self.prototype_cap}, {self.prototypes_per_class}")
         object.__setattr__(self, "pamr_dilations", tuple(int(d) for d in self.pamr_dilations))
+
+
+# How a forward is executed, not what it computes (beyond rounding): the settings a result is
+# keyed by (a backend's model version, a resumed run) leave these out.
+EXECUTION_FIELDS = ("batch_size", "precision", "cuda_graphs")
+ENCODER_EXECUTION_FIELDS = ("attention_chunk_mb", "triton_kernels")
+
+
+def labelling_settings(config: SegmenterConfig) -> dict:
+    """`config` as a dict of what its labels depend on: its execution fields left out."""
+    settings = asdict(config)
+    for key in EXECUTION_FIELDS:
+        del settings[key]
+    for key in ENCODER_EXECUTION_FIELDS:
+        del settings["encoder"][key]
+    return settings

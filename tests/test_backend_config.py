@@ -144,6 +144,17 @@ def test_model_version_follows_the_method_not_how_it_runs():
     assert "," not in tagged and "laion_2b" in tagged
 
 
+def test_model_versions_stay_what_they_were(monkeypatch):
+    """The identity behind a version, pinned: if it moved, every task of every project would look
+    unpredicted and be predicted again. (The engine's release is part of it on purpose.)"""
+    from backend import service
+
+    monkeypatch.setattr(service, "engine_version", "0")
+    assert service.model_version(Settings.from_env({})) == "rfclip-ViT-B-16-openai-rfclip-16b2d525"
+    assert service.model_version(Settings.from_env({"RFCLIP_PAMR": "true", "RFCLIP_MODE": "kk-proxy"})) == \
+        "rfclip-ViT-B-16-openai-kk-proxy-pamr-3de307e1"
+
+
 def test_the_backends_segmenter_is_warmed_up_when_loaded(tmp_path, monkeypatch):
     """The loader the server and workers use runs the warm-up, so that on a GPU the kernels are
     compiled and checked before the model is reported loaded, not inside a first /predict."""
