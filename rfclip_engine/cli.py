@@ -4,7 +4,7 @@
     rfclip calibrate --model NAME --checkpoint PATH --images DIR --out dims.json
     rfclip eval --dataset voc21 --root data/VOCdevkit/VOC2012 [--pamr] [--limit N] [--out results.json]
 
-Exit status: 0 when every image was processed, 1 when some could not be read, 2 on bad usage.
+Exit status: 0 when every image was processed, 1 when some could not be read or segmented, 2 on bad usage.
 """
 from __future__ import annotations
 

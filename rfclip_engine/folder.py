@@ -124,9 +124,9 @@ def segment_files(
     threads: int = 2,
 ) -> Iterator[Tuple[Path, Optional[str]]]:
     """Segments each (path, output stem) and writes its pictures; yields (path, None) once they are
-    written, or (path, why) for a file that cannot be read, whose group goes on without it. Files
-    are read and written in `threads` threads. A picture that cannot be written (a full disk)
-    raises here."""
+    written, or (path, why) for a file that cannot be read or segmented, whose group goes on
+    without it. Files are read and written in `threads` threads. A picture that cannot be written
+    (a full disk) raises here."""
     groups = [files[start:start + images_per_group] for start in range(0, len(files), images_per_group)]
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rfclip-io") as pool:
         def read(group: Sequence[Tuple[Path, str]]) -> List[Future]:
@@ -142,15 +142,37 @@ def segment_files(
                     readable.append((path, stem, future.result()))
                 except (ImageError, OSError) as err:
                     yield path, str(err)
-            logits = segmenter.logits_many([rgb for *_, rgb in readable], vocabulary, prototypes=prototypes) \
-                if readable else []
-            labeled = [(path, stem, rgb, segmenter.decide(lg, vocabulary.names, rgb.shape[:2]).label_map.numpy())
-                       for (path, stem, rgb), lg in zip(readable, logits)]
+            labeled, failed = _labeled(segmenter, readable, vocabulary, prototypes)
+            yield from failed
             yield from _written(writing)  # the last group's: one group is written at a time
             writing.extend((path, pool.submit(pictures.write, stem, rgb, label_map))
                            for path, stem, rgb, label_map in labeled)
             reads = ahead
         yield from _written(writing)
+
+
+def _labeled(
+    segmenter: Segmenter, readable: List[Tuple[Path, str, np.ndarray]], vocabulary: Vocabulary,
+    prototypes: Optional[Prototypes],
+) -> Tuple[List[Tuple[Path, str, np.ndarray, np.ndarray]], List[Tuple[Path, str]]]:
+    """(path, stem, image, label map) for the images segmented, and (path, why) for those that
+    could not be. Where the group's forwards fail (out of memory beside a large image), each
+    image is tried alone, so that one image is lost, not its group and the run."""
+    try:
+        logits = segmenter.logits_many([rgb for *_, rgb in readable], vocabulary, prototypes=prototypes) \
+            if readable else []
+        return [(path, stem, rgb, segmenter.decide(lg, vocabulary.names, rgb.shape[:2]).label_map.numpy())
+                for (path, stem, rgb), lg in zip(readable, logits)], []
+    except (RuntimeError, MemoryError) as err:  # torch's out-of-memory errors are RuntimeErrors
+        if len(readable) == 1:
+            first_line = str(err).partition("\n")[0]  # torch's memory errors go on with the allocator's advice
+            return [], [(readable[0][0], f"cannot be segmented: {type(err).__name__}: {first_line}")]
+    labeled, failed = [], []
+    for item in readable:
+        alone = _labeled(segmenter, [item], vocabulary, prototypes)
+        labeled += alone[0]
+        failed += alone[1]
+    return labeled, failed
 
 
 def _written(writing: Deque[Tuple[Path, Future]]) -> Iterator[Tuple[Path, Optional[str]]]:

@@ -2,6 +2,7 @@
 import threading
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -110,3 +111,32 @@ def test_the_raw_label_map_reads_back_with_unlabeled_at_the_dtype_maximum(tmp_pa
     assert raw.dtype == dtype, raw.dtype
     unlabeled = np.iinfo(dtype).max
     assert np.array_equal(raw, np.where(labels < 0, unlabeled, labels))
+
+
+def test_an_image_that_cannot_be_segmented_is_reported_and_its_group_goes_on(tmp_path, tiny_model):
+    """The group's forward fails (as out of memory does beside a large image): each image is tried
+    alone, and only the one that fails again is lost."""
+    files = images(tmp_path / "in", [(64, 80), (48, 64), (72, 56), (64, 64)])
+    out = tmp_path / "out"
+    out.mkdir()
+    segmenter = Segmenter(tiny_model, CONFIG)
+    logits_many = segmenter.logits_many
+    calls = []
+
+    def model(rgbs, vocabulary, prototypes=None):
+        calls.append(len(rgbs))
+        if any(rgb.shape[:2] == (72, 56) for rgb in rgbs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nSee the allocator's docs")
+        return logits_many(rgbs, vocabulary, prototypes=prototypes)
+
+    segmenter.logits_many = model
+    pictures = Pictures(out, VOCABULARY.names, palette(len(VOCABULARY)), raw=True)
+    done = dict(segment_files(segmenter, files, VOCABULARY, pictures, 3))
+    assert calls == [3, 1, 1, 1, 1]  # the group, each of its images alone, then the last group
+    assert done[files[2][0]] == "cannot be segmented: OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB"
+    assert [done[path] for path, _ in files if path != files[2][0]] == [None] * 3
+    assert not list(out.glob("out2_*"))
+    segmenter.logits_many = logits_many
+    for path, stem in files[:2] + files[3:]:
+        raw = np.array(Image.open(out / f"{stem}_labelmap.png"))
+        assert np.array_equal(np.where(raw == 255, -1, raw), segmenter.predict(path, VOCABULARY).label_map.numpy())
