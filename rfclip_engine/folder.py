@@ -103,9 +103,11 @@ def start_run(folder: Path, settings: dict, resume: bool) -> Tuple[int, bool]:
     if resume and record.is_file():
         try:
             recorded = json.loads(record.read_text())["settings"]
+            if not isinstance(recorded, dict):
+                raise TypeError(f"its settings are a {type(recorded).__name__}")
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"--resume: {record} cannot be read ({err}); segment into another folder, or "
-                             "without --resume to start afresh") from None
+            raise ValueError(f"--resume: {record} cannot be read ({type(err).__name__}: {err}); segment into "
+                             "another folder, or without --resume to start afresh") from None
         if recorded != settings:
             differing = sorted(key for key in settings.keys() | recorded.keys()
                                if settings.get(key) != recorded.get(key))

@@ -1,5 +1,6 @@
 """The `rfclip` command with a tiny checkpoint: segment files and folders, calibrate."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -258,6 +259,14 @@ def test_resume_refuses_other_settings_and_takes_only_the_recorded_runs_pictures
         err = capsys.readouterr().err
         assert f"holds a run with other settings ({differing})" in err and "Traceback" not in err
     assert json.loads((out / "classes.json").read_text())[1]["name"] == "tree"  # the refused runs wrote nothing
+    record, written = (out / "run.json").read_text(), (out / "run.json").stat().st_mtime_ns
+    for broken in ("{not json", "[]", '{"settings": ["a list"]}'):
+        (out / "run.json").write_text(broken)
+        assert segment_folder(folder, out, checkpoint, "--resume") == 2
+        err = capsys.readouterr().err
+        assert "run.json cannot be read" in err and "Traceback" not in err
+    (out / "run.json").write_text(record)
+    os.utime(out / "run.json", ns=(written, written))  # the run's start is the record's file time
     # how forwards run is not a setting of the labels: another batch resumes, and finds all done
     assert segment_folder(folder, out, checkpoint, "--resume", "--batch-size", "3") == 0
     assert "resuming: 3 of 3" in capsys.readouterr().err
