@@ -35,8 +35,10 @@ from .visualize import colorize, overlay
 # regions, which it stores a third as large as the default strategy, as fast (1024x768).
 PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}
 # The overlay is a photo to look at: as a PNG its grain made it 1.3 MB and 73 ms to write for a
-# 1024x768 image, as a JPEG 0.19 MB and 3 ms.
+# 1024x768 image, as a JPEG 0.19 MB and 3 ms. libjpeg stops at 65500 pixels a side: a wider panorama's
+# overlay is scaled down to that.
 OVERLAY_QUALITY = 90
+JPEG_MAX_SIDE = 65500  # libjpeg's JPEG_MAX_DIMENSION
 
 
 # what a run was asked for, beside its pictures: `start_run` checks it before a run resumes
@@ -69,8 +71,9 @@ class Pictures:
         labels, overlay_path, *raw = self.paths(stem)
         colored = colorize(label_map, self.colors)
         _save(colored, labels, "PNG", **PNG_OPTIONS)
-        _save(overlay(rgb, label_map, colored, self.names, self.colors), overlay_path, "JPEG",
-              quality=OVERLAY_QUALITY)
+        picture = overlay(rgb, label_map, colored, self.names, self.colors)
+        picture.thumbnail((JPEG_MAX_SIDE, JPEG_MAX_SIDE))  # only ever makes it smaller
+        _save(picture, overlay_path, "JPEG", quality=OVERLAY_QUALITY)
         if raw:
             save_label_map(raw[0], label_map, len(self.names))
 

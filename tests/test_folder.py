@@ -140,3 +140,15 @@ def test_an_image_that_cannot_be_segmented_is_reported_and_its_group_goes_on(tmp
     for path, stem in files[:2] + files[3:]:
         raw = np.array(Image.open(out / f"{stem}_labelmap.png"))
         assert np.array_equal(np.where(raw == 255, -1, raw), segmenter.predict(path, VOCABULARY).label_map.numpy())
+
+
+def test_a_panorama_wider_than_jpeg_allows_gets_a_scaled_overlay(tmp_path):
+    """libjpeg stops at 65500 pixels a side: the overlay is scaled down to that; the maps keep every pixel."""
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 65600, 3), dtype=np.uint8)
+    labels = np.repeat(np.arange(65600) // 20000, 16).reshape(65600, 16).T.copy()
+    pictures = Pictures(tmp_path, VOCABULARY.names + ("sea",), palette(len(VOCABULARY) + 1), raw=True)
+    pictures.write("wide", rgb, labels)
+    overlay = Image.open(tmp_path / "wide_overlay.jpg")
+    assert overlay.width == 65500 and overlay.height >= 15
+    assert Image.open(tmp_path / "wide_labels.png").size == (65600, 16)
+    assert np.array_equal(np.array(Image.open(tmp_path / "wide_labelmap.png")), labels)
