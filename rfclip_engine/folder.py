@@ -7,7 +7,7 @@ host work before the threads, the JPEG overlay and the cheaper blend; benchmarks
 Pillow and zlib release the GIL, so the threads run beside the model. At most three groups of
 images are in memory: the one being segmented, the next one read and the last one being written.
 
-A run records its settings beside its pictures, and every picture is written whole or not at all,
+A run records its settings beside its pictures, and the record and every picture are written whole,
 so an interrupted run can be resumed (`start_run`, `Pictures.written_since`): a million images
 need not start again from the first.
 """
@@ -20,7 +20,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Deque, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -86,11 +86,15 @@ def save_label_map(path: Path, label_map: np.ndarray, n_classes: int) -> None:
 
 
 def _save(image: Image.Image, path: Path, image_format: str, **options) -> None:
+    _write_whole(path, lambda part: image.save(part, image_format, **options))
+
+
+def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
     # written under another name and renamed: a run killed mid-write leaves no truncated picture
-    # that a resumed run would take for done
+    # that a resumed run would take for done, and no truncated record it could not read
     part = path.with_name(f".{path.name}.part")
     try:
-        image.save(part, image_format, **options)
+        write(part)
         os.replace(part, path)
     finally:
         part.unlink(missing_ok=True)
@@ -117,7 +121,7 @@ def start_run(folder: Path, settings: dict, resume: bool) -> Tuple[int, bool]:
             raise ValueError(f"--resume: {folder} holds a run with other settings ({', '.join(differing)}); "
                              "resume it with the same ones, or start afresh without --resume")
         return record.stat().st_mtime_ns, True
-    record.write_text(json.dumps({"settings": settings}, indent=2) + "\n")
+    _write_whole(record, lambda part: part.write_text(json.dumps({"settings": settings}, indent=2) + "\n"))
     # the record's own file time, not the clock's: the pictures' times come from the same
     # (coarser) file-system clock, so none written after it can read earlier
     return record.stat().st_mtime_ns, False
