@@ -6,12 +6,14 @@ dict (.pt / .bin / .safetensors). OpenAI weights were trained with QuickGELU; th
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import socket
 import uuid
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 from urllib.parse import urlparse
 
 import open_clip
@@ -137,6 +139,23 @@ def _create_from_tag(name: str, tag: str, cache_dir: Optional[str]) -> torch.nn.
                                                         f"the cache {cache} ({err})") from err
 
 
+def _is_not_random_init_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _weights_loaded_afterwards() -> Iterator[None]:
+    """Drops open_clip's warning that the model it builds is "initialized randomly": it says so
+    for any model built without its own weights, also when OpenAI's checkpoint is loaded into it
+    right after, and the user who passed that checkpoint would read that it was ignored."""
+    root = logging.getLogger()  # open_clip warns through logging.warning, the root logger
+    root.addFilter(_is_not_random_init_warning)
+    try:
+        yield
+    finally:
+        root.removeFilter(_is_not_random_init_warning)
+
+
 def _weights_id(pretrained: Optional[str]) -> str:
     """A name for the exact weights: the tag, a content hash of a file, or a fresh id for random
     weights (which must never share cached embeddings)."""
@@ -179,7 +198,8 @@ def load_model(
         openai_state = _read_openai_state_dict(path)
         if openai_state is not None:
             weights_tag = weights_tag or OPENAI_TAG
-            clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=True)
+            with _weights_loaded_afterwards():
+                clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=True)
             try:
                 clip.load_state_dict(openai_state, strict=True)
             except RuntimeError as err:

@@ -20,10 +20,11 @@ class DistractionPreset:
         return {"distraction_dims": list(self.dims), "attention_test": self.attention_test}
 
     @classmethod
-    def from_json(cls, data: dict) -> "DistractionPreset":
-        if "distraction_dims" not in data:
-            raise ValueError("a distraction preset needs a 'distraction_dims' list")
-        return cls(tuple(int(d) for d in data["distraction_dims"]), bool(data.get("attention_test", False)))
+    def from_json(cls, data: object) -> "DistractionPreset":
+        dims = data.get("distraction_dims") if isinstance(data, dict) else None
+        if not isinstance(dims, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+            raise ValueError("a distraction preset needs a 'distraction_dims' list of channel indices")
+        return cls(tuple(dims), bool(data.get("attention_test", False)))
 
 
 def architecture_key(model_name: str) -> str:
@@ -50,7 +51,11 @@ def load_preset_file(path: Union[str, Path]) -> DistractionPreset:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read distraction dimensions from {path}: {err}") from err
-    return DistractionPreset.from_json(data)
+    try:
+        return DistractionPreset.from_json(data)
+    except ValueError as err:
+        raise ValueError(f"{path} does not hold distraction dimensions: expected "
+                         f'{{"distraction_dims": [channel, ...]}}, as `rfclip calibrate` writes ({err})') from None
 
 
 def save_preset_file(path: Union[str, Path], preset: DistractionPreset, **metadata: object) -> None:

@@ -1,4 +1,5 @@
 """load_model: local checkpoints in every supported format, QuickGELU, and the offline error."""
+import logging
 import time
 
 import open_clip
@@ -75,6 +76,19 @@ def test_openai_torchscript_archive(tmp_path):
         _, tokens = clip.visual(pixels)
     torch.testing.assert_close(loaded.encode_dense(pixels, RFCLIPConfig(mode="clip")).reshape(1, 16, -1),
                                tokens @ clip.visual.proj, rtol=0, atol=1e-5)
+
+
+def test_an_openai_checkpoint_is_not_reported_as_random_weights(tmp_path, caplog):
+    # open_clip warns "initialized randomly" for the empty model that the checkpoint is loaded into
+    torch.manual_seed(0)
+    path = tmp_path / "openai.pt"
+    torch.save(openai_state_dict(load_model(TINY_CONFIG, pretrained=None, distraction_dims=TINY_DIMS)), path)
+    caplog.set_level(logging.WARNING)
+    load_model(TINY_CONFIG, pretrained=str(path), distraction_dims=TINY_DIMS)
+    assert not [r.getMessage() for r in caplog.records if "initialized randomly" in r.getMessage()]
+    # truly random weights are still reported: the warning is dropped around the checkpoint's load only
+    load_model(TINY_CONFIG, pretrained=None, distraction_dims=TINY_DIMS)
+    assert [r for r in caplog.records if "initialized randomly" in r.getMessage()]
 
 
 def test_openai_tag_forces_quickgelu(monkeypatch):
@@ -171,3 +185,12 @@ def test_dims_file_and_list(tmp_path):
     assert model.preset == DistractionPreset((5, 6), False)
     with pytest.raises(ValueError, match="outside the model width"):
         model.encode_dense(torch.randn(1, 3, 64, 64), RFCLIPConfig(distraction_dims=(64,)))
+
+
+@pytest.mark.parametrize("text", ["[3, 17, 40]", '{"distraction_dims": "3,17"}', '{"distraction_dims": 3}',
+                                  '{"distraction_dims": [3, "x"]}', '{"distraction_dims": [3, true]}', '{"dims": [3]}'])
+def test_a_dims_file_of_another_form_is_refused_naming_it(tmp_path, text):
+    path = tmp_path / "dims.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{path} does not hold distraction dimensions: expected"):
+        load_model(TINY_CONFIG, pretrained=None, distraction_dims=str(path))
