@@ -186,9 +186,14 @@ def _vocabulary(args: argparse.Namespace) -> Vocabulary:
     else:
         raise UsageError("give the class names with --labels \"cat,dog,grass\" or --labels-file FILE")
     try:
-        return Vocabulary.from_names(specs)
+        vocabulary = Vocabulary.from_names(specs)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    # a pixel goes to the first of two equal scores: a class named twice is never drawn the second time
+    twice = [name for name, count in Counter(vocabulary.names).items() if count > 1]
+    if twice:
+        raise UsageError(f"class {twice[0]!r} is given twice: give each class once")
+    return vocabulary
 
 
 LABEL_MAP_SUFFIX = "_labelmap.png"

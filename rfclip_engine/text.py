@@ -30,9 +30,11 @@ class Vocabulary:
     def __post_init__(self) -> None:
         if not self.classes:
             raise ValueError("the vocabulary is empty: give at least one class name")
-        for queries in self.classes:
-            if not queries or any(not q for q in queries):
-                raise ValueError(f"empty class name or synonym in {self.classes}")
+        for number, queries in enumerate(self.classes, 1):
+            if not queries:
+                raise ValueError(f"class {number} has no name")
+            if not all(queries):
+                raise ValueError(f"class {number} ({'|'.join(queries)!r}) has an empty name or synonym")
 
     @classmethod
     def from_names(cls, names: Iterable[ClassSpec]) -> "Vocabulary":

@@ -97,6 +97,24 @@ def test_usage_errors(tmp_path, checkpoint, capsys):
     assert code == 2 and "rfclip calibrate" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("labels, why", [("cat,dog,cat", "class 'cat' is given twice"),
+                                         ("cat|kitty,dog,cat|puss", "class 'cat' is given twice"),
+                                         ("cat, | ,dog", "class 2 has no name"), (" , ", "the vocabulary is empty")])
+def test_a_class_given_twice_or_without_a_name_is_refused_before_the_model_loads(tmp_path, capsys, labels, why):
+    write_image(tmp_path / "x.png", (64, 64))
+    # no weights given: a usage error must come first, before any download is tried
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(tmp_path / "x.png"), "--labels", labels, "--out", str(tmp_path / "o"), *FAST])
+    assert info.value.code == 2 and why in capsys.readouterr().err
+    labels_file = tmp_path / "classes.txt"
+    labels_file.write_text("# one class per line\ncat, kitty\ndog\ncat\n")
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(tmp_path / "x.png"), "--labels-file", str(labels_file), "--out", str(tmp_path / "o"),
+              *FAST])
+    assert info.value.code == 2 and "class 'cat' is given twice" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def planted_model(channel):
     """A tiny model whose residual stream over-activates one channel in every token."""
     torch.manual_seed(0)

@@ -1,5 +1,6 @@
 """Segmenter: sizes, inputs of every kind, synonyms, thresholds, precision, text cache."""
 import io
+import re
 from contextlib import contextmanager
 
 import numpy as np
@@ -183,8 +184,10 @@ def test_bad_images():
 def test_empty_vocabulary(tiny_model):
     with pytest.raises(ValueError, match="empty"):
         Segmenter(tiny_model, SMALL).predict(rgb(64, 64), [])
-    with pytest.raises(ValueError, match="empty class name"):
+    with pytest.raises(ValueError, match="class 2 has no name"):
         Vocabulary.from_names(["cat", " , "])
+    with pytest.raises(ValueError, match=re.escape("class 2 ('dog|') has an empty name or synonym")):
+        Vocabulary((("cat",), ("dog", "")))
 
 
 def test_text_embeddings_are_cached_and_normalized(tiny_model, monkeypatch):
