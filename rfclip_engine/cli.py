@@ -148,27 +148,44 @@ def _load(args: argparse.Namespace):
                       distraction_dims=dims, weights_tag=args.weights_tag)
 
 
-def _list_images(target: Path) -> List[Path]:
+def _list_images(target: Path, recursive: bool = False, leave_out: Sequence[Path] = ()) -> List[Path]:
+    """The image files of a folder, sorted (with `recursive`, of its subfolders too, but for the
+    folders in `leave_out`, hidden folders and linked ones), or the one file given."""
     if target.is_dir():
-        files = sorted(p for p in target.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        found = _walk(target, {p.resolve() for p in leave_out}) if recursive else target.iterdir()
+        files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
-            raise UsageError(f"no image files in {target}")
+            nested = not recursive and any(p.is_dir() for p in target.iterdir())
+            raise UsageError(f"no image files in {target}" + (" (--recursive reads its subfolders)" if nested else ""))
         return files
     if target.is_file():
         return [target]
     raise UsageError(f"{target} does not exist")
 
 
-def _output_stems(files: Sequence[Path]) -> List[str]:
-    """File stems, with the extension kept where two inputs share a stem, and a number added where
+def _walk(folder: Path, leave_out: Set[Path]) -> Iterator[Path]:
+    # links to folders are not followed (a link to a parent would never end); hidden folders
+    # (.git, .ipynb_checkpoints) hold no dataset; the output and examples folders hold pictures
+    for parent, folders, names in os.walk(folder):
+        folders[:] = sorted(f for f in folders
+                            if not f.startswith(".") and (Path(parent) / f).resolve() not in leave_out)
+        yield from (Path(parent) / name for name in names)
+
+
+def _output_stems(files: Sequence[Path], root: Path) -> List[str]:
+    """Output names: each file's path under `root` without its extension ("city/a" for
+    root/city/a.png), kept where two inputs of a folder share a stem, and a number added where
     that meets another file's own stem ("a.jpg" and "a.png" beside "a_jpg.png"): one output per
     input, in time linear in the number of files."""
-    shared = Counter(p.stem for p in files)
+    relative = [path.relative_to(root) for path in files]
+    shared = Counter(r.with_suffix("").as_posix() for r in relative)
     used: Set[str] = set()
     stems = []
-    for path in files:
-        stem = unique = path.name.replace(".", "_") if shared[path.stem] > 1 else path.stem
-        n = 1
+    for r in relative:
+        stem = r.with_suffix("").as_posix()
+        if shared[stem] > 1:
+            stem = (r.parent / r.name.replace(".", "_")).as_posix()
+        unique, n = stem, 1
         while unique in used:
             n += 1
             unique = f"{stem}_{n}"
@@ -245,12 +262,12 @@ def _learn_examples(segmenter: Segmenter, folder: Path, vocabulary: Vocabulary, 
 
 def segment_command(args: argparse.Namespace) -> int:
     vocabulary = _vocabulary(args)
-    files = _list_images(Path(args.input))
+    source, out = Path(args.input), Path(args.out)
     pairs_folder = Path(args.examples) if args.examples else None
+    files = _list_images(source, args.recursive, [out] + ([pairs_folder] if pairs_folder else []))
     if pairs_folder is not None:
         _example_pairs(pairs_folder)  # bad usage is said before the model loads
-    out = Path(args.out)
-    if Path(args.input).is_dir() and out.resolve() == Path(args.input).resolve():
+    if source.is_dir() and out.resolve() == source.resolve():
         raise UsageError(f"--out {out} is the input folder: the next run (or --resume) would read its pictures "
                          "as images to segment; give another folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -265,7 +282,7 @@ def segment_command(args: argparse.Namespace) -> int:
     (out / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
 
     pictures = Pictures(out, vocabulary.names, colors, args.raw)
-    todo = [(path, stem) for path, stem in zip(files, _output_stems(files))
+    todo = [(path, stem) for path, stem in zip(files, _output_stems(files, source if source.is_dir() else source.parent))
             if not (resumed and pictures.written_since(stem, started))]
     if resumed:
         print(f"resuming: {len(files) - len(todo)} of {len(files)} image(s) were segmented into {out} before",
@@ -367,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--labels-file", help="one class per line, synonyms comma-separated: person, man, woman")
     seg.add_argument("--out", required=True, help="output folder")
     _add_method_arguments(seg, short_side=336, prob_threshold=0.0)
+    seg.add_argument("--recursive", action="store_true",
+                     help="also segment the images in the input folder's subfolders, their pictures in the same "
+                          "subfolders of --out (hidden folders, linked folders, --out and --examples left out)")
     seg.add_argument("--raw", action="store_true", help="also write the raw label map")
     seg.add_argument("--resume", action="store_true",
                      help="go on with an interrupted run into the same --out: images whose pictures it wrote are "

@@ -69,6 +69,7 @@ class Pictures:
 
     def write(self, stem: str, rgb: np.ndarray, label_map: np.ndarray) -> None:
         labels, overlay_path, *raw = self.paths(stem)
+        labels.parent.mkdir(parents=True, exist_ok=True)  # a stem may name a subfolder (--recursive)
         colored = colorize(label_map, self.colors)
         _save(colored, labels, "PNG", **PNG_OPTIONS)
         picture = overlay(rgb, label_map, colored, self.names, self.colors)

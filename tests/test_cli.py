@@ -232,10 +232,14 @@ def test_the_batch_size_defaults_by_device(device, batch):
 
 def test_output_stems_are_one_per_input_even_where_names_meet():
     from rfclip_engine.cli import _output_stems
-    files = [Path(name) for name in ("a.jpg", "a.png", "a_jpg.png", "b.jpg", "c.d.png", "x/e.png", "y/e.png")]
-    assert _output_stems(files) == ["a_jpg", "a_png", "a_jpg_2", "b", "c.d", "e_png", "e_png_2"]
-    many = [Path(f"{i:06d}.jpg") for i in range(100_000)]  # a quadratic count would take minutes here
-    assert _output_stems(many) == [p.stem for p in many]
+    root = Path("/data")
+    files = [root / name for name in ("a.jpg", "a.png", "a_jpg.png", "b.jpg", "c.d.png")]
+    assert _output_stems(files, root) == ["a_jpg", "a_png", "a_jpg_2", "b", "c.d"]
+    # in subfolders (--recursive): a name meets only the names of its own folder
+    files = [root / name for name in ("e.png", "x/e.png", "x/e.jpg", "x/y/e.png", "x/e_png.png")]
+    assert _output_stems(files, root) == ["e", "x/e_png", "x/e_jpg", "x/y/e", "x/e_png_2"]
+    many = [root / f"{i:06d}.jpg" for i in range(100_000)]  # a quadratic count would take minutes here
+    assert _output_stems(many, root) == [p.stem for p in many]
 
 
 def segment_folder(folder, out, checkpoint, *extra, labels="sky,tree"):
@@ -248,6 +252,41 @@ def image_folder(path, count):
     for i in range(count):
         write_image(path / f"{i}.png", (48, 64), seed=i)
     return path
+
+
+def test_recursive_mirrors_the_subfolders_and_leaves_out_its_own_pictures(tmp_path, checkpoint, capsys):
+    data = image_folder(tmp_path / "data", 1)
+    for sub, count in (("city_a", 2), ("city_b", 1), ("city_b/night", 1), (".cache", 1), ("examples", 0)):
+        image_folder(data / sub, count)
+    write_image(data / "city_a" / "0.jpg", (48, 64), seed=9)  # beside city_a/0.png
+    (data / "city_b" / "loop").symlink_to(data, target_is_directory=True)  # never walked
+    out = data / "labels"  # inside the tree: its pictures must not become inputs of the next run
+    examples = data / "examples"  # the same
+    write_image(examples / "ex.png", (48, 64), seed=1)
+    Image.fromarray(np.zeros((48, 64), np.uint8)).save(examples / "ex_labelmap.png")
+
+    assert segment_folder(data, out, checkpoint) == 0  # without --recursive, the folder's own image only
+    assert "segmented 1 of 1" in capsys.readouterr().err and not [p for p in out.iterdir() if p.is_dir()]
+    nested = image_folder(tmp_path / "nested", 0)
+    image_folder(nested / "sub", 1)
+    with pytest.raises(SystemExit):
+        segment_folder(nested, tmp_path / "o", checkpoint)
+    assert "no image files in" in (err := capsys.readouterr().err) and "--recursive reads its subfolders" in err
+
+    for _ in range(2):  # the second run meets the first's pictures inside the tree and leaves them out
+        assert segment_folder(data, out, checkpoint, "--recursive", "--examples", str(examples)) == 0
+        assert "segmented 6 of 6" in capsys.readouterr().err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*_labelmap.png")) == [
+        "0_labelmap.png", "city_a/0_jpg_labelmap.png", "city_a/0_png_labelmap.png", "city_a/1_labelmap.png",
+        "city_b/0_labelmap.png", "city_b/night/0_labelmap.png"]
+    # a picture is its own image's, as segmented alone
+    alone = tmp_path / "alone"
+    assert segment_folder(data / "city_b" / "night" / "0.png", alone, checkpoint, "--examples", str(examples)) == 0
+    assert (out / "city_b" / "night" / "0_labelmap.png").read_bytes() == (alone / "0_labelmap.png").read_bytes()
+    assert (out / "city_a" / "0_jpg_labelmap.png").read_bytes() != (out / "city_a" / "0_png_labelmap.png").read_bytes()
+    capsys.readouterr()
+    assert segment_folder(data, out, checkpoint, "--recursive", "--examples", str(examples), "--resume") == 0
+    assert "resuming: 6 of 6 image(s) were segmented" in capsys.readouterr().err
 
 
 def test_resume_segments_what_an_interrupted_run_left_and_nothing_twice(tmp_path, checkpoint, capsys):
