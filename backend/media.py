@@ -24,6 +24,7 @@ import numpy as np
 import requests
 from label_studio_sdk._extensions.label_studio_tools.core.utils.io import get_local_path, http_session
 
+from rfclip_engine.files import prune_cache
 from rfclip_engine.imageio import ImageError, read_rgb
 
 from .netguard import DestinationPolicy, DownloadRefused, GuardedSession
@@ -91,30 +92,6 @@ def access_token(credentials: Credentials) -> str:
 def _without_query(url: str) -> str:
     """A URL fit for logs: presigned query strings carry credentials."""
     return url.split("?", 1)[0] if "://" in url else url.split("&", 1)[0]
-
-
-def prune_cache(folder: Path, max_bytes: int, keep_fraction: float = 0.8) -> int:
-    """Delete the least recently used files of `folder` until it holds at most keep_fraction *
-    max_bytes, once it holds more than max_bytes. Returns how many files were deleted."""
-    entries = []
-    for path in folder.iterdir():
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            continue
-        if path.is_file():
-            entries.append((stat.st_mtime, stat.st_size, path))
-    total = sum(size for _, size, _ in entries)
-    if total <= max_bytes:
-        return 0
-    removed = 0
-    for _, size, path in sorted(entries):
-        path.unlink(missing_ok=True)
-        removed += 1
-        total -= size
-        if total <= keep_fraction * max_bytes:
-            break
-    return removed
 
 
 class ImageFetcher:

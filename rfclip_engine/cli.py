@@ -43,7 +43,7 @@ from .predictor import Segmenter
 from .prototypes import Example, Prototypes
 from .presets import save_preset_file
 from .process import flush_subnormal_floats
-from .text import Vocabulary
+from .text import FolderCache, Vocabulary
 from .visualize import palette
 
 log = logging.getLogger("rfclip")
@@ -64,6 +64,20 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                                              "to pick their preset and activation; OpenAI .pt files need no tag")
     group.add_argument("--distraction-dims", help="calibration file from `rfclip calibrate`, or comma-separated indices")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+
+
+def _add_text_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rfclip" / "text"
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--text-cache", default=str(default),
+                       help=f"keep the classes' text embeddings here between runs, about 2 KB a class name or "
+                            f"synonym, at most 64 MB (default {default})")
+    group.add_argument("--no-text-cache", dest="text_cache", action="store_const", const=None,
+                       help="compute the text embeddings anew and keep nothing")
+
+
+def _text_cache(args: argparse.Namespace) -> Optional[FolderCache]:
+    return FolderCache(Path(args.text_cache)) if args.text_cache else None
 
 
 def positive_int(raw: str) -> int:
@@ -273,7 +287,7 @@ def segment_command(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model = _load(args)
     config = _segmenter_config(args, model.device)
-    segmenter = Segmenter(model, config, max_pixels=args.max_pixels)
+    segmenter = Segmenter(model, config, max_pixels=args.max_pixels, text_cache=_text_cache(args))
     prototypes = _learn_examples(segmenter, pairs_folder, vocabulary, args.max_pixels) if pairs_folder else None
     colors = palette(len(vocabulary))
     classes = [{"index": i, "name": n, "queries": list(q), "color": colors[i].tolist()}
@@ -354,7 +368,7 @@ def eval_command(args: argparse.Namespace) -> int:
         args.prob_threshold = dataset.spec["prob_threshold"]
     model = _load(args)
     config = _segmenter_config(args, model.device)
-    segmenter = Segmenter(model, config)
+    segmenter = Segmenter(model, config, text_cache=_text_cache(args))
     vocabulary = dataset.vocabulary
 
     def predict(rgbs: List[np.ndarray]) -> List[np.ndarray]:
@@ -396,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "writes); each class's mean feature inside its pixels joins its text")
     seg.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse larger images (default 1e8)")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_text_cache_arguments(seg)
     _add_model_arguments(seg)
     seg.set_defaults(run=segment_command)
 
@@ -407,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     ev.add_argument("--out", help="write the results as JSON here")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_text_cache_arguments(ev)
     _add_method_arguments(ev, short_side=None, prob_threshold=None)
     _add_model_arguments(ev)
     ev.set_defaults(run=eval_command)

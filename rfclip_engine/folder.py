@@ -14,17 +14,17 @@ need not start again from the first.
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Deque, Iterator, List, Optional, Sequence, Tuple
+from typing import Deque, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
+from .files import write_whole
 from .imageio import ImageError, load_rgb
 from .predictor import Segmenter
 from .prototypes import Prototypes
@@ -87,18 +87,7 @@ def save_label_map(path: Path, label_map: np.ndarray, n_classes: int) -> None:
 
 
 def _save(image: Image.Image, path: Path, image_format: str, **options) -> None:
-    _write_whole(path, lambda part: image.save(part, image_format, **options))
-
-
-def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
-    # written under another name and renamed: a run killed mid-write leaves no truncated picture
-    # that a resumed run would take for done, and no truncated record it could not read
-    part = path.with_name(f".{path.name}.part")
-    try:
-        write(part)
-        os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
+    write_whole(path, lambda part: image.save(part, image_format, **options))
 
 
 def start_run(folder: Path, settings: dict, resume: bool) -> Tuple[int, bool]:
@@ -122,7 +111,7 @@ def start_run(folder: Path, settings: dict, resume: bool) -> Tuple[int, bool]:
             raise ValueError(f"--resume: {folder} holds a run with other settings ({', '.join(differing)}); "
                              "resume it with the same ones, or start afresh without --resume")
         return record.stat().st_mtime_ns, True
-    _write_whole(record, lambda part: part.write_text(json.dumps({"settings": settings}, indent=2) + "\n"))
+    write_whole(record, lambda part: part.write_text(json.dumps({"settings": settings}, indent=2) + "\n"))
     # the record's own file time, not the clock's: the pictures' times come from the same
     # (coarser) file-system clock, so none written after it can read earlier
     return record.stat().st_mtime_ns, False

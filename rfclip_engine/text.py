@@ -7,15 +7,24 @@ its queries. Query embeddings go through an `EmbeddingCache` so a server can sha
 """
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip import OPENAI_IMAGENET_TEMPLATES
 
+from .files import prune_cache, write_whole
 from .model import RFCLIPModel
+
+log = logging.getLogger(__name__)
 
 TEMPLATE_SET = "openai-imagenet-80"
 ClassSpec = Union[str, Sequence[str]]
@@ -91,6 +100,68 @@ class MemoryCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class FolderCache:
+    """Embeddings kept in a folder between runs of the `rfclip` command, one float32 `.npy` file per
+    key (read without pickle), behind a `MemoryCache`: on the CPU the 80 prompts of each query cost
+    about 0.35 s, so 150 classes took a minute before the first image of every run. A file that
+    cannot be read, or holds anything but a finite vector, is a miss and is written again. Past
+    `max_bytes` the least recently used files go. A folder that cannot be written is warned
+    about once, and the run goes on computing what it lacks."""
+
+    PRUNE_EVERY = 1000  # writes between two checks of the folder's size (the first write checks)
+
+    def __init__(self, folder: Path, max_bytes: int = 64 * 2 ** 20) -> None:
+        self.folder = Path(folder)
+        self.max_bytes = max_bytes
+        self.front = MemoryCache()
+        self._writes = 0
+        self._writable = True
+
+    def get(self, key: str) -> Optional[torch.Tensor]:
+        value = self.front.get(key)
+        if value is not None:
+            return value
+        path = self._path(key)
+        try:
+            array = np.load(path, allow_pickle=False)
+            os.utime(path)  # used now: the last to go
+        except (OSError, ValueError, EOFError):
+            return None
+        if array.ndim != 1 or array.dtype != np.float32 or not np.isfinite(array).all():
+            return None
+        value = torch.from_numpy(array)
+        self.front.put(key, value)
+        return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        self.front.put(key, value)
+        if not self._writable:
+            return
+        array = value.detach().to("cpu", torch.float32).contiguous().numpy()
+        path = self._path(key)
+        # runs sharing the folder may write one key at once: each writes its own part
+        part = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.part")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_whole(path, lambda p: _save_npy(p, array), part)
+            if self._writes % self.PRUNE_EVERY == 0:
+                prune_cache(self.folder, self.max_bytes)
+        except OSError as err:
+            self._writable = False
+            log.warning("text embeddings cannot be kept in %s (%s): each run computes them anew",
+                        self.folder, err)
+            return
+        self._writes += 1
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()}.npy"
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with path.open("wb") as f:  # np.save given a name would add ".npy" to the part's
+        np.save(f, array, allow_pickle=False)
 
 
 class TextEmbedder:

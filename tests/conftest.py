@@ -17,6 +17,15 @@ def tiny_model():
 
 
 @pytest.fixture(autouse=True)
+def text_cache_folder(tmp_path_factory, monkeypatch):
+    """The `rfclip` command's text cache of each test, in a folder of its own, never the home
+    folder's (nor one that another test filled)."""
+    home = tmp_path_factory.mktemp("xdg-cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    return home / "rfclip" / "text"
+
+
+@pytest.fixture(autouse=True)
 def _quiet_open_clip(caplog):
     caplog.set_level(logging.ERROR, logger="root")
 

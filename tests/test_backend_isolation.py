@@ -280,7 +280,8 @@ def test_redis_shares_embeddings_and_survives_outages(tiny_model, tmp_path, fake
 
 
 def test_image_cache_keeps_recent_files_within_its_size(tmp_path, fake_ls):
-    from backend.media import Credentials, prune_cache
+    from backend.media import Credentials
+    from rfclip_engine.files import prune_cache
     from backend.netguard import DestinationPolicy
 
     fetcher = ImageFetcher(tmp_path, None, 10 << 20, 10, 10 ** 8, cache_bytes=60_000,

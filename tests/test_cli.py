@@ -12,6 +12,7 @@ from rfclip_engine import load_model
 from rfclip_engine.calibrate import calibrate
 from rfclip_engine.cli import main
 from rfclip_engine.presets import load_preset_file
+from rfclip_engine.text import TextEmbedder
 
 from .conftest import TINY_CONFIG
 
@@ -287,6 +288,27 @@ def test_recursive_mirrors_the_subfolders_and_leaves_out_its_own_pictures(tmp_pa
     capsys.readouterr()
     assert segment_folder(data, out, checkpoint, "--recursive", "--examples", str(examples), "--resume") == 0
     assert "resuming: 6 of 6 image(s) were segmented" in capsys.readouterr().err
+
+
+def test_the_text_embeddings_of_one_run_serve_the_next(tmp_path, checkpoint, capsys, monkeypatch, text_cache_folder):
+    folder = image_folder(tmp_path / "in", 1)
+    assert segment_folder(folder, tmp_path / "first", checkpoint, labels="sky|heaven,tree") == 0
+    assert len(list(text_cache_folder.glob("*.npy"))) == 3  # one per class name or synonym
+    computed = []
+    original = TextEmbedder._compute
+    monkeypatch.setattr(TextEmbedder, "_compute", lambda self, queries: computed.extend(queries) or
+                        original(self, queries))
+    assert segment_folder(folder, tmp_path / "again", checkpoint, labels="tree,sky|heaven,road") == 0
+    assert computed == ["road"]
+    assert segment_folder(folder, tmp_path / "second", checkpoint, labels="sky|heaven,tree") == 0
+    assert computed == ["road"]  # nothing more
+    first, second = (tmp_path / "first" / "0_labelmap.png", tmp_path / "second" / "0_labelmap.png")
+    assert first.read_bytes() == second.read_bytes()
+    other = tmp_path / "other-cache"
+    assert segment_folder(folder, tmp_path / "no", checkpoint, "--no-text-cache", labels="sky|heaven,tree") == 0
+    assert segment_folder(folder, tmp_path / "elsewhere", checkpoint, "--text-cache", str(other)) == 0
+    assert computed == ["road", "sky", "heaven", "tree", "sky", "tree"]
+    assert len(list(other.glob("*.npy"))) == 2 and len(list(text_cache_folder.glob("*.npy"))) == 4
 
 
 def test_resume_segments_what_an_interrupted_run_left_and_nothing_twice(tmp_path, checkpoint, capsys):
