@@ -36,7 +36,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import arguments, machine, markdown_table, synchronize  # noqa: E402
 from rfclip_engine import Segmenter, Vocabulary, load_model  # noqa: E402
-from rfclip_engine.cli import _images_per_group, _segmenter_config, build_parser  # noqa: E402
+from rfclip_engine.cli import build_parser, images_per_group, segmenter_config  # noqa: E402
 from rfclip_engine.cli import main as rfclip  # noqa: E402
 from rfclip_engine.imageio import load_rgb  # noqa: E402
 from rfclip_engine.loading import resolve_device  # noqa: E402
@@ -82,8 +82,8 @@ def main() -> int:
 
     # the command's own config and groups, from its own parser: both sides segment alike
     parsed = build_parser().parse_args(command(folders["all"], work / "unused"))
-    config = _segmenter_config(parsed, device)
-    group = _images_per_group(parsed, config)
+    config = segmenter_config(parsed, device)
+    group = images_per_group(parsed, config)
     files = sorted(folders["all"].iterdir())
     vocabulary = Vocabulary.from_names(LABELS)
     segmenter = Segmenter(load_model("ViT-B-16", pretrained=str(checkpoint), device=device, weights_tag="openai"),

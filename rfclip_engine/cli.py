@@ -123,7 +123,7 @@ def _add_method_arguments(parser: argparse.ArgumentParser, short_side: Optional[
                              "off: the eager steps, the same result up to rounding")
 
 
-def _segmenter_config(args: argparse.Namespace, device: torch.device) -> SegmenterConfig:
+def segmenter_config(args: argparse.Namespace, device: torch.device) -> SegmenterConfig:
     precision = args.precision if args.precision != "auto" else default_precision(device.type)
     return SegmenterConfig(
         encoder=RFCLIPConfig(
@@ -146,7 +146,7 @@ def _segmenter_config(args: argparse.Namespace, device: torch.device) -> Segment
     )
 
 
-def _images_per_group(args: argparse.Namespace, config: SegmenterConfig) -> int:
+def images_per_group(args: argparse.Namespace, config: SegmenterConfig) -> int:
     """Images whose crops share the encoder's batches: --images-per-batch, else the batch's default."""
     return args.images_per_batch or images_per_batch(config.batch_size)
 
@@ -286,7 +286,7 @@ def segment_command(args: argparse.Namespace) -> int:
                          "as images to segment; give another folder")
     out.mkdir(parents=True, exist_ok=True)
     model = _load(args)
-    config = _segmenter_config(args, model.device)
+    config = segmenter_config(args, model.device)
     segmenter = Segmenter(model, config, max_pixels=args.max_pixels, text_cache=_text_cache(args))
     prototypes = _learn_examples(segmenter, pairs_folder, vocabulary, args.max_pixels) if pairs_folder else None
     colors = palette(len(vocabulary))
@@ -305,7 +305,7 @@ def segment_command(args: argparse.Namespace) -> int:
         print(f"resuming: no run is recorded in {out} ({RUN_RECORD}): segmenting every image", file=sys.stderr)
     failed: List[Tuple[Path, str]] = []
     progress = tqdm(total=len(todo), unit="image", disable=len(todo) <= 1 or args.quiet)
-    group = _images_per_group(args, config)
+    group = images_per_group(args, config)
     # the threads mostly wait on the model on the CPU; on a GPU's host they are the run's pace
     threads = min(8, os.cpu_count() or 2)
     for path, error in segment_files(segmenter, todo, vocabulary, pictures, group, args.max_pixels, prototypes,
@@ -367,7 +367,7 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.prob_threshold is None:
         args.prob_threshold = dataset.spec["prob_threshold"]
     model = _load(args)
-    config = _segmenter_config(args, model.device)
+    config = segmenter_config(args, model.device)
     segmenter = Segmenter(model, config, text_cache=_text_cache(args))
     vocabulary = dataset.vocabulary
 
@@ -375,7 +375,7 @@ def eval_command(args: argparse.Namespace) -> int:
         return [found.label_map.numpy() for found in segmenter.predict_many(rgbs, vocabulary)]
 
     summary = evaluate(predict, dataset, args.limit, progress=not args.quiet,
-                       images_per_group=_images_per_group(args, config))
+                       images_per_group=images_per_group(args, config))
     print(format_table(summary))
     if args.out:
         summary["settings"] = {"model": model.model_name, "weights": model.weights_id,

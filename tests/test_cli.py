@@ -206,11 +206,11 @@ def test_examples_usage_errors(tmp_path, checkpoint, capsys):
 
 
 def test_cuda_graphs_and_triton_kernels_are_on_unless_turned_off():
-    from rfclip_engine.cli import _segmenter_config, build_parser
+    from rfclip_engine.cli import segmenter_config, build_parser
 
     def config(*flags):
         args = build_parser().parse_args(["segment", "x.png", "--labels", "a", "--out", "o", *flags])
-        return _segmenter_config(args, torch.device("cuda"))
+        return segmenter_config(args, torch.device("cuda"))
 
     assert config().cuda_graphs
     assert not config("--no-cuda-graphs").cuda_graphs
@@ -221,11 +221,11 @@ def test_cuda_graphs_and_triton_kernels_are_on_unless_turned_off():
 
 @pytest.mark.parametrize("device, batch", [("cuda", 32), ("cpu", 8)])
 def test_the_batch_size_defaults_by_device(device, batch):
-    from rfclip_engine.cli import _segmenter_config, build_parser
+    from rfclip_engine.cli import segmenter_config, build_parser
 
     def config(*flags):
         args = build_parser().parse_args(["segment", "x.png", "--labels", "a", "--out", "o", *flags])
-        return _segmenter_config(args, torch.device(device))
+        return segmenter_config(args, torch.device(device))
 
     assert config().batch_size == batch
     assert config("--batch-size", "3").batch_size == 3
