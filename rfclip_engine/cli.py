@@ -66,12 +66,19 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
 
 
+def _default_text_cache() -> Optional[str]:
+    try:
+        return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rfclip" / "text")
+    except RuntimeError:  # no home folder (a container's user without one): nothing is kept
+        return None
+
+
 def _add_text_cache_arguments(parser: argparse.ArgumentParser) -> None:
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rfclip" / "text"
+    default = _default_text_cache()
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--text-cache", default=str(default),
+    group.add_argument("--text-cache", default=default,
                        help=f"keep the classes' text embeddings here between runs, about 2 KB a class name or "
-                            f"synonym, at most 64 MB (default {default})")
+                            f"synonym, at most 64 MB (default {default or 'none: no home folder'})")
     group.add_argument("--no-text-cache", dest="text_cache", action="store_const", const=None,
                        help="compute the text embeddings anew and keep nothing")
 

@@ -311,6 +311,16 @@ def test_the_text_embeddings_of_one_run_serve_the_next(tmp_path, checkpoint, cap
     assert len(list(other.glob("*.npy"))) == 2 and len(list(text_cache_folder.glob("*.npy"))) == 4
 
 
+def test_without_a_home_folder_nothing_is_kept(tmp_path, checkpoint, monkeypatch, text_cache_folder):
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(Path, "home", no_home)  # a container's user that has none
+    assert segment_folder(image_folder(tmp_path / "in", 1), tmp_path / "out", checkpoint) == 0
+    assert not text_cache_folder.exists()
+
+
 def test_resume_segments_what_an_interrupted_run_left_and_nothing_twice(tmp_path, checkpoint, capsys):
     folder, out = image_folder(tmp_path / "in", 4), tmp_path / "out"
     assert segment_folder(folder, out, checkpoint) == 0
