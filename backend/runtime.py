@@ -12,7 +12,7 @@ import torch
 from rfclip_engine import Segmenter, load_model
 from rfclip_engine.loading import resolve_device
 from rfclip_engine.process import flush_subnormal_floats
-from rfclip_engine.text import EmbeddingCache
+from rfclip_engine.text import EmbeddingCache, FolderCache
 
 from .learning.bank import open_bank
 from .media import ImageFetcher
@@ -49,7 +49,9 @@ class Runtime:
 
 def build_runtime(settings: Settings, segmenter_loader: SegmenterLoader = load_segmenter) -> Runtime:
     flush_subnormal_floats()  # before the model loader's and torch's threads start: they copy the flag
-    text_cache = RedisEmbeddingCache(settings.redis_url)
+    # on disk in front of Redis (and alone without it): a restarted process, or one of a project
+    # with hundreds of labels, does not spend a minute of CPU on their prompts again
+    text_cache = RedisEmbeddingCache(settings.redis_url, front=FolderCache(settings.cache_dir / "text"))
     holder = ModelHolder(lambda: segmenter_loader(settings, text_cache))
     fetcher = ImageFetcher(settings.cache_dir, settings.allowed_local_dir, settings.max_download_bytes,
                            settings.fetch_timeout_s, settings.max_image_pixels, settings.image_cache_mb << 20,

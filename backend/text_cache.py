@@ -1,5 +1,5 @@
-"""Text embeddings shared through Redis by every worker and replica, with an in-process LRU in
-front. Redis down or absent never fails a request: embeddings are computed locally, one warning
+"""Text embeddings shared through Redis by every worker and replica, with an in-process LRU (or
+a folder, `FolderCache`) in front. Redis down or absent never fails a request: embeddings are computed locally, one warning
 is logged, and Redis is tried again after a pause; when it answers again it is used again."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import redis
 import torch
 
-from rfclip_engine.text import MemoryCache
+from rfclip_engine.text import EmbeddingCache, MemoryCache
 
 from .redaction import redact
 
@@ -20,12 +20,12 @@ log = logging.getLogger("rfclip.backend.cache")
 
 
 class RedisEmbeddingCache:
-    """`EmbeddingCache` over Redis (float32 bytes per key) behind a `MemoryCache`."""
+    """`EmbeddingCache` over Redis (float32 bytes per key) behind another (a `MemoryCache` by default)."""
 
     def __init__(
         self,
         url: Optional[str],
-        front: Optional[MemoryCache] = None,
+        front: Optional[EmbeddingCache] = None,
         retry_after_s: float = 10.0,
         socket_timeout_s: float = 0.5,
         ttl_s: int = 30 * 24 * 3600,

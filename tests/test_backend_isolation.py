@@ -244,13 +244,14 @@ def test_redis_shares_embeddings_and_survives_outages(tiny_model, tmp_path, fake
     tasks = [{"id": 1, "data": {"image": f"{fake_ls.url}/img/a.png"}}]
     computed = count_text_computations(monkeypatch)
 
-    first = make_app(tiny_model, tmp_path, redis_url=redis_server.url)
+    # each worker on a machine of its own: its own disk cache in front of Redis
+    first = make_app(tiny_model, tmp_path / "one", redis_url=redis_server.url)
     assert predict(first.test_client(), tasks)[0]["result"]
     assert sorted(computed) == ["cat", "dog"]
     assert first.test_client().get("/health").get_json()["redis"] == "connected"
 
     # another worker (a fresh in-process cache) finds them in Redis
-    second = make_app(tiny_model, tmp_path, redis_url=redis_server.url)
+    second = make_app(tiny_model, tmp_path / "two", redis_url=redis_server.url)
     assert predict(second.test_client(), tasks)[0]["result"]
     cache = second.extensions["rfclip"]["text_cache"]
     assert cache.hits == 2 and sorted(computed) == ["cat", "dog"]
@@ -258,7 +259,7 @@ def test_redis_shares_embeddings_and_survives_outages(tiny_model, tmp_path, fake
     # Redis dies: requests still succeed, computed locally, one warning
     redis_server.stop()
     caplog.set_level(logging.WARNING)
-    third = make_app(tiny_model, tmp_path, redis_url=redis_server.url)
+    third = make_app(tiny_model, tmp_path / "three", redis_url=redis_server.url)
     client = third.test_client()
     assert predict(client, tasks)[0]["result"]
     assert predict(client, [{"id": 2, "data": {"image": f"{fake_ls.url}/img/a.png"}}])[0]["result"]
@@ -273,10 +274,22 @@ def test_redis_shares_embeddings_and_survives_outages(tiny_model, tmp_path, fake
     assert client.get("/health").get_json()["redis"] == "connected"
     config = BRUSH_CONFIG.replace('value="dog"', 'value="horse"')
     client.post("/predict", json={"tasks": tasks, "label_config": config})
-    fourth = make_app(tiny_model, tmp_path, redis_url=redis_server.url)
+    fourth = make_app(tiny_model, tmp_path / "four", redis_url=redis_server.url)
     fourth.test_client().post("/predict", json={"tasks": tasks, "label_config": config})
     assert fourth.extensions["rfclip"]["text_cache"].hits >= 1
     assert computed.count("horse") == 1
+
+
+def test_a_restarted_backend_without_redis_finds_its_text_embeddings_on_disk(tiny_model, tmp_path, fake_ls,
+                                                                            monkeypatch):
+    fake_ls.public["a.png"] = png(64, 64)
+    tasks = [{"id": 1, "data": {"image": f"{fake_ls.url}/img/a.png"}}]
+    computed = count_text_computations(monkeypatch)
+    first = predict(make_app(tiny_model, tmp_path).test_client(), tasks)[0]
+    assert sorted(computed) == ["cat", "dog"] and len(list((tmp_path / "cache" / "text").glob("*.npy"))) == 2
+    again = predict(make_app(tiny_model, tmp_path).test_client(), tasks)[0]  # restarted: memory lost
+    assert sorted(computed) == ["cat", "dog"]
+    assert [r["value"] for r in again["result"]] == [r["value"] for r in first["result"]]
 
 
 def test_image_cache_keeps_recent_files_within_its_size(tmp_path, fake_ls):
