@@ -303,8 +303,8 @@ def segment_command(args: argparse.Namespace) -> int:
     (out / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
 
     pictures = Pictures(out, vocabulary.names, colors, args.raw)
-    todo = [(path, stem) for path, stem in zip(files, _output_stems(files, source if source.is_dir() else source.parent))
-            if not (resumed and pictures.written_since(stem, started))]
+    stems = _output_stems(files, source if source.is_dir() else source.parent)
+    todo = [(path, stem) for path, stem in zip(files, stems) if not (resumed and pictures.written_since(stem, started))]
     if resumed:
         print(f"resuming: {len(files) - len(todo)} of {len(files)} image(s) were segmented into {out} before",
               file=sys.stderr)
