@@ -103,9 +103,10 @@ class MemoryCache:
 
 
 class FolderCache:
-    """Embeddings kept in a folder between runs of the `rfclip` command, one float32 `.npy` file per
-    key (read without pickle), behind a `MemoryCache`: on the CPU the 80 prompts of each query cost
-    about 0.35 s, so 150 classes took a minute before the first image of every run. A file that
+    """Embeddings kept in a folder between runs of the `rfclip` command and restarts of the backend,
+    one float32 `.npy` file per key (read without pickle), behind a `MemoryCache`: on the CPU the 80
+    prompts of each query cost about 0.35 s, so 150 classes took a minute before the first image of
+    every run. Processes may share the folder. A file that
     cannot be read, or holds anything but a finite vector, is a miss and is written again. Past
     `max_bytes` the least recently used files go. A folder that cannot be written is warned
     about once, and the run goes on computing what it lacks."""
@@ -150,7 +151,7 @@ class FolderCache:
                 prune_cache(self.folder, self.max_bytes)
         except OSError as err:
             self._writable = False
-            log.warning("text embeddings cannot be kept in %s (%s): each run computes them anew",
+            log.warning("text embeddings cannot be kept in %s (%s): this process computes them for itself",
                         self.folder, err)
             return
         self._writes += 1

@@ -70,7 +70,7 @@ def test_a_folder_that_cannot_be_written_is_warned_about_once_and_the_run_goes_o
         cache.put(f"k{n}", vector(n))
     assert torch.equal(cache.get("k2"), vector(2))  # from memory
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1 and "cannot be kept in" in warnings[0] and "computes them anew" in warnings[0]
+    assert len(warnings) == 1 and "cannot be kept in" in warnings[0] and "computes them for itself" in warnings[0]
 
 
 def test_a_second_run_computes_no_text(tiny_model, tmp_path, monkeypatch):
