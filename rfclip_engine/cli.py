@@ -215,7 +215,8 @@ def _output_stems(files: Sequence[Path], root: Path) -> List[str]:
     return stems
 
 
-def _vocabulary(args: argparse.Namespace) -> Vocabulary:
+def read_vocabulary(args: argparse.Namespace) -> Vocabulary:
+    """The classes of --labels or --labels-file, each given once."""
     if args.labels_file:
         lines = Path(args.labels_file).read_text().splitlines()
         specs = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
@@ -282,7 +283,7 @@ def _learn_examples(segmenter: Segmenter, folder: Path, vocabulary: Vocabulary, 
 
 
 def segment_command(args: argparse.Namespace) -> int:
-    vocabulary = _vocabulary(args)
+    vocabulary = read_vocabulary(args)
     source, out = Path(args.input), Path(args.out)
     pairs_folder = Path(args.examples) if args.examples else None
     files = _list_images(source, args.recursive, [out] + ([pairs_folder] if pairs_folder else []))
