@@ -292,6 +292,8 @@ def segment_command(args: argparse.Namespace) -> int:
     if source.is_dir() and out.resolve() == source.resolve():
         raise UsageError(f"--out {out} is the input folder: the next run (or --resume) would read its pictures "
                          "as images to segment; give another folder")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: give a folder for the pictures")
     out.mkdir(parents=True, exist_ok=True)
     model = _load(args)
     config = segmenter_config(args, model.device)

@@ -91,6 +91,9 @@ def test_usage_errors(tmp_path, checkpoint, capsys):
     with pytest.raises(SystemExit) as info:  # pictures written among the images would be read as images
         main(["segment", str(tmp_path), "--labels", "a", "--out", str(tmp_path / "." / "sub" / ".."), *FAST])
     assert info.value.code == 2 and "is the input folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(tmp_path / "x.png"), "--labels", "a", "--out", str(tmp_path / "x.png"), *FAST])
+    assert info.value.code == 2 and "x.png is a file: give a folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
     # a backbone without preset and without calibration: a clear error naming the fix
     code = main(["segment", str(tmp_path / "x.png"), "--labels", "a,b", "--out", str(tmp_path / "o"),
