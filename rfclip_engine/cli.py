@@ -218,7 +218,10 @@ def _output_stems(files: Sequence[Path], root: Path) -> List[str]:
 def read_vocabulary(args: argparse.Namespace) -> Vocabulary:
     """The classes of --labels or --labels-file, each given once."""
     if args.labels_file:
-        lines = Path(args.labels_file).read_text().splitlines()
+        try:
+            lines = Path(args.labels_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"--labels-file {args.labels_file} cannot be read: {err}") from None
         specs = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
     elif args.labels:
         specs = [spec.split("|") for spec in args.labels.split(",") if spec.strip()]

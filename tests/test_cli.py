@@ -94,6 +94,11 @@ def test_usage_errors(tmp_path, checkpoint, capsys):
     with pytest.raises(SystemExit) as info:
         main(["segment", str(tmp_path / "x.png"), "--labels", "a", "--out", str(tmp_path / "x.png"), *FAST])
     assert info.value.code == 2 and "x.png is a file: give a folder" in capsys.readouterr().err
+    for labels_file in (tmp_path / "missing.txt", tmp_path / "x.png"):  # not there; not text
+        with pytest.raises(SystemExit) as info:
+            main(["segment", str(tmp_path / "x.png"), "--labels-file", str(labels_file), "--out", str(tmp_path / "o"),
+                  *FAST])
+        assert info.value.code == 2 and f"--labels-file {labels_file} cannot be read" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
     # a backbone without preset and without calibration: a clear error naming the fix
     code = main(["segment", str(tmp_path / "x.png"), "--labels", "a,b", "--out", str(tmp_path / "o"),
