@@ -353,7 +353,7 @@ def _readable_images(files: Sequence[Path], max_pixels: Optional[int]) -> Iterat
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
-    files = _list_images(Path(args.images))[: args.limit]
+    files = _list_images(Path(args.images), args.recursive)[: args.limit]
     args.distraction_dims = None
     model = _load(args)
     result = calibrate(model, _readable_images(files, args.max_pixels), factor=args.factor)
@@ -443,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="find the distraction dimensions of a backbone without a preset")
     cal.add_argument("--images", required=True, help="a folder of images (a few hundred of any kind)")
     cal.add_argument("--out", required=True, help="JSON file to write")
+    cal.add_argument("--recursive", action="store_true", help="also read the images of its subfolders")
     cal.add_argument("--limit", type=int, default=None, help="use at most this many images")
     cal.add_argument("--factor", type=float, default=5.0, help="a channel is a distraction dimension above this "
                                                                "multiple of the median channel (default 5)")

@@ -162,6 +162,21 @@ def test_calibrate_command_writes_a_usable_file(tmp_path, capsys):
     assert loaded.preset.dims == (11,)
 
 
+def test_calibrate_reads_subfolders_with_recursive(tmp_path, capsys):
+    ckpt = tmp_path / "planted.pt"
+    torch.save(planted_model(11).clip.state_dict(), ckpt)
+    for i, sub in enumerate(("a", "b", "b/c")):
+        (tmp_path / "images" / sub).mkdir(parents=True)
+        write_image(tmp_path / "images" / sub / f"{i}.png", (60, 80), seed=i)
+    command = ["calibrate", "--model", TINY_CONFIG, "--checkpoint", str(ckpt), "--images", str(tmp_path / "images"),
+               "--out", str(tmp_path / "dims.json")]
+    with pytest.raises(SystemExit):
+        main(command)
+    assert "--recursive reads its subfolders" in capsys.readouterr().err
+    assert main([*command, "--recursive"]) == 0
+    assert ", 3 images;" in capsys.readouterr().out and load_preset_file(tmp_path / "dims.json").dims == (11,)
+
+
 def halves(path, size, left, right):
     image = np.zeros((*size, 3), np.uint8)
     image[:, : size[1] // 2], image[:, size[1] // 2:] = left, right
