@@ -1,6 +1,7 @@
 """Text embeddings shared through Redis by every worker and replica, with an in-process LRU (or
-a folder, `FolderCache`) in front. Redis down or absent never fails a request: embeddings are computed locally, one warning
-is logged, and Redis is tried again after a pause; when it answers again it is used again."""
+a folder, `FolderCache`) in front. Redis down or absent never fails a request: embeddings are
+computed locally, one warning is logged, and Redis is tried again after a pause; when it answers
+again it is used again."""
 from __future__ import annotations
 
 import logging

@@ -3,8 +3,9 @@
     python benchmarks/bench_segment.py [--images 16] [--rounds 3] [--device cpu] [--labels-file F] [--json ...]
 
 Photo-like 1024x768 JPEGs (smooth blobs with a grain of noise, as photos have), 10 classes (or
-one per line of --labels-file, e.g. rfclip_engine/data/classes/ade20k.txt's 150), ViT-B/16 with random weights saved as a checkpoint (time does not depend on them). Each round
-times, interleaved:
+one per line of --labels-file, e.g. rfclip_engine/data/classes/ade20k.txt's 150), ViT-B/16 with
+random weights saved as a checkpoint (time does not depend on them). Each round times,
+interleaved:
 - the engine alone on 2 x IMAGES images: each group read, their logits (`Segmenter.logits_many`)
   and labels at full size (`Segmenter.decide`), nothing written: what the command cannot do
   without. Its segmenter is built once and warmed up by the first round, as a long run's is;
