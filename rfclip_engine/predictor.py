@@ -29,6 +29,13 @@ from .text import ClassSpec, EmbeddingCache, TextEmbedder, Vocabulary
 
 UNLABELED = -1
 
+# The working image's long side is at most this many times the configured short side: scaled to a
+# short side of 336, a 1x3000 banner would be 336 x 1,008,000 pixels (some 27,000 crops and tens of
+# GB), so a stripe thinner than 1:16 keeps that long side (5376 at 336) and a shorter short side.
+# Not a config field: it changes nothing for any image of 1:16 or wider, so the settings a model
+# version is keyed by stay as they were.
+MAX_ASPECT = 16
+
 # Called with a stage name ("text embeddings", "model", "PAMR"), it returns a context manager that
 # times what runs inside it: the caller (the backend) decides where the times go.
 StageTimer = Callable[[str], ContextManager[None]]
@@ -159,12 +166,15 @@ class Segmenter:
         return [example if count >= 1.0 else None for example, count in zip(found, pixels.tolist())]
 
     def working_size(self, size: Tuple[int, int]) -> Tuple[int, int]:
-        """(H, W) scaled so the short side is `config.short_side` (aspect ratio kept)."""
+        """(H, W) scaled so the short side is `config.short_side` (aspect ratio kept), or, for an
+        image thinner than 1:MAX_ASPECT, so the long side is MAX_ASPECT times that."""
         short_side = self.config.short_side
         height, width = size
-        if short_side is None or min(height, width) == short_side:
+        if short_side is None:
             return height, width
-        scale = short_side / min(height, width)
+        scale = min(short_side / min(height, width), MAX_ASPECT * short_side / max(height, width))
+        if scale == 1:
+            return height, width
         return max(1, round(height * scale)), max(1, round(width * scale))
 
     def prepare(self, rgb: np.ndarray) -> torch.Tensor:

@@ -243,6 +243,40 @@ def test_prepare_equals_normalizing_at_full_size_then_resizing(tiny_model, size,
     torch.testing.assert_close(got.double(), reference, rtol=0, atol=5e-5)  # float32 arithmetic
 
 
+@pytest.mark.parametrize("size, expected", [
+    ((3000, 4000), (336, 448)),  # a photo: short side 336
+    ((100, 1600), (336, 5376)),  # 1:16, the thinnest kept at short side 336
+    ((336, 5376), (336, 5376)),
+    ((100, 3200), (168, 5376)),  # 1:32: long side 16 x 336, short side less
+    ((1, 3000), (2, 5376)),  # a banner's row: 336 x 1,008,000 at short side 336
+    ((3000, 1), (5376, 2)),
+    ((20, 400_000), (1, 5376)),  # within --max-pixels; a short side of at least one pixel
+])
+def test_working_size_keeps_the_short_side_unless_the_long_one_passes_16_times_it(tiny_model, size, expected):
+    assert Segmenter(tiny_model, SegmenterConfig(short_side=336)).working_size(size) == expected
+    assert Segmenter(tiny_model, SegmenterConfig(short_side=None)).working_size(size) == size
+
+
+@pytest.mark.parametrize("window", [64, None])
+def test_a_stripe_is_segmented_from_a_bounded_number_of_crops(tiny_model, monkeypatch, window):
+    # at short side 80 this 2x400 stripe would be 80 x 16,000 pixels: 499 crops of 64
+    config = SegmenterConfig(short_side=80, window=window, stride=32, batch_size=64, encoder=RFCLIPConfig(sigma=1.5))
+    crops, original = [], tiny_model.encode_dense
+
+    def counting(pixels, config):
+        crops.append(tuple(pixels.shape))
+        return original(pixels, config)
+
+    monkeypatch.setattr(tiny_model, "encode_dense", counting)
+    pred = Segmenter(tiny_model, config).predict(rgb(2, 400), ["cat", "dog"])
+    assert pred.label_map.shape == (2, 400) and int(pred.pixel_counts.sum()) == 800
+    assert pred.logits.shape[-2:] == (6, 1280)  # long side 16 x 80
+    if window is None:
+        assert crops == [(1, 3, 16, 1280)]  # padded to the patch size
+    else:
+        assert sum(n for n, *_ in crops) == 39  # one row of windows of 64 every 32 along 1280
+
+
 def png_header(width: int, height: int) -> bytes:
     """A PNG's signature and header only: enough to open, nothing to decode."""
     import struct
