@@ -2,6 +2,7 @@
 any thread (the `rfclip` CLI, the backend's runtime, bench_engine)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -19,4 +20,9 @@ def flush_subnormal_floats() -> bool:
 
     The flag is per thread and copied to a thread when it is created, so called after torch's
     pools exist it covers only the calling thread. False where the CPU has no such mode."""
+    # numpy works out a float type's limits on its first use and, under the flag, warns that the
+    # smallest subnormal is zero (reading a float TIFF did, in the middle of the progress bar):
+    # worked out now, they are kept
+    for dtype in (np.float16, np.float32, np.float64, np.longdouble):
+        np.finfo(dtype)
     return torch.set_flush_denormal(True)

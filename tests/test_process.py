@@ -40,6 +40,34 @@ def test_subnormals_are_flushed_in_the_threads_started_after():
     assert survivors("flush") == [0, 0]
 
 
+# numpy works out a float type's limits on first use, as reading a float TIFF does in an I/O thread
+LIMITS_PROBE = textwrap.dedent("""
+    import threading, warnings
+    import numpy as np
+    from rfclip_engine.process import flush_subnormal_floats
+    assert flush_subnormal_floats()
+
+    def first_use():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for dtype in (np.float16, np.float32, np.float64):
+                np.nan_to_num(np.ones(2, dtype))
+        print(len(caught))
+
+    thread = threading.Thread(target=first_use)
+    thread.start()
+    thread.join()
+""")
+
+
+def test_numpy_does_not_warn_of_the_flushed_subnormals():
+    # it did, once per process, in the middle of the progress bar: "The value of the smallest
+    # subnormal for <class 'numpy.float64'> type is zero."
+    done = subprocess.run([sys.executable, "-c", LIMITS_PROBE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0"], done.stderr
+
+
 def test_the_rfclip_command_flushes_before_anything_else(monkeypatch):
     from rfclip_engine import cli
 
