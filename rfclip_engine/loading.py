@@ -12,12 +12,14 @@ import logging
 import os
 import socket
 import uuid
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 from urllib.parse import urlparse
 
 import open_clip
 import torch
+from safetensors import SafetensorError
 
 from .model import RFCLIPModel
 from .presets import DistractionPreset, find_preset, load_preset_file
@@ -64,14 +66,20 @@ def _read_openai_state_dict(path: Path) -> Optional[dict]:
     """The state dict of an OpenAI-format checkpoint, or None for any other format."""
     if path.suffix == ".safetensors":
         return None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # a TorchScript archive (OpenAI's release format) is not a pickle
+    with warnings.catch_warnings():
+        # OpenAI released its weights as a TorchScript archive: torch.load says it hands one to
+        # torch.jit.load, which torch deprecates; said on every run and every backend start, with
+        # nothing for the user to do about either
+        warnings.filterwarnings("ignore", message=r".*looks like a TorchScript archive", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
         try:
-            checkpoint = torch.jit.load(str(path), map_location="cpu").state_dict()
-        except Exception as err:
-            raise ValueError(f"{path} is neither a PyTorch checkpoint nor a TorchScript archive: {err}") from err
-        return {k: v for k, v in checkpoint.items() if k not in _NON_WEIGHT_KEYS}
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # a TorchScript archive (OpenAI's release format) is not a pickle
+            try:
+                checkpoint = torch.jit.load(str(path), map_location="cpu").state_dict()
+            except Exception as err:
+                raise ValueError(f"{path} is neither a PyTorch checkpoint nor a TorchScript archive: {err}") from err
+            return {k: v for k, v in checkpoint.items() if k not in _NON_WEIGHT_KEYS}
     if isinstance(checkpoint, dict) and "input_resolution" in checkpoint:
         return {k: v for k, v in checkpoint.items() if k not in _NON_WEIGHT_KEYS}
     return None
@@ -139,6 +147,15 @@ def _create_from_tag(name: str, tag: str, cache_dir: Optional[str]) -> torch.nn.
                                                         f"the cache {cache} ({err})") from err
 
 
+def _does_not_fit(path: Path, name: str, err: Exception) -> ValueError:
+    """The error for weights of another model (ViT-L-14's given for the default ViT-B-16): torch
+    lists every tensor that differs, a few hundred lines; the first few say enough."""
+    lines = (str(err) or type(err).__name__).strip().splitlines()
+    shown = "\n".join(lines[:4]) + (f"\n... ({len(lines) - 4} more lines)" if len(lines) > 4 else "")
+    return ValueError(f"checkpoint {path} does not fit model {name} (are they the weights of another model? "
+                      f"name that one as the model): {shown}")
+
+
 def _is_not_random_init_warning(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("No pretrained weights loaded for model")
 
@@ -203,11 +220,16 @@ def load_model(
             try:
                 clip.load_state_dict(openai_state, strict=True)
             except RuntimeError as err:
-                raise ValueError(f"checkpoint {path} does not fit model {name}: {err}") from err
+                raise _does_not_fit(path, name, err) from err
         else:
             quick_gelu = weights_tag is not None and bool(
                 (open_clip.get_pretrained_cfg(name, weights_tag) or {}).get("quick_gelu"))
-            clip = open_clip.create_model(name, pretrained=str(path), force_quick_gelu=quick_gelu)
+            try:
+                clip = open_clip.create_model(name, pretrained=str(path), force_quick_gelu=quick_gelu)
+            except SafetensorError as err:
+                raise ValueError(f"{path} is not a safetensors file: {err}") from err
+            except (RuntimeError, AssertionError, KeyError, ValueError) as err:  # open_clip asserts some shapes
+                raise _does_not_fit(path, name, err) from err
     elif open_clip.get_pretrained_cfg(name, pretrained):
         weights_tag = pretrained
         clip = _create_from_tag(name, pretrained, cache_dir)

@@ -1,6 +1,8 @@
 """load_model: local checkpoints in every supported format, QuickGELU, and the offline error."""
 import logging
+import re
 import time
+import warnings
 
 import open_clip
 import pytest
@@ -68,7 +70,10 @@ def test_openai_torchscript_archive(tmp_path):
     traced = torch.jit.trace_module(clip, {"encode_image": torch.randn(1, 3, 64, 64)}, check_trace=False)
     path = tmp_path / "ViT-tiny.pt"
     traced.save(str(path))
-    loaded = load_model(TINY_CONFIG, pretrained=str(path), distraction_dims=TINY_DIMS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_model(TINY_CONFIG, pretrained=str(path), distraction_dims=TINY_DIMS)
+    assert not [str(w.message) for w in caught if "jit" in str(w.message)]  # OpenAI's format: nothing to do about it
     assert activations(loaded) == {QuickGELU} and loaded.weights_tag == "openai"
     pixels = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -172,6 +177,24 @@ def test_corrupt_checkpoint(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="neither a PyTorch checkpoint nor a TorchScript archive"):
         load_model(TINY_CONFIG, pretrained=str(path))
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=re.escape(f"{path} is not a safetensors file")):
+        load_model(TINY_CONFIG, pretrained=str(path))
+
+
+@pytest.mark.parametrize("form", ["open_clip", "openai"])
+def test_a_checkpoint_of_another_model_is_refused_naming_both(tiny_model, tmp_path, form):
+    state = tiny_model.clip.state_dict() if form == "open_clip" else openai_state_dict(tiny_model)
+    wider = {k: torch.zeros(*v.shape[:-1], v.shape[-1] * 2) if v.is_floating_point() and v.dim() == 2 else v
+             for k, v in state.items()}  # every matrix of another width: torch names each, one per line
+    path = tmp_path / "other.pt"
+    torch.save(wider, path)
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {path} does not fit model rfclip-tiny-vit")) as caught:
+        load_model(TINY_CONFIG, pretrained=str(path), distraction_dims=TINY_DIMS)
+    message = str(caught.value)
+    assert "size mismatch" in message or "width changed" in message  # torch's or open_clip's own words
+    assert len(message.splitlines()) <= 5  # not the hundreds of lines of every tensor
 
 
 def test_dims_file_and_list(tmp_path):
