@@ -93,6 +93,10 @@ class Segmenter:
     ) -> None:
         if config.window is not None and config.window % model.patch_size:
             raise ValueError(f"window {config.window} must be a multiple of the patch size {model.patch_size}")
+        if config.encoder.refocuses:
+            # weights without distraction dimensions, or dimensions outside the model: said now,
+            # not by the first forward, after a run has started (and by every task of the backend)
+            model.resolve_preset(config.encoder)
         self.model = model
         self.config = config
         self.encoder = DenseEncoder(model, autocast_dtype(config.precision), config.cuda_graphs)

@@ -177,6 +177,27 @@ def test_the_backends_segmenter_is_warmed_up_when_loaded(tmp_path, monkeypatch):
     assert warmed == [segmenter]
 
 
+def test_weights_without_distraction_dimensions_fail_the_load_not_each_task(tmp_path):
+    """Said once, by /health and each /predict, as the model's state: before, the model loaded
+    and then every task failed alike on its first forward."""
+    import torch
+
+    from backend import runtime
+    from backend.service import ModelHolder, ModelUnavailable
+    from rfclip_engine import load_model
+    from rfclip_engine.text import MemoryCache
+
+    from .conftest import TINY_CONFIG
+
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(load_model(TINY_CONFIG, pretrained=None).clip.state_dict(), checkpoint)
+    settings = Settings(model=TINY_CONFIG, pretrained=str(checkpoint), cache_dir=tmp_path / "cache")
+    holder = ModelHolder(lambda: runtime.load_segmenter(settings, MemoryCache()))
+    with pytest.raises(ModelUnavailable, match="no distraction dimensions are known for rfclip-tiny-vit"):
+        holder.get(60)
+    assert holder.state == "failed"
+
+
 def test_the_batch_size_defaults_by_device_and_does_not_change_the_version():
     import torch
 

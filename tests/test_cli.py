@@ -53,6 +53,21 @@ def test_segment_one_image(tmp_path, checkpoint, capsys):
     assert "segmented 1 of 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("dims, why", [([], "no distraction dimensions are known for rfclip-tiny-vit"),
+                                       (["--distraction-dims", "1,2,999"], "distraction dimensions [999] are outside")])
+def test_weights_without_usable_distraction_dimensions_are_refused_before_the_run(tmp_path, checkpoint, capsys,
+                                                                                    dims, why):
+    write_image(tmp_path / "scene.png", (75, 110))
+    out = tmp_path / "out"
+    code = main(["segment", str(tmp_path / "scene.png"), "--labels", "cat,dog", "--checkpoint", checkpoint, *dims,
+                 "--out", str(out), *FAST])
+    assert code == 2 and why in capsys.readouterr().err
+    assert list(out.iterdir()) == []  # no run recorded, no classes: nothing was started
+    # plain CLIP needs none
+    assert main(["segment", str(tmp_path / "scene.png"), "--labels", "cat,dog", "--checkpoint", checkpoint, *dims,
+                 "--mode", "clip", "--out", str(out), *FAST]) == 0
+
+
 def test_segment_folder_with_a_corrupt_file(tmp_path, checkpoint, capsys):
     folder = tmp_path / "images"
     folder.mkdir()
