@@ -48,6 +48,7 @@ from .visualize import palette
 
 log = logging.getLogger("rfclip")
 IMAGE_SUFFIXES = {s.lower() for s, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+INTERRUPTED = 130  # the shells' status for a command ended by Ctrl-C (128 + SIGINT)
 
 
 class UsageError(Exception):
@@ -321,13 +322,22 @@ def segment_command(args: argparse.Namespace) -> int:
     group = images_per_group(args, config)
     # the threads mostly wait on the model on the CPU; on a GPU's host they are the run's pace
     threads = min(8, os.cpu_count() or 2)
-    for path, error in segment_files(segmenter, todo, vocabulary, pictures, group, args.max_pixels, prototypes,
-                                     threads):
-        if error is not None:
-            failed.append((path, error))
-            tqdm.write(f"error: {path}: {error}", file=sys.stderr)
-        progress.set_postfix_str(path.name)
-        progress.update(1)
+    done = 0
+    try:
+        for path, error in segment_files(segmenter, todo, vocabulary, pictures, group, args.max_pixels, prototypes,
+                                         threads):
+            done += 1
+            if error is not None:
+                failed.append((path, error))
+                tqdm.write(f"error: {path}: {error}", file=sys.stderr)
+            progress.set_postfix_str(path.name)
+            progress.update(1)
+    except KeyboardInterrupt:
+        # the pictures being written were finished before the threads stopped: each is whole
+        progress.close()
+        print(f"interrupted after {done} of {len(todo)} image(s): the same command with --resume segments "
+              "the rest", file=sys.stderr)
+        return INTERRUPTED
     progress.close()
 
     print(f"segmented {len(todo) - len(failed)} of {len(todo)} image(s) into {out}", file=sys.stderr)
@@ -472,6 +482,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError, RuntimeError) as err:  # OSError: an output that cannot be written, too
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback through torch
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

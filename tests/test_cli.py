@@ -376,6 +376,43 @@ def test_resume_segments_what_an_interrupted_run_left_and_nothing_twice(tmp_path
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "run.json"} == whole  # no part file left
 
 
+def test_ctrl_c_says_how_to_resume_and_leaves_every_picture_whole(tmp_path, checkpoint, capsys, monkeypatch):
+    from rfclip_engine.predictor import Segmenter
+
+    folder, out = image_folder(tmp_path / "in", 5), tmp_path / "out"
+    assert segment_folder(folder, tmp_path / "whole", checkpoint) == 0
+    groups, logits_many = [], Segmenter.logits_many
+
+    def interrupted_in_the_third_group(self, *args, **kwargs):
+        groups.append(len(args[0]))
+        if len(groups) == 3:
+            raise KeyboardInterrupt
+        return logits_many(self, *args, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "logits_many", interrupted_in_the_third_group)
+    capsys.readouterr()
+    assert segment_folder(folder, out, checkpoint, "--images-per-batch", "2") == 130
+    err = capsys.readouterr().err
+    assert "interrupted after 2 of 5 image(s): the same command with --resume segments the rest" in err
+    assert "Traceback" not in err
+    # the first group's pictures and the second's, which were being written, are whole
+    assert sorted(p.name for p in out.glob("*_*")) == sorted(p.name for p in (tmp_path / "whole").glob("[0-3]_*"))
+    assert not list(out.glob(".*.part"))
+    monkeypatch.setattr(Segmenter, "logits_many", logits_many)
+    assert segment_folder(folder, out, checkpoint, "--resume") == 0
+    assert "resuming: 4 of 5 image(s)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.glob("*_*")} == \
+        {p.name: p.read_bytes() for p in (tmp_path / "whole").glob("*_*")}
+
+    def interrupted_while_loading(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("rfclip_engine.cli.load_model", interrupted_while_loading)
+    assert segment_folder(folder, tmp_path / "never", checkpoint) == 130
+    err = capsys.readouterr().err
+    assert err.strip().endswith("interrupted") and "Traceback" not in err
+
+
 def test_resume_refuses_other_settings_and_takes_only_the_recorded_runs_pictures(tmp_path, checkpoint, capsys):
     folder, out = image_folder(tmp_path / "in", 3), tmp_path / "out"
     assert segment_folder(folder, out, checkpoint, "--resume") == 0  # nothing to resume: a fresh run
