@@ -30,7 +30,7 @@ from .text import ClassSpec, EmbeddingCache, TextEmbedder, Vocabulary
 UNLABELED = -1
 
 # The working image's long side is at most this many times the configured short side: scaled to a
-# short side of 336, a 1x3000 banner would be 336 x 1,008,000 pixels (some 27,000 crops and tens of
+# short side of 336, a 1x3000 banner would be 336 x 1,008,000 pixels (some 18,000 crops and tens of
 # GB), so a stripe thinner than 1:16 keeps that long side (5376 at 336) and a shorter short side.
 # Not a config field: it changes nothing for any image of 1:16 or wider, so the settings a model
 # version is keyed by stay as they were.
