@@ -39,18 +39,19 @@ class Calibration:
 
 
 def _model_input(model: RFCLIPModel, rgb: np.ndarray) -> torch.Tensor:
-    """The model's native square input: short side resized to the model size, centre crop."""
+    """The model's native square input: the image's centre square, resized to the model size.
+    Cropped before it is resized: resized whole, a 1x100,000 stripe would be 224 x 22.4 million
+    floats a channel, and a 100-megapixel photo all of its pixels as floats."""
     size = model.visual.image_size[0]
-    pixels = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255)[None]
-    scale = size / min(pixels.shape[-2:])
-    resized = F.interpolate(pixels, size=(max(size, round(pixels.shape[-2] * scale)),
-                                          max(size, round(pixels.shape[-1] * scale))),
-                            mode="bilinear", align_corners=False, antialias=True)
-    top, left = (resized.shape[-2] - size) // 2, (resized.shape[-1] - size) // 2
-    crop = resized[..., top:top + size, left:left + size]
+    side = min(rgb.shape[:2])
+    top, left = (rgb.shape[0] - side) // 2, (rgb.shape[1] - side) // 2
+    square = torch.from_numpy(np.ascontiguousarray(rgb[top:top + side, left:left + side]))
+    pixels = square.permute(2, 0, 1).float().div(255)[None]
+    if side != size:
+        pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     mean = torch.tensor(model.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(model.image_std).view(1, 3, 1, 1)
-    return ((crop - mean) / std).to(model.device)
+    return ((pixels - mean) / std).to(model.device)
 
 
 def calibrate(

@@ -157,6 +157,29 @@ def test_calibration_finds_planted_channel():
     assert result.ratios[7] > 5 and (result.ratios[torch.arange(64) != 7] < 5).all()
 
 
+def test_calibration_resizes_only_the_centre_square(tiny_model, monkeypatch):
+    from rfclip_engine import calibrate as calibration
+
+    size = tiny_model.visual.image_size[0]
+    mean = torch.tensor(tiny_model.image_mean, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(tiny_model.image_std, dtype=torch.float64).view(3, 1, 1)
+    rgb = np.random.default_rng(0).integers(0, 256, (size, size + 37, 3), dtype=np.uint8)
+    # at the model's size already: the centre square as it is, normalized (float64 reference)
+    square = torch.from_numpy(rgb[:, 18:18 + size]).permute(2, 0, 1).double() / 255
+    torch.testing.assert_close(calibration._model_input(tiny_model, rgb)[0].double(), (square - mean) / std,
+                               rtol=0, atol=1e-5)
+    resized, interpolate = [], calibration.F.interpolate
+
+    def spy(pixels, **kwargs):
+        resized.append(tuple(pixels.shape))
+        return interpolate(pixels, **kwargs)
+
+    monkeypatch.setattr(calibration.F, "interpolate", spy)
+    stripe = np.random.default_rng(1).integers(0, 256, (3, 200_000, 3), dtype=np.uint8)
+    assert calibration._model_input(tiny_model, stripe).shape == (1, 3, size, size)
+    assert resized == [(1, 3, 3, 3)]  # resized whole, it was 64 x 4.3 million floats a channel
+
+
 def test_calibrate_command_writes_a_usable_file(tmp_path, capsys):
     model = planted_model(11)
     ckpt = tmp_path / "planted.pt"
