@@ -158,10 +158,15 @@ class Segmenter:
         measured at the working resolution; None for a mask with no pixel left there."""
         image = self.prepare(rgb)
         size = tuple(image.shape[-2:])
-        weights = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32)).to(image.device)
-        if tuple(weights.shape[-2:]) != size:
-            weights = F.interpolate(weights[None], size=size, mode="bilinear", align_corners=False,
-                                    antialias=True)[0].clamp(0.0, 1.0)
+        if tuple(masks.shape[-2:]) == size:
+            weights = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32)).to(image.device)
+        else:
+            # a mask at a time, as `prepare` resizes the image: 20 classes' masks of a 24-megapixel
+            # photo would be 1.9 GB of floats at once
+            weights = torch.stack([
+                F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None].to(image.device), size=size,
+                              mode="bilinear", align_corners=False, antialias=True)[0, 0]
+                for mask in masks]).clamp(0.0, 1.0)
         cfg = self.config
         sums, total = pool_masks(image, weights, self._crop_features, cfg.window, cfg.stride, cfg.batch_size,
                                  self.model.patch_size)

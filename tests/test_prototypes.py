@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from rfclip_engine import RFCLIPConfig, SegmenterConfig
 from rfclip_engine.predictor import Segmenter
-from rfclip_engine.prototypes import Example, Prototypes, affinity, combine, upsample_matrix
+from rfclip_engine.prototypes import (Example, Prototypes, affinity, combine, examples_from_sums, pool_masks,
+                                      upsample_matrix)
 from rfclip_engine.sliding import sliding_window_many, whole_image
 
 
@@ -69,6 +70,35 @@ def test_an_empty_mask_gives_no_example_and_masks_are_resized_to_the_working_siz
     assert empty is None
     assert found.pixels == 20 * 30  # the box at half size
     assert 0 < found.outside < found.inside <= 1.0 + 1e-6
+
+
+def test_masks_are_resized_one_at_a_time_as_all_at_once(tiny_model, monkeypatch):
+    from rfclip_engine import predictor
+
+    seg = Segmenter(tiny_model, SegmenterConfig(short_side=40, window=32, stride=16, encoder=RFCLIPConfig(sigma=1.5)))
+    image = rgb(90, 130, seed=3)
+    masks = np.random.default_rng(4).random((4, 90, 130)) < np.linspace(0.1, 0.9, 4)[:, None, None]
+    resized, interpolate = [], predictor.F.interpolate
+
+    def spy(tensor, **kwargs):
+        resized.append(tuple(tensor.shape))
+        return interpolate(tensor, **kwargs)
+
+    monkeypatch.setattr(predictor.F, "interpolate", spy)
+    found = seg.examples(image, masks)
+    # the image's 3 channels and the 4 masks, one at a time: never all the masks as floats at once
+    assert resized.count((1, 1, 90, 130)) == 7 and (1, 4, 90, 130) not in resized
+    monkeypatch.setattr(predictor.F, "interpolate", interpolate)
+    # the reference: all the masks resized at once, then the same pooling
+    weights = interpolate(torch.from_numpy(masks.astype(np.float32))[None], size=(40, 58), mode="bilinear",
+                          align_corners=False, antialias=True)[0].clamp(0.0, 1.0)
+    sums, total = pool_masks(seg.prepare(image), weights, seg._crop_features, 32, 16, seg.config.batch_size,
+                             tiny_model.patch_size)
+    pixels = weights.sum(dim=(1, 2))
+    for got, want, count in zip(found, examples_from_sums(sums, total, pixels, 40 * 58), pixels.tolist()):
+        assert count >= 1.0
+        torch.testing.assert_close(got.vector, want.vector, rtol=0, atol=1e-6)
+        assert got.pixels == want.pixels and abs(got.inside - want.inside) < 1e-6
 
 
 def example(vector, inside=0.9, outside=0.3):
