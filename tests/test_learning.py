@@ -7,10 +7,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from backend.label_config import parse_label_config
-from backend.learning.annotations import brush_mask, label_masks, polygon_mask
+from backend.learning.annotations import brush_mask, label_masks
 from backend.learning.bank import MemoryBank, RedisBank, fingerprint
 from backend.learning.learner import Forget, Learn, webhook_events
 from backend.regions import mask_to_rle
@@ -43,10 +43,25 @@ def test_brush_rle_comes_back_as_the_mask_drawn():
 
 
 def test_polygon_is_filled_at_the_image_size():
-    mask = polygon_mask([[10, 20], [60, 20], [60, 80], [10, 80]], 100, 50)  # percent of 100 x 50
+    targets = parse_label_config(TWO_CONTROLS)
+    [mask] = label_masks([polygon([[10, 20], [60, 20], [60, 80], [10, 80]], "sky", 100, 50)],  # percent of 100 x 50
+                         targets, 10_000)["image"].values()
     expected = np.zeros((50, 100), bool)
     expected[10:41, 10:61] = True
     assert (mask != expected).sum() <= 2 * (31 + 51)  # the outline's rounding at most
+
+
+def test_many_polygons_of_a_label_are_the_union_of_each_filled_alone():
+    targets = parse_label_config(TWO_CONTROLS)
+    rng = np.random.default_rng(1)
+    shapes = [[[float(x), float(y)] for x, y in rng.uniform(0, 100, (int(rng.integers(3, 9)), 2))] for _ in range(300)]
+    masks = label_masks([polygon(points, "sky", 90, 70) for points in shapes], targets, 10_000)["image"]
+    reference = np.zeros((70, 90), bool)
+    for points in shapes:  # each on a canvas of its own, as the regions once were
+        canvas = Image.new("1", (90, 70), 0)
+        ImageDraw.Draw(canvas).polygon([(x * 90 / 100, y * 70 / 100) for x, y in points], fill=1)
+        reference |= np.asarray(canvas, dtype=bool)
+    assert np.array_equal(masks[("poly", "sky")], reference) and 0 < reference.mean() < 1
 
 
 def test_masks_per_control_and_label_with_unions_and_unknowns_left_out(caplog):
