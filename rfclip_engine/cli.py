@@ -220,7 +220,9 @@ def read_vocabulary(args: argparse.Namespace) -> Vocabulary:
     """The classes of --labels or --labels-file, each given once."""
     if args.labels_file:
         try:
-            lines = Path(args.labels_file).read_text().splitlines()
+            # UTF-8 whatever the locale, and without the byte-order mark Windows' Notepad writes: it
+            # would have been part of the first class's name, and of its prompts
+            lines = Path(args.labels_file).read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as err:
             raise UsageError(f"--labels-file {args.labels_file} cannot be read: {err}") from None
         specs = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]

@@ -121,6 +121,20 @@ def test_usage_errors(tmp_path, checkpoint, capsys):
     assert code == 2 and "rfclip calibrate" in capsys.readouterr().err
 
 
+def test_a_labels_file_from_windows_reads_as_its_names(tmp_path):
+    from rfclip_engine.cli import build_parser, read_vocabulary
+
+    def vocabulary(content: bytes):
+        path = tmp_path / "classes.txt"
+        path.write_bytes(content)
+        return read_vocabulary(build_parser().parse_args(["segment", "x", "--labels-file", str(path), "--out", "o"]))
+
+    expected = vocabulary("café, coffee\ndog\n".encode())
+    assert expected.names == ("café", "dog") and expected.classes[0] == ("café", "coffee")
+    # Notepad's UTF-8: a byte-order mark and CRLF line ends
+    assert vocabulary(b"\xef\xbb\xbf" + "café, coffee\r\n\r\ndog\r\n".encode()) == expected
+
+
 @pytest.mark.parametrize("labels, why", [("cat,dog,cat", "class 'cat' is given twice"),
                                          ("cat|kitty,dog,cat|puss", "class 'cat' is given twice"),
                                          ("cat, | ,dog", "class 2 has no name"), (" , ", "the vocabulary is empty")])
