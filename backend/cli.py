@@ -13,6 +13,7 @@ import sys
 from typing import Optional, Sequence
 
 from rfclip_engine.cli import positive_int
+from rfclip_engine.process import INTERRUPTED
 
 from . import redaction
 from .settings import Settings, SettingsError
@@ -182,6 +183,10 @@ def preannotate_command(settings: Settings, args: argparse.Namespace) -> int:
         return _fail("preannotate", f"project {args.project}: {err}")
     except Exception as err:  # Label Studio down after the SDK's retries, a refused token, ...
         return _stopped("preannotate", err)
+    except KeyboardInterrupt:  # a second Ctrl-C (a first stops after the chunk in flight), or one while enqueueing
+        left = "the chunks queued go on in the workers, and a rerun queues the rest" if queued \
+            else "what was pushed stays, and a rerun resumes"
+        return _fail("preannotate", f"stopped at once: {left}", INTERRUPTED)
     _print_summary(args.project, report.predicted, report.skipped, report.left, version, report.failed)
     return 0 if not report.failed and not report.stopped else 1
 
@@ -279,6 +284,8 @@ def learn_command(settings: Settings, args: argparse.Namespace) -> int:
         return _fail("learn", f"project {args.project}: {err}")
     except Exception as err:  # Label Studio or Redis down after the retries, a refused token, ...
         return _fail("learn", f"stopped: {_error(err)}; a rerun learns everything again", 1)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first stops after the annotation in flight)
+        return _fail("learn", "stopped at once; a rerun learns everything again", INTERRUPTED)
     labels = ", ".join(f"{label} {n}" for (_, label), n in sorted(counts.items())) or "none"
     print(f"project {args.project}: {report.annotations} annotations, {report.learned} learned, {report.empty} with "
           f"no predicted label, {len(report.failed)} failed, {report.forgotten} forgotten (no longer in the "

@@ -42,13 +42,12 @@ from .model import RFCLIPModel
 from .predictor import Segmenter
 from .prototypes import Example, Prototypes
 from .presets import save_preset_file
-from .process import flush_subnormal_floats
+from .process import INTERRUPTED, flush_subnormal_floats
 from .text import FolderCache, Vocabulary
 from .visualize import palette
 
 log = logging.getLogger("rfclip")
 IMAGE_SUFFIXES = {s.lower() for s, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-INTERRUPTED = 130  # the shells' status for a command ended by Ctrl-C (128 + SIGINT)
 
 
 class UsageError(Exception):

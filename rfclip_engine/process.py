@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+INTERRUPTED = 130  # a command's exit status after Ctrl-C, as shells give it (128 + SIGINT)
+
 
 def flush_subnormal_floats() -> bool:
     """Treat subnormal floats (under 1.2e-38 in float32) as zero: in this thread, and in every

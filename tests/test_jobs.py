@@ -358,6 +358,31 @@ def test_preannotate_with_label_studio_down_stops_with_a_clear_message(monkeypat
     assert "stopped:" in err and "a rerun resumes" in err and "secret-token-123456" not in err
 
 
+@pytest.mark.parametrize("queued", [False, True])
+def test_a_second_ctrl_c_stops_preannotate_at_once_with_a_line(monkeypatch, capsys, tiny_model, tmp_path, queued):
+    from backend import cli, runtime
+    from backend.jobs import preannotate as jobs
+
+    from .backend_support import TEST_CONFIG
+    from rfclip_engine import Segmenter
+
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "k")
+    monkeypatch.setenv("RFCLIP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:9/0")
+    real = runtime.build_runtime
+    monkeypatch.setattr(runtime, "build_runtime", lambda settings: real(
+        settings, lambda s, cache: Segmenter(tiny_model, TEST_CONFIG, text_cache=cache)))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs, "enqueue" if queued else "preannotate", interrupted)
+    assert cli.main(["preannotate", "--project", "1", "--no-progress", "--queue" if queued else "--local"]) == 130
+    err = capsys.readouterr().err
+    assert "stopped at once: " + ("the chunks queued go on" if queued else "what was pushed stays") in err
+
+
 # --- the queue: real Redis, workers in this process (the kill test with real processes is in the e2e test)
 
 @pytest.fixture
