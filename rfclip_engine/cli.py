@@ -43,7 +43,7 @@ from .predictor import Segmenter
 from .prototypes import Example, Prototypes
 from .presets import save_preset_file
 from .process import INTERRUPTED, flush_subnormal_floats
-from .text import FolderCache, Vocabulary
+from .text import FolderCache, TextEmbedder, Vocabulary
 from .visualize import palette
 
 log = logging.getLogger("rfclip")
@@ -85,6 +85,19 @@ def _add_text_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _text_cache(args: argparse.Namespace) -> Optional[FolderCache]:
     return FolderCache(Path(args.text_cache)) if args.text_cache else None
+
+
+def _embed_text(text: TextEmbedder, vocabulary: Vocabulary, quiet: bool) -> None:
+    """Embeds the class names not cached yet, a text batch at a time, under a progress bar: 150 of
+    them take a minute of CPU, which the images' bar showed as a run doing nothing, and all their
+    prompts' features at once took memory in proportion to the vocabulary."""
+    missing = text.missing(vocabulary.queries)
+    step = text.queries_per_batch
+    with tqdm(total=len(missing), desc="text embeddings", unit="name", disable=quiet or len(missing) <= step) as bar:
+        for start in range(0, len(missing), step):
+            batch = missing[start:start + step]
+            text.embed_queries(batch)
+            bar.update(len(batch))
 
 
 def positive_int(raw: str) -> int:
@@ -303,6 +316,7 @@ def segment_command(args: argparse.Namespace) -> int:
     model = _load(args)
     config = segmenter_config(args, model.device)
     segmenter = Segmenter(model, config, max_pixels=args.max_pixels, text_cache=_text_cache(args))
+    _embed_text(segmenter.text, vocabulary, args.quiet)
     prototypes = _learn_examples(segmenter, pairs_folder, vocabulary, args.max_pixels) if pairs_folder else None
     colors = palette(len(vocabulary))
     classes = [{"index": i, "name": n, "queries": list(q), "color": colors[i].tolist()}
@@ -394,6 +408,7 @@ def eval_command(args: argparse.Namespace) -> int:
     config = segmenter_config(args, model.device)
     segmenter = Segmenter(model, config, text_cache=_text_cache(args))
     vocabulary = dataset.vocabulary
+    _embed_text(segmenter.text, vocabulary, args.quiet)
 
     def predict(rgbs: List[np.ndarray]) -> List[np.ndarray]:
         return [found.label_map.numpy() for found in segmenter.predict_many(rgbs, vocabulary)]

@@ -386,6 +386,28 @@ def test_the_text_embeddings_of_one_run_serve_the_next(tmp_path, checkpoint, cap
     assert len(list(other.glob("*.npy"))) == 2 and len(list(text_cache_folder.glob("*.npy"))) == 4
 
 
+def test_the_text_embeddings_show_their_progress_and_are_computed_a_batch_at_a_time(tmp_path, checkpoint, capsys,
+                                                                                      monkeypatch):
+    computed, compute = [], TextEmbedder._compute
+
+    def counted(self, queries):
+        if queries:
+            computed.append(len(queries))
+        return compute(self, queries)
+
+    monkeypatch.setattr(TextEmbedder, "_compute", counted)
+    folder = image_folder(tmp_path / "in", 1)
+    labels = ",".join(f"class {i}" for i in range(12))
+    loud = [arg for arg in FAST if arg != "--quiet"]
+    run = ["segment", str(folder), "--labels", labels, "--checkpoint", checkpoint, "--distraction-dims", "1,2,3", *loud]
+    assert main([*run, "--out", str(tmp_path / "first")]) == 0
+    err = capsys.readouterr().err
+    assert "text embeddings: 100%" in err and "12/12" in err
+    assert computed == [5, 5, 2]  # 80 prompts each, 400 prompts a batch
+    assert main([*run, "--out", str(tmp_path / "second")]) == 0
+    assert "text embeddings" not in capsys.readouterr().err and computed == [5, 5, 2]  # kept from the first run
+
+
 def test_without_a_home_folder_nothing_is_kept(tmp_path, checkpoint, monkeypatch, text_cache_folder):
     def no_home():
         raise RuntimeError("Could not determine home directory.")
