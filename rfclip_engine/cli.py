@@ -274,10 +274,11 @@ def _example_pairs(folder: Path) -> List[Tuple[Path, Path]]:
     return pairs
 
 
-def _learn_examples(segmenter: Segmenter, folder: Path, vocabulary: Vocabulary, max_pixels: int) -> Optional[Prototypes]:
+def _learn_examples(segmenter: Segmenter, folder: Path, vocabulary: Vocabulary, max_pixels: int,
+                    quiet: bool) -> Optional[Prototypes]:
     """Each class's examples from the folder's image + label-map pairs."""
     per_class: List[List[Example]] = [[] for _ in vocabulary.names]
-    for image_path, map_path in tqdm(_example_pairs(folder), unit="example", desc="examples"):
+    for image_path, map_path in tqdm(_example_pairs(folder), unit="example", desc="examples", disable=quiet):
         try:
             rgb = load_rgb(image_path, max_pixels)
             labels = np.asarray(Image.open(map_path))
@@ -317,7 +318,8 @@ def segment_command(args: argparse.Namespace) -> int:
     config = segmenter_config(args, model.device)
     segmenter = Segmenter(model, config, max_pixels=args.max_pixels, text_cache=_text_cache(args))
     _embed_text(segmenter.text, vocabulary, args.quiet)
-    prototypes = _learn_examples(segmenter, pairs_folder, vocabulary, args.max_pixels) if pairs_folder else None
+    prototypes = _learn_examples(segmenter, pairs_folder, vocabulary, args.max_pixels, args.quiet) \
+        if pairs_folder else None
     colors = palette(len(vocabulary))
     classes = [{"index": i, "name": n, "queries": list(q), "color": colors[i].tolist()}
                for i, (n, q) in enumerate(zip(vocabulary.names, vocabulary.classes))]

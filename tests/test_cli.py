@@ -253,7 +253,9 @@ def test_segment_with_examples_follows_their_labels(tmp_path, checkpoint, capsys
         code = main(["segment", str(tmp_path / "scene.png"), "--labels", "red,blue", "--raw", "--examples",
                      str(examples), "--checkpoint", checkpoint, "--distraction-dims", "1,2,3", "--out", str(out),
                      *FAST])
-        assert code == 0 and "examples per class: red 1, blue 1" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert code == 0 and "examples per class: red 1, blue 1" in err
+        assert "examples:" not in err  # --quiet: no progress bar for them either
         agreement[name] = (np.array(Image.open(out / "scene_labelmap.png")) == truth).mean()
     assert agreement["right"] > 0.9 and agreement["swapped"] < 0.1
 
