@@ -2,10 +2,11 @@
 post-processing around `RFCLIPModel.encode_dense` (like segment-anything's SamPredictor).
 
 Pipeline: read as RGB (EXIF applied) -> resize to the configured short side (the working
-resolution; a stripe's long side to at most MAX_ASPECT times it), channel by channel -> CLIP-normalize -> sliding window (or whole image) -> cosine to
-every query, upsampled to the crop, max over each class's queries -> optional PAMR, at the working
-resolution -> at the input size, in row tiles: softmax(logit_scale * logits) -> argmax, with
-pixels below `prob_threshold` left unlabeled.
+resolution; a stripe's long side to at most MAX_ASPECT times it), channel by channel ->
+CLIP-normalize -> sliding window (or whole image) -> cosine to every query, upsampled to the crop,
+max over each class's queries -> optional PAMR, at the working resolution -> at the input size, in
+row tiles: softmax(logit_scale * logits) -> argmax, with pixels below `prob_threshold` left
+unlabeled.
 """
 from __future__ import annotations
 
