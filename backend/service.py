@@ -230,12 +230,11 @@ class PredictionService:
     def _embed_next_text_batch(self, text: TextEmbedder, queries: Sequence[str]) -> int:
         """Embeds and caches one text batch of the `queries` not cached yet, looked up now (another
         thread may have done some); returns how many. The caller holds the model."""
-        batch = text.missing(queries)[:text.queries_per_batch]
-        if batch:
-            started = time.monotonic()
-            text.embed_queries(batch)
+        started = time.monotonic()
+        embedded = text.embed_next_batch(queries)
+        if embedded:
             self._seconds_per_text_batch = time.monotonic() - started
-        return len(batch)
+        return embedded
 
     def _embed_text_until(self, job: Job) -> List[str]:
         """Embeds the job's uncached queries a text batch at a time while the next batch fits

@@ -91,13 +91,11 @@ def _embed_text(text: TextEmbedder, vocabulary: Vocabulary, quiet: bool) -> None
     """Embeds the class names not cached yet, a text batch at a time, under a progress bar: 150 of
     them take a minute of CPU, which the images' bar showed as a run doing nothing, and all their
     prompts' features at once took memory in proportion to the vocabulary."""
-    missing = text.missing(vocabulary.queries)
-    step = text.queries_per_batch
-    with tqdm(total=len(missing), desc="text embeddings", unit="name", disable=quiet or len(missing) <= step) as bar:
-        for start in range(0, len(missing), step):
-            batch = missing[start:start + step]
-            text.embed_queries(batch)
-            bar.update(len(batch))
+    missing = len(text.missing(vocabulary.queries))
+    with tqdm(total=missing, desc="text embeddings", unit="name",
+              disable=quiet or missing <= text.queries_per_batch) as bar:
+        while embedded := text.embed_next_batch(vocabulary.queries):
+            bar.update(embedded)
 
 
 def positive_int(raw: str) -> int:

@@ -159,15 +159,9 @@ class Segmenter:
         measured at the working resolution; None for a mask with no pixel left there."""
         image = self.prepare(rgb)
         size = tuple(image.shape[-2:])
-        if tuple(masks.shape[-2:]) == size:
-            weights = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32)).to(image.device)
-        else:
-            # a mask at a time, as `prepare` resizes the image: 20 classes' masks of a 24-megapixel
-            # photo would be 1.9 GB of floats at once
-            weights = torch.stack([
-                F.interpolate(torch.from_numpy(mask.astype(np.float32))[None, None].to(image.device), size=size,
-                              mode="bilinear", align_corners=False, antialias=True)[0, 0]
-                for mask in masks]).clamp(0.0, 1.0)
+        # a mask at a time, as `prepare` resizes the image: 20 classes' masks of a 24-megapixel
+        # photo would be 1.9 GB of floats at once
+        weights = torch.stack([_resized(mask, size, image.device) for mask in masks]).clamp(0.0, 1.0)
         cfg = self.config
         sums, total = pool_masks(image, weights, self._crop_features, cfg.window, cfg.stride, cfg.batch_size,
                                  self.model.patch_size)
@@ -192,14 +186,7 @@ class Segmenter:
         model's device. Resized first, one channel at a time (resizing and the per-channel
         normalization commute), so a 12-megapixel photo is never three float channels at once."""
         size = self.working_size(rgb.shape[:2])
-        channels = []
-        for c in range(3):
-            channel = torch.from_numpy(rgb[..., c]).to(self.model.device).float()
-            if tuple(channel.shape) != size:
-                channel = F.interpolate(channel[None, None], size=size, mode="bilinear", align_corners=False,
-                                        antialias=True)[0, 0]
-            channels.append(channel)
-        pixels = torch.stack(channels) / 255.0
+        pixels = torch.stack([_resized(rgb[..., c], size, self.model.device) for c in range(3)]) / 255.0
         mean = torch.tensor(self.model.image_mean, device=pixels.device).view(3, 1, 1)
         std = torch.tensor(self.model.image_std, device=pixels.device).view(3, 1, 1)
         return (pixels - mean) / std
@@ -263,6 +250,15 @@ class Segmenter:
         return Prediction(tuple(names), found.label_map.cpu(), (found.top_sums / per_pixel).float().cpu(),
                           (found.margin_sums / per_pixel).float().cpu(), found.counts.long().cpu(), logits.cpu(),
                           self.config.logit_scale)
+
+
+def _resized(plane: np.ndarray, size: Tuple[int, int], device: torch.device) -> torch.Tensor:
+    """One (H, W) channel or mask as float32 on `device`, resized to `size` (antialiased bilinear);
+    one at a time, so that only one is ever floats at full size."""
+    values = torch.from_numpy(plane).to(device).float()
+    if tuple(values.shape) == tuple(size):
+        return values
+    return F.interpolate(values[None, None], size=size, mode="bilinear", align_corners=False, antialias=True)[0, 0]
 
 
 def as_vocabulary(class_names: Union[Vocabulary, Iterable[ClassSpec]]) -> Vocabulary:

@@ -198,6 +198,16 @@ class TextEmbedder:
         """The distinct queries with no cached embedding yet, in order."""
         return [q for q, value in self._cached(queries).items() if value is None]
 
+    def embed_next_batch(self, queries: Iterable[str]) -> int:
+        """Embeds and caches one text batch of the `queries` not cached yet, looked up now (another
+        thread may have done some); returns how many (0: all were cached). Callers that embed a
+        big vocabulary ahead go a batch at a time: to show progress, or to let others use the model
+        in between."""
+        batch = self.missing(queries)[:self.queries_per_batch]
+        if batch:
+            self.embed_queries(batch)
+        return len(batch)
+
     def embed_queries(self, queries: Sequence[str]) -> torch.Tensor:
         """(len(queries), D) float32 unit vectors on the model's device."""
         found = self._cached(queries)
