@@ -422,7 +422,7 @@ def eval_command(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
-    return 0
+    return 1 if summary["skipped"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

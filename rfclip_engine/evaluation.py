@@ -8,6 +8,7 @@ the whole dataset, mIoU the mean over classes with a non-zero union, aAcc the pi
 from __future__ import annotations
 
 import json
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,7 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .imageio import load_rgb
+from .imageio import ImageError, load_rgb
 from .text import Vocabulary
 
 IGNORE_INDEX = 255
@@ -93,9 +94,34 @@ class SegmentationDataset:
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __iter__(self) -> Iterator[Tuple[Path, np.ndarray, np.ndarray]]:
+    def read(self, image_path: Path, label_path: Path) -> Tuple[np.ndarray, np.ndarray]:
+        """The image as RGB, upright, and its label map. Raises ImageError, OSError or
+        ValueError naming what cannot be read or does not fit."""
+        rgb, label = load_rgb(image_path), self.label(label_path)
+        if rgb.shape[:2] != label.shape:
+            # images are read upright, as viewers show them; a label map drawn on the stored pixels
+            # of an image with an EXIF orientation is turned against it
+            turned = " (turned by 90 degrees: the image's EXIF orientation?)" if rgb.shape[1::-1] == label.shape else ""
+            raise ValueError(f"the image is {rgb.shape[1]}x{rgb.shape[0]} but its label map {label_path.name} is "
+                             f"{label.shape[1]}x{label.shape[0]}{turned}")
+        return rgb, label
+
+    def __iter__(self) -> Iterator["Sample"]:
         for image_path, label_path in self.pairs:
-            yield image_path, load_rgb(image_path), self.label(label_path)
+            try:
+                yield Sample(image_path, *self.read(image_path, label_path))
+            except (ImageError, OSError, ValueError) as err:
+                yield Sample(image_path, error=str(err))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a dataset and its label map, or why they cannot be scored (`error`)."""
+
+    image_path: Path
+    rgb: Optional[np.ndarray] = None
+    label: Optional[np.ndarray] = None
+    error: Optional[str] = None
 
 
 @dataclass
@@ -156,26 +182,33 @@ Predictor = Callable[[List[np.ndarray]], List[np.ndarray]]
 def evaluate(predict: Predictor, dataset: SegmentationDataset, limit: Optional[int] = None,
              progress: bool = True, images_per_group: int = 1) -> dict:
     """Run `predict` over the dataset, `images_per_group` images a call, and return the metric
-    summary (and the image count). A thread reads the next group while `predict` runs: on a GPU,
-    decoding an image and its label map takes about as long as segmenting it."""
+    summary, the count of images scored and those skipped (an image or label map that cannot
+    be read, or of different sizes: each is said as it comes, and the others are still scored).
+    A thread reads the next group while `predict` runs: on a GPU, decoding an image and its
+    label map takes about as long as segmenting it."""
     names = dataset.vocabulary.names
     accumulator = IoUAccumulator(len(names))
     total = min(len(dataset), limit) if limit else len(dataset)
-    images = islice(dataset, total)
-    groups = iter(lambda: list(islice(images, images_per_group)), [])
-    count = 0
+    samples = islice(dataset, total)
+    groups = iter(lambda: list(islice(samples, images_per_group)), [])
+    count, skipped = 0, []
     with tqdm(total=total, unit="image", disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="rfclip-read") as reader:
         ahead = reader.submit(next, groups, None)
         while (group := ahead.result()) is not None:
             ahead = reader.submit(next, groups, None)  # one thread calls the iterator, one call at a time
-            for pred, (_, _, label) in zip(predict([rgb for _, rgb, _ in group]), group):
+            for sample in group:
+                if sample.error is not None:
+                    skipped.append({"image": str(sample.image_path), "error": sample.error})
+                    tqdm.write(f"skipped: {sample.image_path}: {sample.error}", file=sys.stderr)
+            readable = [sample for sample in group if sample.error is None]
+            for pred, sample in zip(predict([sample.rgb for sample in readable]) if readable else [], readable):
                 if dataset.background_class is not None:
                     pred = np.where(pred < 0, dataset.background_class, pred)
-                accumulator.add(pred, label)
-            count += len(group)
+                accumulator.add(pred, sample.label)
+            count += len(readable)
             bar.update(len(group))
-    return {"dataset": dataset.name, "images": count, **accumulator.summary(names)}
+    return {"dataset": dataset.name, "images": count, "skipped": skipped, **accumulator.summary(names)}
 
 
 def format_table(summary: dict) -> str:
@@ -184,6 +217,7 @@ def format_table(summary: dict) -> str:
         iou = "-" if values["IoU"] is None else f"{values['IoU']:.2f}"
         acc = "-" if values["Acc"] is None else f"{values['Acc']:.2f}"
         rows.append(f"{name[:28]:<28} {iou:>8} {acc:>8}")
-    rows.append(f"{summary['dataset']}: {summary['images']} images, mIoU {summary['mIoU']:.2f}, "
+    skipped = f" ({len(summary['skipped'])} skipped, said above)" if summary["skipped"] else ""
+    rows.append(f"{summary['dataset']}: {summary['images']} images{skipped}, mIoU {summary['mIoU']:.2f}, "
                 f"aAcc {summary['aAcc']:.2f}, mAcc {summary['mAcc']:.2f}")
     return "\n".join(rows)

@@ -2,6 +2,7 @@
 a synthetic copy, and `rfclip eval` end to end."""
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from PIL import Image
 
 from rfclip_engine import evaluation, load_model
 from rfclip_engine.cli import main
-from rfclip_engine.evaluation import IGNORE_INDEX, IoUAccumulator, SegmentationDataset, dataset_specs, evaluate
+from rfclip_engine.evaluation import (IGNORE_INDEX, IoUAccumulator, SegmentationDataset, dataset_specs, evaluate,
+                                      format_table)
 
 from .conftest import TINY_CONFIG
 
@@ -159,24 +161,75 @@ def test_groups_score_as_single_images_and_the_next_is_read_meanwhile(tmp_path, 
     assert grouped == single and grouped["images"] == total
 
 
+@pytest.mark.parametrize("per_group", [1, 2, 4])
+def test_an_unreadable_or_unfitting_pair_is_skipped_and_said_and_the_rest_scored(tmp_path, per_group, capsys):
+    rng = np.random.default_rng(4)
+    raws = [rng.integers(0, 21, (6, 9)).astype(np.uint8) for _ in range(6)]
+    dataset = build_dataset(tmp_path / "voc", "voc21", raws)
+    spec = dataset_specs()["voc21"]
+    images, labels = tmp_path / "voc" / spec["images"], tmp_path / "voc" / spec["labels"]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by 90 degrees, so 6x9 upright against the 9x6 label map
+    Image.fromarray(np.zeros((6, 9, 3), np.uint8)).save(images / "img1.jpg", format="JPEG", exif=exif)
+    (images / "img2.jpg").write_bytes(b"\xff\xd8 not a whole JPEG")
+    (labels / "img3.png").write_bytes(b"not a PNG")
+    write_png(labels / "img4.png", raws[4][:5])
+    given = []
+
+    def oracle(rgbs):
+        given.extend(rgb.shape for rgb in rgbs)
+        return [rgb[..., 0].astype(np.int64) for rgb in rgbs]
+
+    result = evaluate(oracle, dataset, progress=False, images_per_group=per_group)
+    assert result["images"] == 2 and given == [(6, 9, 3)] * 2  # a skipped image never reaches the model
+    skipped = {Path(item["image"]).name: item["error"] for item in result["skipped"]}
+    assert list(skipped) == ["img1.jpg", "img2.jpg", "img3.jpg", "img4.jpg"]
+    assert "is 6x9 but its label map img1.png is 9x6 (turned by 90 degrees" in skipped["img1.jpg"]
+    assert "cannot read" in skipped["img2.jpg"] and "img3.png" in skipped["img3.jpg"]
+    assert skipped["img4.jpg"].endswith("is 9x6 but its label map img4.png is 9x5")
+    err = capsys.readouterr().err
+    assert all(f"skipped: {images / name}: {reason}" in err for name, reason in skipped.items())
+    # the metric is that of the two readable pairs alone
+    alone = evaluate(oracle, build_dataset(tmp_path / "alone", "voc21", [raws[0], raws[5]]), progress=False)
+    assert {k: v for k, v in result.items() if k != "skipped"} == {k: v for k, v in alone.items() if k != "skipped"}
+    assert "2 images (4 skipped, said above)" in format_table(result)
+
+
 def test_missing_layout_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="JPEGImages/ and SegmentationClass/"):
         SegmentationDataset.open("voc21", tmp_path)
 
 
-def test_eval_command_on_a_synthetic_dataset(tmp_path, capsys):
-    rng = np.random.default_rng(2)
-    build_dataset(tmp_path / "voc", "voc21", [rng.integers(0, 21, (40, 60)).astype(np.uint8) for _ in range(3)])
+def run_eval(tmp_path, *extra):
     torch.manual_seed(0)
     ckpt = tmp_path / "tiny.pt"
     torch.save(load_model(TINY_CONFIG, pretrained=None).clip.state_dict(), ckpt)
     out = tmp_path / "results.json"
     code = main(["eval", "--dataset", "voc21", "--root", str(tmp_path / "voc"), "--model", TINY_CONFIG,
                  "--checkpoint", str(ckpt), "--distraction-dims", "1,2,3", "--window", "64", "--stride", "32",
-                 "--short-side", "64", "--limit", "2", "--out", str(out), "--quiet"])
+                 "--short-side", "64", "--out", str(out), "--quiet", *extra])
+    return code, json.loads(out.read_text())
+
+
+def test_eval_command_on_a_synthetic_dataset(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    build_dataset(tmp_path / "voc", "voc21", [rng.integers(0, 21, (40, 60)).astype(np.uint8) for _ in range(3)])
+    code, result = run_eval(tmp_path, "--limit", "2")
     assert code == 0
-    result = json.loads(out.read_text())
-    assert result["images"] == 2 and len(result["per_class"]) == 21
+    assert result["images"] == 2 and len(result["per_class"]) == 21 and result["skipped"] == []
     assert result["settings"]["config"]["prob_threshold"] == 0.1  # the dataset's default
     assert 0 <= result["mIoU"] <= 100
     assert "mIoU" in capsys.readouterr().out
+
+
+def test_eval_command_scores_the_rest_of_a_dataset_with_a_broken_image_and_exits_1(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    build_dataset(tmp_path / "voc", "voc21", [rng.integers(0, 21, (40, 60)).astype(np.uint8) for _ in range(3)])
+    broken = tmp_path / "voc" / dataset_specs()["voc21"]["images"] / "img1.jpg"
+    broken.write_bytes(broken.read_bytes()[:40])
+    code, result = run_eval(tmp_path)
+    assert code == 1
+    assert result["images"] == 2 and [item["image"] for item in result["skipped"]] == [str(broken)]
+    captured = capsys.readouterr()
+    assert f"skipped: {broken}: cannot read" in captured.err
+    assert "voc21: 2 images (1 skipped, said above), mIoU" in captured.out
