@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from backend.label_config import parse_label_config
+from backend.learning import annotations
 from backend.learning.annotations import brush_mask, label_masks
 from backend.learning.bank import MemoryBank, RedisBank, fingerprint
 from backend.learning.learner import Forget, Learn, webhook_events
@@ -87,6 +88,29 @@ def test_sizes_the_annotation_states_are_checked_before_decoding():
     lying = brush(np.ones((4, 4), bool), "cat", "tag")
     lying["value"]["rle"] = list((2 ** 31).to_bytes(4, "big")) + lying["value"]["rle"][4:]
     assert label_masks([lying], targets, 1_000_000) == {}
+
+
+def test_regions_past_the_limit_per_type_are_left_out_undecoded(monkeypatch, caplog):
+    """What an annotation costs the learner is bounded by the region limits: brush regions are each
+    decoded at the image's full size, and a webhook's body holds hundreds of thousands of them."""
+    caplog.set_level(logging.WARNING, logger="rfclip.backend.learning")
+    monkeypatch.setitem(annotations.MAX_REGIONS, "polygonlabels", 3)
+    decoded = []
+    monkeypatch.setattr(annotations, "brush_mask", lambda *args: decoded.append(args) or brush_mask(*args))
+    limit = annotations.MAX_REGIONS["brushlabels"]
+    pixels = np.eye(limit + 40, dtype=bool)[:, None, :].repeat(2, axis=1)  # region i: pixel column i
+    horse = brush(pixels[0], "horse")  # not predicted: never counts
+    result = [horse] + [brush(pixel, "dog" if i % 2 else "cat") for i, pixel in enumerate(pixels)] + \
+        [polygon([[x, 0], [x + 10, 0], [x + 10, 100]], "sky", 50, 50) for x in range(0, 50, 10)]
+    masks = label_masks(result, parse_label_config(TWO_CONTROLS), 10_000)["image"]
+    assert len(decoded) == limit
+    both = masks[("brush", "cat")] | masks[("brush", "dog")]
+    assert np.array_equal(both, pixels[:limit].any(axis=0))
+    columns = np.arange(limit + 40)
+    assert np.array_equal(masks[("brush", "cat")][0], (columns % 2 == 0) & (columns < limit))
+    assert not masks[("poly", "sky")][:, 16:].any() and masks[("poly", "sky")][:, :15].any()  # 3 of 5 triangles
+    assert f"40 brushlabels regions after the first {limit} are left out" in caplog.text
+    assert "2 polygonlabels regions after the first 3 are left out" in caplog.text
 
 
 def test_webhook_events_of_every_learning_action():
