@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--examples", help="a folder of corrected examples: NAME.png (or .jpg, ...) with "
                                         "NAME_labelmap.png (class indices in --labels order, 255 unlabeled, as --raw "
                                         "writes); each class's mean feature inside its pixels joins its text")
-    seg.add_argument("--max-pixels", type=int, default=100_000_000, help="refuse larger images (default 1e8)")
+    seg.add_argument("--max-pixels", type=positive_int, default=100_000_000, help="refuse larger images (default 1e8)")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_text_cache_arguments(seg)
     _add_model_arguments(seg)
@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "standard layout; --root is the dataset folder (e.g. data/VOCdevkit/VOC2012).")
     ev.add_argument("--dataset", required=True, choices=sorted(dataset_specs()))
     ev.add_argument("--root", required=True, help="the dataset folder")
-    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    ev.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N images only")
     ev.add_argument("--out", help="write the results as JSON here")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_text_cache_arguments(ev)
@@ -470,11 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--images", required=True, help="a folder of images (a few hundred of any kind)")
     cal.add_argument("--out", required=True, help="JSON file to write")
     cal.add_argument("--recursive", action="store_true", help="also read the images of its subfolders")
-    cal.add_argument("--limit", type=int, default=None, help="use at most this many images")
+    cal.add_argument("--limit", type=positive_int, default=None, help="use at most this many images")
     cal.add_argument("--factor", type=float, default=5.0, help="a channel is a distraction dimension above this "
                                                                "multiple of the median channel (default 5)")
     cal.add_argument("--attention-test", action="store_true", help="also require the attention test (as for ViT-L/14)")
-    cal.add_argument("--max-pixels", type=int, default=100_000_000)
+    cal.add_argument("--max-pixels", type=positive_int, default=100_000_000)
     _add_model_arguments(cal)
     cal.set_defaults(run=calibrate_command)
     return parser

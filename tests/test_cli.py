@@ -114,6 +114,14 @@ def test_usage_errors(tmp_path, checkpoint, capsys):
             main(["segment", str(tmp_path / "x.png"), "--labels-file", str(labels_file), "--out", str(tmp_path / "o"),
                   *FAST])
         assert info.value.code == 2 and f"--labels-file {labels_file} cannot be read" in capsys.readouterr().err
+    segment = ["segment", str(tmp_path / "x.png"), "--labels", "a", "--out", str(tmp_path / "o"), *FAST]
+    calibrate, evaluate = ["calibrate", "--images", str(tmp_path)], ["eval", "--dataset", "voc21", "--root", str(tmp_path)]
+    # counts of 0 or less: nothing read at all, or a negative slice's traceback
+    for command, flag in ((segment, "--max-pixels"), (calibrate, "--max-pixels"), (calibrate, "--limit"),
+                          (evaluate, "--limit")):
+        with pytest.raises(SystemExit) as info:
+            main([*command, flag, "0"])
+        assert info.value.code == 2 and f"{flag}: must be a positive integer, got 0" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
     # a backbone without preset and without calibration: a clear error naming the fix
     code = main(["segment", str(tmp_path / "x.png"), "--labels", "a,b", "--out", str(tmp_path / "o"),
