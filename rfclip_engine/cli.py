@@ -192,7 +192,8 @@ def _list_images(target: Path, recursive: bool = False, leave_out: Sequence[Path
         return files
     if target.is_file():
         return [target]
-    raise UsageError(f"{target} does not exist")
+    # a pipe or a device would be read until it ends, if ever
+    raise UsageError(f"{target} is not a file or a folder" if target.exists() else f"{target} does not exist")
 
 
 def _walk(folder: Path, leave_out: Set[Path]) -> Iterator[Path]:

@@ -101,8 +101,14 @@ def test_usage_errors(tmp_path, checkpoint, capsys):
     with pytest.raises(SystemExit) as info:
         main(["segment", str(tmp_path / "x.png"), "--out", str(tmp_path / "o"), "--checkpoint", checkpoint, *FAST])
     assert info.value.code == 2 and "--labels" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         main(["segment", str(tmp_path / "missing.png"), "--labels", "a", "--out", str(tmp_path / "o"), *FAST])
+    assert info.value.code == 2 and "missing.png does not exist" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "pipe.png")  # read as an image, it would block until a writer came
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(tmp_path / "pipe.png"), "--labels", "a", "--out", str(tmp_path / "o"), *FAST])
+    assert info.value.code == 2 and "pipe.png is not a file or a folder" in capsys.readouterr().err
+    (tmp_path / "pipe.png").unlink()
     with pytest.raises(SystemExit) as info:  # pictures written among the images would be read as images
         main(["segment", str(tmp_path), "--labels", "a", "--out", str(tmp_path / "." / "sub" / ".."), *FAST])
     assert info.value.code == 2 and "is the input folder" in capsys.readouterr().err
