@@ -35,6 +35,7 @@ from .config import (
     labelling_settings,
 )
 from .evaluation import SegmentationDataset, dataset_specs, evaluate, format_table
+from .files import content_digest
 from .folder import RUN_RECORD, Pictures, segment_files, start_run
 from .imageio import ImageError, load_rgb
 from .loading import WeightsUnavailableError, load_model, resolve_device
@@ -273,11 +274,11 @@ def _example_pairs(folder: Path) -> List[Tuple[Path, Path]]:
     return pairs
 
 
-def _learn_examples(segmenter: Segmenter, folder: Path, vocabulary: Vocabulary, max_pixels: int,
-                    quiet: bool) -> Optional[Prototypes]:
-    """Each class's examples from the folder's image + label-map pairs."""
+def _learn_examples(segmenter: Segmenter, pairs: Sequence[Tuple[Path, Path]], vocabulary: Vocabulary,
+                    max_pixels: int, quiet: bool) -> Optional[Prototypes]:
+    """Each class's examples from the (image, label map) pairs."""
     per_class: List[List[Example]] = [[] for _ in vocabulary.names]
-    for image_path, map_path in tqdm(_example_pairs(folder), unit="example", desc="examples", disable=quiet):
+    for image_path, map_path in tqdm(pairs, unit="example", desc="examples", disable=quiet):
         try:
             rgb = load_rgb(image_path, max_pixels)
             labels = np.asarray(Image.open(map_path))
@@ -305,8 +306,7 @@ def segment_command(args: argparse.Namespace) -> int:
     source, out = Path(args.input), Path(args.out)
     pairs_folder = Path(args.examples) if args.examples else None
     files = _list_images(source, args.recursive, [out] + ([pairs_folder] if pairs_folder else []))
-    if pairs_folder is not None:
-        _example_pairs(pairs_folder)  # bad usage is said before the model loads
+    pairs = _example_pairs(pairs_folder) if pairs_folder else []  # bad usage is said before the model loads
     if source.is_dir() and out.resolve() == source.resolve():
         raise UsageError(f"--out {out} is the input folder: the next run (or --resume) would read its pictures "
                          "as images to segment; give another folder")
@@ -317,12 +317,11 @@ def segment_command(args: argparse.Namespace) -> int:
     config = segmenter_config(args, model.device)
     segmenter = Segmenter(model, config, max_pixels=args.max_pixels, text_cache=_text_cache(args))
     _embed_text(segmenter.text, vocabulary, args.quiet)
-    prototypes = _learn_examples(segmenter, pairs_folder, vocabulary, args.max_pixels, args.quiet) \
-        if pairs_folder else None
+    prototypes = _learn_examples(segmenter, pairs, vocabulary, args.max_pixels, args.quiet) if pairs else None
     colors = palette(len(vocabulary))
     classes = [{"index": i, "name": n, "queries": list(q), "color": colors[i].tolist()}
                for i, (n, q) in enumerate(zip(vocabulary.names, vocabulary.classes))]
-    started, resumed = start_run(out, _run_settings(args, model, config, classes), args.resume)
+    started, resumed = start_run(out, _run_settings(model, config, classes, pairs), args.resume)
     (out / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
 
     pictures = Pictures(out, vocabulary.names, colors, args.raw)
@@ -362,12 +361,15 @@ def segment_command(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _run_settings(args: argparse.Namespace, model: RFCLIPModel, config: SegmenterConfig, classes: list) -> dict:
+def _run_settings(model: RFCLIPModel, config: SegmenterConfig, classes: list,
+                  example_pairs: Sequence[Tuple[Path, Path]]) -> dict:
     """What a run's labels depend on, which a resumed run must share: how forwards are executed
-    (device, batch, precision, graphs, kernels) may change, as it moves labels by rounding only."""
+    (device, batch, precision, graphs, kernels) may change, as it moves labels by rounding only.
+    The examples count by their names and contents, not by their folder's path."""
     return {"model": model.model_name, "weights": model.weights_id,
             "distraction": model.preset.to_json() if model.preset else None, "config": labelling_settings(config),
-            "classes": [{key: c[key] for key in ("name", "queries")} for c in classes], "examples": args.examples}
+            "classes": [{key: c[key] for key in ("name", "queries")} for c in classes],
+            "examples": {path.name: content_digest(path) for pair in example_pairs for path in pair} or None}
 
 
 def _readable_images(files: Sequence[Path], max_pixels: Optional[int]) -> Iterator[np.ndarray]:
@@ -444,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--raw", action="store_true", help="also write the raw label map")
     seg.add_argument("--resume", action="store_true",
                      help="go on with an interrupted run into the same --out: images whose pictures it wrote are "
-                          "skipped (refused if its classes or method settings differ)")
+                          "skipped (refused if its classes, method settings or examples differ)")
     seg.add_argument("--examples", help="a folder of corrected examples: NAME.png (or .jpg, ...) with "
                                         "NAME_labelmap.png (class indices in --labels order, 255 unlabeled, as --raw "
                                         "writes); each class's mean feature inside its pixels joins its text")

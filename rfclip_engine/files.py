@@ -1,8 +1,10 @@
-"""Files that must never be read half written, and folders of files kept up to a size, least
-recently used first out: `rfclip segment`'s pictures and run record, the command's text
-embeddings, and the backend's fetched images."""
+"""Files that must never be read half written, folders of files kept up to a size, least
+recently used first out (`rfclip segment`'s pictures and run record, the command's text
+embeddings, and the backend's fetched images), and the digest of files' contents (weights,
+examples)."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -43,3 +45,13 @@ def prune_cache(folder: Path, max_bytes: int, keep_fraction: float = 0.8) -> int
         if total <= keep_fraction * max_bytes:
             break
     return removed
+
+
+def content_digest(path: Path) -> str:
+    """`sha256-` and 16 hex digits of the file's bytes: the same contents give the same digest
+    wherever they lie and whatever their times."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return f"sha256-{digest.hexdigest()[:16]}"

@@ -7,7 +7,6 @@ dict (.pt / .bin / .safetensors). OpenAI weights were trained with QuickGELU; th
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import socket
@@ -21,6 +20,7 @@ import open_clip
 import torch
 from safetensors import SafetensorError
 
+from .files import content_digest
 from .model import RFCLIPModel
 from .presets import DistractionPreset, find_preset, load_preset_file
 
@@ -179,13 +179,7 @@ def _weights_id(pretrained: Optional[str]) -> str:
     if pretrained is None:
         return f"random-{uuid.uuid4().hex}"
     path = Path(pretrained)
-    if not path.is_file():
-        return pretrained
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return f"sha256-{digest.hexdigest()[:16]}"
+    return content_digest(path) if path.is_file() else pretrained
 
 
 def load_model(

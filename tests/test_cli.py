@@ -451,6 +451,23 @@ def test_resume_segments_what_an_interrupted_run_left_and_nothing_twice(tmp_path
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "run.json"} == whole  # no part file left
 
 
+def test_resume_takes_the_examples_by_their_contents_not_their_folder(tmp_path, checkpoint, capsys):
+    folder, out = image_folder(tmp_path / "in", 2), tmp_path / "out"
+    examples = image_folder(tmp_path / "examples", 0)
+    write_image(examples / "ex.png", (48, 64), seed=1)
+    Image.fromarray(np.zeros((48, 64), np.uint8)).save(examples / "ex_labelmap.png")
+    assert segment_folder(folder, out, checkpoint, "--examples", str(examples)) == 0
+    moved = tmp_path / "moved"
+    examples.rename(moved)  # the same files elsewhere: the same run
+    assert segment_folder(folder, out, checkpoint, "--examples", str(moved), "--resume") == 0
+    assert "resuming: 2 of 2" in capsys.readouterr().err
+    Image.fromarray(np.ones((48, 64), np.uint8)).save(moved / "ex_labelmap.png")  # corrected: other prototypes
+    assert segment_folder(folder, out, checkpoint, "--examples", str(moved), "--resume") == 2
+    assert "holds a run with other settings (examples)" in capsys.readouterr().err
+    assert segment_folder(folder, out, checkpoint, "--resume") == 2  # none at all
+    assert "holds a run with other settings (examples)" in capsys.readouterr().err
+
+
 def test_ctrl_c_says_how_to_resume_and_leaves_every_picture_whole(tmp_path, checkpoint, capsys, monkeypatch):
     from rfclip_engine.predictor import Segmenter
 
