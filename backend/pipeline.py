@@ -25,6 +25,7 @@ from typing import ContextManager, Dict, Iterator, List, Mapping, Optional, Sequ
 import numpy as np
 from label_studio_sdk.label_interface import LabelInterface
 
+from rfclip_engine.batches import run_isolated
 from rfclip_engine.config import images_per_batch
 from rfclip_engine.predictor import Segmenter
 from rfclip_engine.prototypes import Example, Prototypes
@@ -158,16 +159,15 @@ class Pipeline:
     def _predict_batch(self, job: Job, ready):
         """(index, entry) for each fetched task; a batch that fails is retried task by task, so
         one bad task cannot take the others down."""
-        if not ready:
-            return []
-        try:
-            return list(zip((i for i, _ in ready), self._predict_tasks(job, ready)))
-        except Exception:
-            if len(ready) == 1:
-                log.exception("task %s: prediction failed", task_id(job.tasks[ready[0][0]]))
-                job.failures[ready[0][0]] = "prediction failed (see the log)"
-                return []
-        return [pair for item in ready for pair in self._predict_batch(job, [item])]
+        pairs = []
+        for (i, _), outcome in zip(ready, run_isolated(ready, lambda items: self._predict_tasks(job, items),
+                                                        (Exception,))):
+            if isinstance(outcome, BaseException):
+                log.error("task %s: prediction failed", task_id(job.tasks[i]), exc_info=outcome)
+                job.failures[i] = "prediction failed (see the log)"
+            else:
+                pairs.append((i, outcome))
+        return pairs
 
     def _update_estimate(self, seconds: float) -> None:
         previous = self.seconds_per_batch

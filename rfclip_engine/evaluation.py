@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .batches import reason, run_isolated
 from .imageio import ImageError, load_rgb
 from .text import Vocabulary
 
@@ -183,7 +184,8 @@ def evaluate(predict: Predictor, dataset: SegmentationDataset, limit: Optional[i
              progress: bool = True, images_per_group: int = 1) -> dict:
     """Run `predict` over the dataset, `images_per_group` images a call, and return the metric
     summary, the count of images scored and those skipped (an image or label map that cannot
-    be read, or of different sizes: each is said as it comes, and the others are still scored).
+    be read, of different sizes, or an image that cannot be segmented even alone where its
+    group's forward failed: each is said as it comes, and the others are still scored).
     A thread reads the next group while `predict` runs: on a GPU, decoding an image and its
     label map takes about as long as segmenting it."""
     names = dataset.vocabulary.names
@@ -192,6 +194,11 @@ def evaluate(predict: Predictor, dataset: SegmentationDataset, limit: Optional[i
     samples = islice(dataset, total)
     groups = iter(lambda: list(islice(samples, images_per_group)), [])
     count, skipped = 0, []
+
+    def skip(image_path: Path, why: str) -> None:
+        skipped.append({"image": str(image_path), "error": why})
+        tqdm.write(f"skipped: {image_path}: {why}", file=sys.stderr)
+
     with tqdm(total=total, unit="image", disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="rfclip-read") as reader:
         ahead = reader.submit(next, groups, None)
@@ -199,14 +206,16 @@ def evaluate(predict: Predictor, dataset: SegmentationDataset, limit: Optional[i
             ahead = reader.submit(next, groups, None)  # one thread calls the iterator, one call at a time
             for sample in group:
                 if sample.error is not None:
-                    skipped.append({"image": str(sample.image_path), "error": sample.error})
-                    tqdm.write(f"skipped: {sample.image_path}: {sample.error}", file=sys.stderr)
+                    skip(sample.image_path, sample.error)
             readable = [sample for sample in group if sample.error is None]
-            for pred, sample in zip(predict([sample.rgb for sample in readable]) if readable else [], readable):
+            for sample, pred in zip(readable, run_isolated([sample.rgb for sample in readable], predict)):
+                if isinstance(pred, BaseException):
+                    skip(sample.image_path, f"cannot be segmented: {reason(pred)}")
+                    continue
                 if dataset.background_class is not None:
                     pred = np.where(pred < 0, dataset.background_class, pred)
                 accumulator.add(pred, sample.label)
-            count += len(readable)
+                count += 1
             bar.update(len(group))
     return {"dataset": dataset.name, "images": count, "skipped": skipped, **accumulator.summary(names)}
 

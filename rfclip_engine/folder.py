@@ -24,6 +24,7 @@ from typing import Deque, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from .batches import reason, run_isolated
 from .files import write_whole
 from .imageio import ImageError, load_rgb
 from .predictor import Segmenter
@@ -155,22 +156,18 @@ def _labeled(
     prototypes: Optional[Prototypes],
 ) -> Tuple[List[Tuple[Path, str, np.ndarray, np.ndarray]], List[Tuple[Path, str]]]:
     """(path, stem, image, label map) for the images segmented, and (path, why) for those that
-    could not be. Where the group's forwards fail (out of memory beside a large image), each
-    image is tried alone, so that one image is lost, not its group and the run."""
-    try:
-        logits = segmenter.logits_many([rgb for *_, rgb in readable], vocabulary, prototypes=prototypes) \
-            if readable else []
-        return [(path, stem, rgb, segmenter.decide(lg, vocabulary.names, rgb.shape[:2]).label_map.numpy())
-                for (path, stem, rgb), lg in zip(readable, logits)], []
-    except (RuntimeError, MemoryError) as err:  # torch's out-of-memory errors are RuntimeErrors
-        if len(readable) == 1:
-            first_line = str(err).partition("\n")[0]  # torch's memory errors go on with the allocator's advice
-            return [], [(readable[0][0], f"cannot be segmented: {type(err).__name__}: {first_line}")]
+    could not be (each tried alone where the group's forwards fail)."""
+    def label_maps(items: Sequence[Tuple[Path, str, np.ndarray]]) -> List[np.ndarray]:
+        logits = segmenter.logits_many([rgb for *_, rgb in items], vocabulary, prototypes=prototypes)
+        return [segmenter.decide(lg, vocabulary.names, rgb.shape[:2]).label_map.numpy()
+                for (*_, rgb), lg in zip(items, logits)]
+
     labeled, failed = [], []
-    for item in readable:
-        alone = _labeled(segmenter, [item], vocabulary, prototypes)
-        labeled += alone[0]
-        failed += alone[1]
+    for (path, stem, rgb), outcome in zip(readable, run_isolated(readable, label_maps)):
+        if isinstance(outcome, BaseException):
+            failed.append((path, f"cannot be segmented: {reason(outcome)}"))
+        else:
+            labeled.append((path, stem, rgb, outcome))
     return labeled, failed
 
 

@@ -195,6 +195,34 @@ def test_an_unreadable_or_unfitting_pair_is_skipped_and_said_and_the_rest_scored
     assert "2 images (4 skipped, said above)" in format_table(result)
 
 
+def test_a_group_out_of_memory_is_scored_image_by_image_and_only_what_fails_alone_is_skipped(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    raws = [rng.integers(0, 21, (6, 9)).astype(np.uint8) for _ in range(5)]
+    raws[3] = rng.integers(0, 21, (12, 18)).astype(np.uint8)  # the large one: fails even alone
+    dataset = build_dataset(tmp_path / "voc", "voc21", raws)
+    calls = []
+
+    def predict(rgbs):
+        calls.append(len(rgbs))
+        if any(rgb.shape[0] == 12 for rgb in rgbs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nSee the allocator's docs")
+        return [rgb[..., 0].astype(np.int64) for rgb in rgbs]
+
+    result = evaluate(predict, dataset, progress=False, images_per_group=4)
+    assert calls == [4, 1, 1, 1, 1, 1]  # the group of the large one, then each of its images alone; then img4
+    assert [(Path(s["image"]).name, s["error"]) for s in result["skipped"]] == [
+        ("img3.jpg", "cannot be segmented: OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB")]
+    alone = evaluate(predict, build_dataset(tmp_path / "alone", "voc21", raws[:3] + raws[4:]), progress=False)
+    assert {k: v for k, v in result.items() if k != "skipped"} == {k: v for k, v in alone.items() if k != "skipped"}
+    assert "skipped: " in capsys.readouterr().err
+
+    def broken(rgbs):  # not a memory error: a fault of the predictor stops the run, as it should
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        evaluate(broken, dataset, progress=False)
+
+
 def test_missing_layout_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="JPEGImages/ and SegmentationClass/"):
         SegmentationDataset.open("voc21", tmp_path)
