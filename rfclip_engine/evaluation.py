@@ -84,7 +84,11 @@ class SegmentationDataset:
 
     def label(self, path: Path) -> np.ndarray:
         """The label map with dataset conventions applied (reduce_zero_label), 255 = ignore."""
-        label = np.array(Image.open(path)).astype(np.int64)
+        try:
+            with Image.open(path) as image:
+                label = np.array(image).astype(np.int64)
+        except Image.DecompressionBombError as err:  # not an OSError: said per image like the others
+            raise ValueError(f"label map {path.name}: {err}") from None
         if label.ndim != 2:
             raise ValueError(f"{path}: a label map must be single-channel, got shape {label.shape}")
         if self.spec["reduce_zero_label"]:

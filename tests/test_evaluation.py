@@ -162,9 +162,10 @@ def test_groups_score_as_single_images_and_the_next_is_read_meanwhile(tmp_path, 
 
 
 @pytest.mark.parametrize("per_group", [1, 2, 4])
-def test_an_unreadable_or_unfitting_pair_is_skipped_and_said_and_the_rest_scored(tmp_path, per_group, capsys):
+def test_an_unreadable_or_unfitting_pair_is_skipped_and_said_and_the_rest_scored(tmp_path, per_group, capsys,
+                                                                                    monkeypatch):
     rng = np.random.default_rng(4)
-    raws = [rng.integers(0, 21, (6, 9)).astype(np.uint8) for _ in range(6)]
+    raws = [rng.integers(0, 21, (6, 9)).astype(np.uint8) for _ in range(7)]
     dataset = build_dataset(tmp_path / "voc", "voc21", raws)
     spec = dataset_specs()["voc21"]
     images, labels = tmp_path / "voc" / spec["images"], tmp_path / "voc" / spec["labels"]
@@ -174,6 +175,8 @@ def test_an_unreadable_or_unfitting_pair_is_skipped_and_said_and_the_rest_scored
     (images / "img2.jpg").write_bytes(b"\xff\xd8 not a whole JPEG")
     (labels / "img3.png").write_bytes(b"not a PNG")
     write_png(labels / "img4.png", raws[4][:5])
+    write_png(labels / "img5.png", np.zeros((12, 18)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # img5's label map, 216 pixels, is a decompression bomb
     given = []
 
     def oracle(rgbs):
@@ -183,16 +186,17 @@ def test_an_unreadable_or_unfitting_pair_is_skipped_and_said_and_the_rest_scored
     result = evaluate(oracle, dataset, progress=False, images_per_group=per_group)
     assert result["images"] == 2 and given == [(6, 9, 3)] * 2  # a skipped image never reaches the model
     skipped = {Path(item["image"]).name: item["error"] for item in result["skipped"]}
-    assert list(skipped) == ["img1.jpg", "img2.jpg", "img3.jpg", "img4.jpg"]
+    assert list(skipped) == ["img1.jpg", "img2.jpg", "img3.jpg", "img4.jpg", "img5.jpg"]
     assert "is 6x9 but its label map img1.png is 9x6 (turned by 90 degrees" in skipped["img1.jpg"]
     assert "cannot read" in skipped["img2.jpg"] and "img3.png" in skipped["img3.jpg"]
     assert skipped["img4.jpg"].endswith("is 9x6 but its label map img4.png is 9x5")
+    assert "decompression bomb" in skipped["img5.jpg"]
     err = capsys.readouterr().err
     assert all(f"skipped: {images / name}: {reason}" in err for name, reason in skipped.items())
     # the metric is that of the two readable pairs alone
-    alone = evaluate(oracle, build_dataset(tmp_path / "alone", "voc21", [raws[0], raws[5]]), progress=False)
+    alone = evaluate(oracle, build_dataset(tmp_path / "alone", "voc21", [raws[0], raws[6]]), progress=False)
     assert {k: v for k, v in result.items() if k != "skipped"} == {k: v for k, v in alone.items() if k != "skipped"}
-    assert "2 images (4 skipped, said above)" in format_table(result)
+    assert "2 images (5 skipped, said above)" in format_table(result)
 
 
 def test_a_group_out_of_memory_is_scored_image_by_image_and_only_what_fails_alone_is_skipped(tmp_path, capsys):
