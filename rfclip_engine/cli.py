@@ -37,7 +37,7 @@ from .config import (
 from .evaluation import SegmentationDataset, dataset_specs, evaluate, format_table
 from .files import content_digest
 from .folder import RUN_RECORD, Pictures, segment_files, start_run
-from .imageio import ImageError, load_rgb
+from .imageio import ImageError, load_rgb, read_label_map
 from .loading import WeightsUnavailableError, load_model, resolve_device
 from .model import RFCLIPModel
 from .predictor import Segmenter
@@ -281,7 +281,7 @@ def _learn_examples(segmenter: Segmenter, pairs: Sequence[Tuple[Path, Path]], vo
     for image_path, map_path in tqdm(pairs, unit="example", desc="examples", disable=quiet):
         try:
             rgb = load_rgb(image_path, max_pixels)
-            labels = np.asarray(Image.open(map_path))
+            labels = read_label_map(map_path)
         except (ImageError, OSError) as err:
             raise UsageError(f"--examples: {image_path.name} or its label map cannot be read: {err}") from None
         if labels.ndim != 2 or labels.shape != rgb.shape[:2]:

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from .batches import reason, run_isolated
-from .imageio import ImageError, load_rgb
+from .imageio import ImageError, load_rgb, read_label_map
 from .text import Vocabulary
 
 IGNORE_INDEX = 255
@@ -84,11 +83,7 @@ class SegmentationDataset:
 
     def label(self, path: Path) -> np.ndarray:
         """The label map with dataset conventions applied (reduce_zero_label), 255 = ignore."""
-        try:
-            with Image.open(path) as image:
-                label = np.array(image).astype(np.int64)
-        except Image.DecompressionBombError as err:  # not an OSError: said per image like the others
-            raise ValueError(f"label map {path.name}: {err}") from None
+        label = read_label_map(path).astype(np.int64)
         if label.ndim != 2:
             raise ValueError(f"{path}: a label map must be single-channel, got shape {label.shape}")
         if self.spec["reduce_zero_label"]:

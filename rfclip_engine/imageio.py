@@ -129,6 +129,18 @@ def read_rgb(source: ImageSource, max_pixels: Optional[int] = None,
         raise ImageError(f"cannot read {name} as an image: {err}") from err
 
 
+def read_label_map(path: Union[str, os.PathLike]) -> np.ndarray:
+    """A label map's values as stored (class indices; a palette image's indices), with no
+    conversion and no orientation applied."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image)
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"{path} has more pixels than Pillow's decompression-bomb limit: {err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"cannot read {path} as a label map: {err}") from err
+
+
 def _check_size(width: int, height: int, max_pixels: Optional[int]) -> None:
     if width <= 0 or height <= 0:
         raise ImageError(f"image has no pixels ({width}x{height})")

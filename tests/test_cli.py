@@ -274,7 +274,7 @@ def test_segment_with_examples_follows_their_labels(tmp_path, checkpoint, capsys
     assert agreement["right"] > 0.9 and agreement["swapped"] < 0.1
 
 
-def test_examples_usage_errors(tmp_path, checkpoint, capsys):
+def test_examples_usage_errors(tmp_path, checkpoint, capsys, monkeypatch):
     write_image(tmp_path / "x.png", (64, 64))
     examples = tmp_path / "examples"
     examples.mkdir()
@@ -294,6 +294,10 @@ def test_examples_usage_errors(tmp_path, checkpoint, capsys):
     refused("holds class indices [7]")
     Image.fromarray(np.zeros((32, 64), np.uint8)).save(examples / "lone_labelmap.png")
     refused("image's size 64x64")
+    Image.fromarray(np.zeros((200, 200), np.uint8)).save(examples / "lone_labelmap.png")
+    with monkeypatch.context() as patch:  # the label map, not its 64x64 image, is over Pillow's bomb limit
+        patch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+        refused("lone_labelmap.png has more pixels than Pillow's decompression-bomb limit")
 
 
 def test_cuda_graphs_and_triton_kernels_are_on_unless_turned_off():
