@@ -28,4 +28,5 @@ def run_isolated(items: Sequence[T], run: Callable[[Sequence[T]], Sequence[R]],
 
 def reason(err: BaseException) -> str:
     """One line: torch's memory errors go on with the allocator's advice."""
-    return f"{type(err).__name__}: {str(err).partition(chr(10))[0]}"
+    first_line = str(err).partition("\n")[0]
+    return f"{type(err).__name__}: {first_line}"

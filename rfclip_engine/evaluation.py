@@ -203,10 +203,12 @@ def evaluate(predict: Predictor, dataset: SegmentationDataset, limit: Optional[i
         ahead = reader.submit(next, groups, None)
         while (group := ahead.result()) is not None:
             ahead = reader.submit(next, groups, None)  # one thread calls the iterator, one call at a time
+            readable = []
             for sample in group:
-                if sample.error is not None:
+                if sample.error is None:
+                    readable.append(sample)
+                else:
                     skip(sample.image_path, sample.error)
-            readable = [sample for sample in group if sample.error is None]
             for sample, pred in zip(readable, run_isolated([sample.rgb for sample in readable], predict)):
                 if isinstance(pred, BaseException):
                     skip(sample.image_path, f"cannot be segmented: {reason(pred)}")
