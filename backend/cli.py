@@ -47,6 +47,11 @@ def configure_logging(level: str) -> None:
 def serve(settings: Settings, host: str, port: int, workers: int, threads: int, timeout_s: int, dev: bool) -> None:
     from .app import create_app
 
+    if workers > 1 and settings.prototypes and settings.redis_url is None:
+        # a webhook reaches one process: the others would go on predicting without what it taught
+        logging.getLogger("rfclip.backend").warning(
+            "%d worker processes without REDIS_URL: each keeps its own prototypes, so a corrected annotation "
+            "teaches only the process its webhook reached; set REDIS_URL to share them", workers)
     if dev:
         create_app(settings).run(host=host, port=port, threaded=True)
         return

@@ -1,4 +1,6 @@
 """Label config -> vocabulary, and settings from the environment."""
+import logging
+
 import pytest
 
 from backend.label_config import LabelConfigError, parse_label_config, targets_by_image
@@ -122,6 +124,20 @@ def test_serve_refuses_a_bad_process_or_thread_count(monkeypatch, capsys, variab
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert f"argument --{variable.lower()}" in err and value in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("workers, env, warned", [
+    (2, {}, True), (1, {}, False), (2, {"REDIS_URL": "redis://127.0.0.1:9/0"}, False),
+    (2, {"RFCLIP_PROTOTYPES": "off"}, False)])
+def test_several_processes_without_redis_are_warned_that_learning_splits(monkeypatch, caplog, workers, env, warned):
+    from gunicorn.app.base import BaseApplication
+
+    from backend.cli import serve
+
+    monkeypatch.setattr(BaseApplication, "run", lambda self: None)  # nothing is served
+    caplog.set_level(logging.WARNING, logger="rfclip.backend")
+    serve(Settings.from_env(env), "127.0.0.1", 0, workers, 1, 30, dev=False)
+    assert ("each keeps its own prototypes" in caplog.text) == warned
 
 
 def test_model_version_follows_the_method_not_how_it_runs():
