@@ -326,7 +326,11 @@ def segment_command(args: argparse.Namespace) -> int:
 
     pictures = Pictures(out, vocabulary.names, colors, args.raw)
     stems = _output_stems(files, source if source.is_dir() else source.parent)
-    todo = [(path, stem) for path, stem in zip(files, stems) if not (resumed and pictures.written_since(stem, started))]
+    # a million images on a network file system are minutes of file times to read: shown past a second
+    checked = tqdm(zip(files, stems), total=len(files), desc="finding what was segmented", unit="image", delay=1,
+                   disable=not resumed or args.quiet)
+    todo = [(path, stem) for path, stem in checked if not (resumed and pictures.written_since(stem, started))]
+    checked.close()
     if resumed:
         print(f"resuming: {len(files) - len(todo)} of {len(files)} image(s) were segmented into {out} before",
               file=sys.stderr)

@@ -1,6 +1,7 @@
 """The `rfclip` command with a tiny checkpoint: segment files and folders, calibrate."""
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -436,6 +437,23 @@ def test_without_a_home_folder_nothing_is_kept(tmp_path, checkpoint, monkeypatch
     monkeypatch.setattr(Path, "home", no_home)  # a container's user that has none
     assert segment_folder(image_folder(tmp_path / "in", 1), tmp_path / "out", checkpoint) == 0
     assert not text_cache_folder.exists()
+
+
+def test_a_slow_resume_check_shows_its_progress(tmp_path, checkpoint, capsys, monkeypatch):
+    """Reading the pictures' file times of a million images on a network file system takes
+    minutes: past a second, a bar shows it."""
+    from rfclip_engine.folder import Pictures
+
+    folder, out = image_folder(tmp_path / "in", 3), tmp_path / "out"
+    assert segment_folder(folder, out, checkpoint) == 0
+    assert "finding what was segmented" not in capsys.readouterr().err  # not a resume
+    written_since = Pictures.written_since
+    monkeypatch.setattr(Pictures, "written_since", lambda *args: time.sleep(0.5) or written_since(*args))
+    loud = [arg for arg in FAST if arg != "--quiet"]
+    assert main(["segment", str(folder), "--labels", "sky,tree", "--checkpoint", checkpoint, "--distraction-dims",
+                 "1,2,3", "--raw", "--out", str(out), *loud, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "finding what was segmented" in err and "3/3" in err and "resuming: 3 of 3" in err
 
 
 def test_resume_segments_what_an_interrupted_run_left_and_nothing_twice(tmp_path, checkpoint, capsys):
