@@ -162,9 +162,10 @@ class IoUAccumulator:
             iou = self.intersect / self.union
             acc = self.intersect / self.area_label
         return {
-            "mIoU": float(np.nanmean(iou) * 100) if np.isfinite(iou).any() else float("nan"),
+            # None, not NaN, where no class was seen (every image skipped): --out's JSON stays JSON
+            "mIoU": float(np.nanmean(iou) * 100) if np.isfinite(iou).any() else None,
             "aAcc": float(self.intersect.sum() / max(self.area_label.sum(), 1) * 100),
-            "mAcc": float(np.nanmean(acc) * 100) if np.isfinite(acc).any() else float("nan"),
+            "mAcc": float(np.nanmean(acc) * 100) if np.isfinite(acc).any() else None,
             "per_class": {name: {"IoU": _percent(i), "Acc": _percent(a)}
                           for name, i, a in zip(class_names, iou, acc)},
         }
@@ -224,10 +225,12 @@ def evaluate(predict: Predictor, dataset: SegmentationDataset, limit: Optional[i
 def format_table(summary: dict) -> str:
     rows = [f"{'class':<28} {'IoU':>8} {'Acc':>8}"]
     for name, values in summary["per_class"].items():
-        iou = "-" if values["IoU"] is None else f"{values['IoU']:.2f}"
-        acc = "-" if values["Acc"] is None else f"{values['Acc']:.2f}"
-        rows.append(f"{name[:28]:<28} {iou:>8} {acc:>8}")
+        rows.append(f"{name[:28]:<28} {_shown(values['IoU']):>8} {_shown(values['Acc']):>8}")
     skipped = f" ({len(summary['skipped'])} skipped, said above)" if summary["skipped"] else ""
-    rows.append(f"{summary['dataset']}: {summary['images']} images{skipped}, mIoU {summary['mIoU']:.2f}, "
-                f"aAcc {summary['aAcc']:.2f}, mAcc {summary['mAcc']:.2f}")
+    rows.append(f"{summary['dataset']}: {summary['images']} images{skipped}, mIoU {_shown(summary['mIoU'])}, "
+                f"aAcc {summary['aAcc']:.2f}, mAcc {_shown(summary['mAcc'])}")
     return "\n".join(rows)
+
+
+def _shown(percent: Optional[float]) -> str:
+    return "-" if percent is None else f"{percent:.2f}"

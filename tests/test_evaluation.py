@@ -199,6 +199,17 @@ def test_an_unreadable_or_unfitting_pair_is_skipped_and_said_and_the_rest_scored
     assert "2 images (5 skipped, said above)" in format_table(result)
 
 
+def test_a_run_with_every_image_skipped_gives_no_mean_and_strict_json(tmp_path):
+    dataset = build_dataset(tmp_path / "voc", "voc21", [np.zeros((6, 9), np.uint8)] * 2)
+    for image, _ in dataset.pairs:
+        image.write_bytes(b"broken")
+    result = evaluate(each(lambda rgb: pytest.fail("nothing to segment")), dataset, progress=False)
+    assert result["images"] == 0 and len(result["skipped"]) == 2
+    assert result["mIoU"] is None and result["mAcc"] is None
+    json.dumps(result, allow_nan=False)  # NaN is not JSON
+    assert "0 images (2 skipped, said above), mIoU -, aAcc 0.00, mAcc -" in format_table(result)
+
+
 def test_a_group_out_of_memory_is_scored_image_by_image_and_only_what_fails_alone_is_skipped(tmp_path, capsys):
     rng = np.random.default_rng(5)
     raws = [rng.integers(0, 21, (6, 9)).astype(np.uint8) for _ in range(5)]
