@@ -197,6 +197,27 @@ def test_a_checkpoint_of_another_model_is_refused_naming_both(tiny_model, tmp_pa
     assert len(message.splitlines()) <= 5  # not the hundreds of lines of every tensor
 
 
+@pytest.mark.parametrize("form", ["open_clip", "openai"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_refused_naming_a_tensor(tiny_model, tmp_path, form, bad):
+    """A NaN weight makes every feature NaN and every pixel the first class: a damaged file would
+    pass for a model that sees one thing everywhere."""
+    state = tiny_model.clip.state_dict() if form == "open_clip" else openai_state_dict(tiny_model)
+    state = {k: v.clone() for k, v in state.items()}
+    name = next(k for k in state if k.endswith("attn.in_proj_weight"))
+    state[name][0, 0] = bad
+    path = tmp_path / "damaged.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=re.escape(f"the weights from {path} hold NaN or infinite values in 1 "
+                                                   f"tensor(s), e.g. {name}")):
+        load_model(TINY_CONFIG, pretrained=str(path), distraction_dims=TINY_DIMS)
+    huge = {k: v.clone() for k, v in (tiny_model.clip.state_dict() if form == "open_clip"
+                                      else openai_state_dict(tiny_model)).items()}
+    huge[name].fill_(torch.finfo(huge[name].dtype).max / 2)  # finite, though its sum overflows: loaded
+    torch.save(huge, path)
+    load_model(TINY_CONFIG, pretrained=str(path), distraction_dims=TINY_DIMS)
+
+
 def test_dims_file_and_list(tmp_path):
     from rfclip_engine.presets import DistractionPreset, save_preset_file
 
