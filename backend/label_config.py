@@ -94,7 +94,7 @@ def read_label_config(config: str) -> Tuple[List[ControlTarget], LabelInterface]
     except Exception as err:
         raise LabelConfigError(f"the labeling config is not valid XML ({err}); expected e.g.:\n{EXAMPLE_CONFIG}") from err
 
-    targets = []
+    targets, image_lists = [], set()
     for control in interface.controls or ():
         region_type = REGION_TYPES.get(control.tag)
         if region_type is None:
@@ -105,6 +105,9 @@ def read_label_config(config: str) -> Tuple[List[ControlTarget], LabelInterface]
             except Exception:
                 continue
             if obj.tag != "Image" or not str(obj.value).startswith("$"):
+                continue
+            if "valueList" in obj.attr:  # the SDK reads it as the value: each task would fail at its fetch
+                image_lists.add(to_name)
                 continue
             labels, queries = [], []
             for label, tag in control.labels_attrs.items():
@@ -129,6 +132,14 @@ def read_label_config(config: str) -> Tuple[List[ControlTarget], LabelInterface]
                 score_threshold=_threshold(attrs["model_score_threshold"], control.name)
                 if "model_score_threshold" in attrs else 0.0,
             ))
+    for name in sorted(image_lists) if targets else ():
+        log.warning('<Image name="%s"> takes a list of images (valueList): its controls are not pre-annotated, '
+                    'only those of an <Image value="$...">, one image per task', name)
+    if not targets and image_lists:
+        raise LabelConfigError(
+            f'<Image name="{sorted(image_lists)[0]}"> takes a list of images (valueList), which the backend does '
+            f'not pre-annotate: it predicts one image per task, <Image value="$...">. A config it can use:\n'
+            f"{EXAMPLE_CONFIG}")
     if not targets:
         raise LabelConfigError(
             "the labeling config has no BrushLabels or PolygonLabels control with labels tied to an "

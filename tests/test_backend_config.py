@@ -54,12 +54,25 @@ def test_several_controls_and_images():
      '<Label value="a"/></BrushLabels></View>', "not a number"),
     ('<View><Image name="i" value="$i"/><BrushLabels name="b" toName="i" model_score_threshold="2">'
      '<Label value="a"/></BrushLabels></View>', "between 0 and 1"),
+    # several images per task: every task would fail at its fetch of a list
+    ('<View><Image name="i" valueList="$pages"/><BrushLabels name="b" toName="i"><Label value="a"/></BrushLabels>'
+     '</View>', 'name="i"> takes a list of images \\(valueList\\)'),
 ])
 def test_bad_configs_explain_what_is_needed(config, message):
     with pytest.raises(LabelConfigError, match=message) as info:
         parse_label_config(config)
     if "BrushLabels or" in message:
         assert '<BrushLabels name="tag" toName="image">' in str(info.value)  # an example to copy
+
+
+def test_an_image_list_beside_a_single_image_is_left_out_with_a_warning(caplog):
+    caplog.set_level(logging.WARNING, logger="rfclip.backend")
+    targets = parse_label_config(
+        '<View><Image name="one" value="$photo"/><Image name="many" valueList="$pages"/>'
+        '<BrushLabels name="b" toName="one"><Label value="a"/></BrushLabels>'
+        '<PolygonLabels name="p" toName="many"><Label value="a"/></PolygonLabels></View>')
+    assert [(t.from_name, t.data_key) for t in targets] == [("b", "photo")]
+    assert '<Image name="many"> takes a list of images (valueList)' in caplog.text
 
 
 def test_settings_defaults_and_parsing(tmp_path):
