@@ -107,7 +107,7 @@ class FolderCache:
     one float32 `.npy` file per key (read without pickle), behind a `MemoryCache`: on the CPU the 80
     prompts of each query cost about 0.35 s, so 150 classes took a minute before the first image of
     every run. Processes may share the folder. A file that
-    cannot be read, or holds anything but a finite vector, is a miss and is written again. Past
+    cannot be read, or holds anything but a float32 vector, is a miss and is written again. Past
     `max_bytes` the least recently used files go. A folder that cannot be written is warned
     about once, and the run goes on computing what it lacks."""
 
@@ -130,7 +130,7 @@ class FolderCache:
             os.utime(path)  # used now: the last to go
         except (OSError, ValueError, EOFError):
             return None
-        if array.ndim != 1 or array.dtype != np.float32 or not np.isfinite(array).all():
+        if array.ndim != 1 or array.dtype != np.float32:
             return None
         value = torch.from_numpy(array)
         self.front.put(key, value)
@@ -222,8 +222,14 @@ class TextEmbedder:
         return self.embed_queries(vocabulary.queries)
 
     def _cached(self, queries: Iterable[str]) -> Dict[str, Optional[torch.Tensor]]:
-        """Each distinct query, in order, with its cached embedding or None."""
-        return {q: self.cache.get(self.cache_key(q)) for q in dict.fromkeys(queries)}
+        """Each distinct query, in order, with its cached embedding or None. A cache shared with
+        other processes (Redis, a folder) may hold a damaged entry: one that is not a finite
+        vector of the model's width is a miss, computed and written again, not a class every
+        pixel scores NaN against."""
+        width = self.model.visual.output_dim
+        found = {q: self.cache.get(self.cache_key(q)) for q in dict.fromkeys(queries)}
+        return {q: v if v is not None and v.shape == (width,) and bool(torch.isfinite(v).all()) else None
+                for q, v in found.items()}
 
     def _compute(self, queries: List[str]) -> List[torch.Tensor]:
         if not queries:
