@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from backend.label_config import parse_label_config
 from backend.learning import annotations
 from backend.learning.annotations import brush_mask, label_masks
-from backend.learning.bank import MemoryBank, RedisBank, fingerprint
+from backend.learning.bank import MemoryBank, RedisBank, encode, fingerprint
 from backend.learning.learner import Forget, Learn, webhook_events
 from backend.regions import mask_to_rle
 from rfclip_engine.prototypes import Example
@@ -216,8 +216,12 @@ def test_an_entry_that_does_not_decode_is_left_out(bank_factory, caplog):
     bank = bank_factory(max_annotations=10)
     bank.put(1, 1, 1, {("tag", "cat"): example(1)})
     bank._store(1, 2, b"not json")  # written by something else
+    nan = Example(torch.full((8,), float("nan")), 0.8, 0.2, 100)  # would make the label's scores NaN
+    bank._store(1, 3, encode(3, {("tag", "cat"): nan}, time.time()))
+    bank._store(1, 4, encode(4, {("tag", "dog"): Example(example(4).vector, float("inf"), 0.2, 100)}, time.time()))
     assert bank.counts(1) == {("tag", "cat"): 1}
-    assert "does not decode" in caplog.text
+    torch.testing.assert_close(bank.examples(1)[("tag", "cat")][0].vector, example(1).vector)
+    assert caplog.text.count("does not decode") >= 3
 
 
 def test_redis_bank_keys_expire_after_the_last_change(redis_server):

@@ -48,8 +48,12 @@ def decode(raw: bytes) -> Tuple[float, Dict[LabelKey, Example]]:
     examples = {}
     for item in entry["labels"]:
         vector = torch.from_numpy(np.frombuffer(base64.b64decode(item["vector"]), dtype=np.float32).copy())
-        examples[(item["control"], item["label"])] = Example(vector, float(item["inside"]), float(item["outside"]),
-                                                             int(item["pixels"]))
+        example = Example(vector, float(item["inside"]), float(item["outside"]), int(item["pixels"]))
+        # a NaN would make every pixel score NaN against the label: the entry is left out instead
+        if not (bool(torch.isfinite(vector).all()) and math.isfinite(example.inside) and
+                math.isfinite(example.outside) and example.pixels > 0):
+            raise ValueError("an example that is not finite")
+        examples[(item["control"], item["label"])] = example
     return float(entry["added"]), examples
 
 
