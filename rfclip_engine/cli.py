@@ -177,8 +177,24 @@ def _load(args: argparse.Namespace):
             dims = [int(d) for d in dims.split(",") if d.strip()]
         except ValueError:
             raise UsageError(f"--distraction-dims: {dims!r} is neither a file nor comma-separated integers") from None
-    return load_model(args.model, pretrained=args.checkpoint or args.pretrained, device=resolve_device(args.device),
+    return load_model(args.model, pretrained=args.checkpoint or args.pretrained, device=_usable_device(args.device),
                       distraction_dims=dims, weights_tag=args.weights_tag)
+
+
+def _usable_device(name: str) -> torch.device:
+    """--device, refused before the weights load where this process cannot use it (torch says so
+    only when the loaded model is moved there, in its own words)."""
+    try:
+        device = resolve_device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device {name}: {err}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        seen = torch.cuda.device_count()
+        raise UsageError(f"--device {name}: " + (f"this process sees {seen} CUDA GPU(s)" if seen else
+                                                  "no CUDA GPU is visible to this process (use --device cpu)"))
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: Apple's MPS is not available here (use --device cpu)")
+    return device
 
 
 def _list_images(target: Path, recursive: bool = False, leave_out: Sequence[Path] = ()) -> List[Path]:

@@ -275,6 +275,24 @@ def test_segment_with_examples_follows_their_labels(tmp_path, checkpoint, capsys
     assert agreement["right"] > 0.9 and agreement["swapped"] < 0.1
 
 
+@pytest.mark.parametrize("device, gpus, why", [
+    ("cuda", 0, "--device cuda: no CUDA GPU is visible to this process (use --device cpu)"),
+    ("cuda:3", 2, "--device cuda:3: this process sees 2 CUDA GPU(s)"),
+    ("gpu", 0, "--device gpu: Expected one of cpu, cuda"),
+])
+def test_a_device_this_process_cannot_use_is_refused_before_the_weights_load(tmp_path, checkpoint, capsys,
+                                                                           monkeypatch, device, gpus, why):
+    from rfclip_engine import cli
+
+    write_image(tmp_path / "x.png", (64, 64))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(tmp_path / "x.png"), "--labels", "a", "--out", str(tmp_path / "o"), "--checkpoint",
+              checkpoint, "--device", device, *FAST])
+    assert info.value.code == 2 and why in capsys.readouterr().err
+
+
 def test_examples_usage_errors(tmp_path, checkpoint, capsys, monkeypatch):
     write_image(tmp_path / "x.png", (64, 64))
     examples = tmp_path / "examples"
