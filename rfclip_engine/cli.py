@@ -188,8 +188,8 @@ def _usable_device(name: str) -> torch.device:
         device = resolve_device(name)
     except RuntimeError as err:
         raise UsageError(f"--device {name}: {err}") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        seen = torch.cuda.device_count()
+    seen = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and (device.index or 0) >= seen:
         raise UsageError(f"--device {name}: " + (f"this process sees {seen} CUDA GPU(s)" if seen else
                                                   "no CUDA GPU is visible to this process (use --device cpu)"))
     if device.type == "mps" and not torch.backends.mps.is_available():
