@@ -401,7 +401,13 @@ def _readable_images(files: Sequence[Path], max_pixels: Optional[int]) -> Iterat
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
-    files = _list_images(Path(args.images), args.recursive)[: args.limit]
+    found = _list_images(Path(args.images), args.recursive)
+    # spread over the sorted list, so that every subfolder of a big tree takes its share, not the
+    # first few; a few hundred images are enough, and a whole dataset would take days
+    files = [found[i * len(found) // args.limit] for i in range(args.limit)] if len(found) > args.limit else found
+    if len(files) < len(found):
+        print(f"calibrating on {len(files)} of the {len(found)} images, spread over the folder (--limit to change)",
+              file=sys.stderr)
     args.distraction_dims = None
     model = _load(args)
     result = calibrate(model, _readable_images(files, args.max_pixels), factor=args.factor)
@@ -493,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--images", required=True, help="a folder of images (a few hundred of any kind)")
     cal.add_argument("--out", required=True, help="JSON file to write")
     cal.add_argument("--recursive", action="store_true", help="also read the images of its subfolders")
-    cal.add_argument("--limit", type=positive_int, default=None, help="use at most this many images")
+    cal.add_argument("--limit", type=positive_int, default=1000,
+                     help="use at most this many images, spread over the folder (default 1000)")
     cal.add_argument("--factor", type=float, default=5.0, help="a channel is a distraction dimension above this "
                                                                "multiple of the median channel (default 5)")
     cal.add_argument("--attention-test", action="store_true", help="also require the attention test (as for ViT-L/14)")

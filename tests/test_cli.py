@@ -244,6 +244,24 @@ def test_calibrate_reads_subfolders_with_recursive(tmp_path, capsys):
     assert ", 3 images;" in capsys.readouterr().out and load_preset_file(tmp_path / "dims.json").dims == (11,)
 
 
+def test_calibrate_reads_at_most_its_limit_spread_over_the_folder(tmp_path, capsys, monkeypatch):
+    from rfclip_engine import cli
+
+    ckpt = tmp_path / "planted.pt"
+    torch.save(planted_model(11).clip.state_dict(), ckpt)
+    for i, sub in enumerate(["a"] * 4 + ["b"] * 3):  # sorted: a/0..a/3, b/4..b/6
+        (tmp_path / "images" / sub).mkdir(parents=True, exist_ok=True)
+        write_image(tmp_path / "images" / sub / f"{i}.png", (60, 80), seed=i)
+    read = []
+    readable = cli._readable_images
+    monkeypatch.setattr(cli, "_readable_images", lambda files, *a: read.extend(files) or readable(files, *a))
+    assert main(["calibrate", "--model", TINY_CONFIG, "--checkpoint", str(ckpt), "--images", str(tmp_path / "images"),
+                 "--out", str(tmp_path / "dims.json"), "--recursive", "--limit", "3"]) == 0
+    assert [p.relative_to(tmp_path / "images").as_posix() for p in read] == ["a/0.png", "a/2.png", "b/4.png"]
+    assert "calibrating on 3 of the 7 images, spread over the folder" in capsys.readouterr().err
+    assert cli.build_parser().parse_args(["calibrate", "--images", "x", "--out", "y"]).limit == 1000
+
+
 def halves(path, size, left, right):
     image = np.zeros((*size, 3), np.uint8)
     image[:, : size[1] // 2], image[:, size[1] // 2:] = left, right
