@@ -404,8 +404,9 @@ def calibrate_command(args: argparse.Namespace) -> int:
     found = _list_images(Path(args.images), args.recursive)
     # spread over the sorted list, so that every subfolder of a big tree takes its share, not the
     # first few; a few hundred images are enough, and a whole dataset would take days
-    files = [found[i * len(found) // args.limit] for i in range(args.limit)] if len(found) > args.limit else found
-    if len(files) < len(found):
+    files = found
+    if len(found) > args.limit:
+        files = [found[i * len(found) // args.limit] for i in range(args.limit)]
         print(f"calibrating on {len(files)} of the {len(found)} images, spread over the folder (--limit to change)",
               file=sys.stderr)
     args.distraction_dims = None

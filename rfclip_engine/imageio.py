@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import io
 import os
-from typing import BinaryIO, Optional, Tuple, Union
+from contextlib import contextmanager
+from typing import BinaryIO, Iterator, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -110,35 +111,37 @@ def read_rgb(source: ImageSource, max_pixels: Optional[int] = None,
         return rgb, rgb.shape[:2]
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     name = source if isinstance(source, (str, os.PathLike)) else "input"
-    try:
-        with Image.open(stream) as image:
-            width, height = image.size
-            _check_size(width, height, max_pixels)
-            if image.getexif().get(0x0112) in _SWAPS_AXES:
-                width, height = height, width
-            if min_short_side and image.format == "JPEG" and min(width, height) >= 2 * min_short_side:
-                scale = min(width, height) / min_short_side
-                image.draft(image.mode, (int(image.size[0] / scale) + 1, int(image.size[1] / scale) + 1))
-            image.load()
-            return _pil_to_rgb(image, owned=True), (height, width)
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"{name} has more pixels than Pillow's decompression-bomb limit: {err}") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"cannot read {name} as an image: {err}") from err
+    with _said_as_image_errors(name, "an image"), Image.open(stream) as image:
+        width, height = image.size
+        _check_size(width, height, max_pixels)
+        if image.getexif().get(0x0112) in _SWAPS_AXES:
+            width, height = height, width
+        if min_short_side and image.format == "JPEG" and min(width, height) >= 2 * min_short_side:
+            scale = min(width, height) / min_short_side
+            image.draft(image.mode, (int(image.size[0] / scale) + 1, int(image.size[1] / scale) + 1))
+        image.load()
+        return _pil_to_rgb(image, owned=True), (height, width)
 
 
 def read_label_map(path: Union[str, os.PathLike]) -> np.ndarray:
     """A label map's values as stored (class indices; a palette image's indices), with no
     conversion and no orientation applied."""
+    with _said_as_image_errors(path, "a label map"), Image.open(path) as image:
+        return np.array(image)
+
+
+@contextmanager
+def _said_as_image_errors(name: object, what: str) -> Iterator[None]:
+    """Pillow's ways of failing on a file (its decompression-bomb error is not an OSError) as
+    one ImageError naming it."""
     try:
-        with Image.open(path) as image:
-            return np.array(image)
+        yield
+    except ImageError:
+        raise
     except Image.DecompressionBombError as err:
-        raise ImageError(f"{path} has more pixels than Pillow's decompression-bomb limit: {err}") from err
+        raise ImageError(f"{name} has more pixels than Pillow's decompression-bomb limit: {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"cannot read {path} as a label map: {err}") from err
+        raise ImageError(f"cannot read {name} as {what}: {err}") from err
 
 
 def _check_size(width: int, height: int, max_pixels: Optional[int]) -> None:
