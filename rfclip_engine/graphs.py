@@ -64,7 +64,9 @@ class DenseEncoder:
 
     def __init__(self, model: RFCLIPModel, dtype: Optional[torch.dtype] = None, cuda_graphs: bool = False,
                  max_graphs: int = 8) -> None:
-        self.model = model
+        # the matrix products' weights stored in the autocast dtype: the same result without a
+        # cast of every weight in every forward (or in every replay of a graph)
+        self.model = model if dtype is None else model.autocast_copy(dtype)
         self.dtype = dtype
         self.cuda_graphs = cuda_graphs
         self.max_graphs = max_graphs

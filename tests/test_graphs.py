@@ -94,3 +94,26 @@ def test_a_group_of_4_3_images_pads_nothing(batch_size):
 
 def test_small_batches_still_group_four_images():
     assert [images_per_batch(b) for b in (1, 8, 16, 32)] == [4, 4, 4, 8]
+
+
+@pytest.mark.parametrize("mode", ["clip", "rfclip"])
+def test_an_autocast_encoder_stores_its_matmul_weights_cast_and_computes_what_autocast_does(tiny_model, mode):
+    config = RFCLIPConfig(mode=mode, sigma=1.5, triton_kernels=False)
+    encoder = DenseEncoder(tiny_model, torch.bfloat16)
+    pixels = scene(3, 64, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        expected = tiny_model.encode_dense(pixels, config)
+    assert torch.equal(encoder(pixels, config), expected)
+
+    twin, visual = encoder.model.visual, tiny_model.visual
+    block, original = twin.transformer.resblocks[0], visual.transformer.resblocks[0]
+    cast = [twin.proj, twin.conv1.weight, block.attn.in_proj_weight, block.attn.in_proj_bias,
+            block.attn.out_proj.weight, block.mlp.c_fc.weight, block.mlp.c_proj.bias]
+    assert {t.dtype for t in cast} == {torch.bfloat16}
+    # the model itself is left as it was, and what autocast does not cast is shared, not copied
+    assert {p.dtype for p in tiny_model.parameters()} == {torch.float32}
+    assert twin.ln_pre.weight is visual.ln_pre.weight and block.ln_1.bias is original.ln_1.bias
+    assert twin.positional_embedding is visual.positional_embedding
+    assert encoder.model.clip.transformer is not tiny_model.clip.transformer
+    assert encoder.model.clip.token_embedding.weight is tiny_model.clip.token_embedding.weight
+    assert DenseEncoder(tiny_model).model is tiny_model
