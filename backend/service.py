@@ -26,6 +26,7 @@ from rfclip_engine.config import (
     SegmenterConfig,
     default_batch_size,
     default_precision,
+    resolve_precision,
     labelling_settings,
 )
 from rfclip_engine.predictor import Segmenter
@@ -98,7 +99,7 @@ class ModelHolder:
 def segmenter_config(settings: Settings, device: torch.device) -> SegmenterConfig:
     return SegmenterConfig(encoder=RFCLIPConfig(mode=settings.mode, triton_kernels=settings.triton_kernels),
                            pamr=settings.pamr,
-                           precision=default_precision(device.type), prototype_k=settings.prototype_k,
+                           precision=resolve_precision(settings.precision, device.type), prototype_k=settings.prototype_k,
                            batch_size=settings.batch_size or default_batch_size(device.type),
                            prototype_cap=settings.prototype_cap, cuda_graphs=settings.cuda_graphs)
 

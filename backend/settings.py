@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Tuple, TypeVar, Union
 
-from rfclip_engine.config import MODES
+from rfclip_engine.config import MODES, PRECISIONS
 
 from .redaction import redact
 
@@ -34,6 +34,7 @@ class Settings:
     cuda_graphs: bool = True
     triton_kernels: bool = True
     batch_size: Optional[int] = None  # crops per encoder forward (None: rfclip_engine's default_batch_size)
+    precision: str = "auto"  # or one of PRECISIONS ("auto": rfclip_engine's default_precision)
     redis_url: Optional[str] = None
     queue_name: str = "rfclip"
     job_timeout_s: int = 3600
@@ -98,6 +99,7 @@ class Settings:
             cuda_graphs=get("RFCLIP_CUDA_GRAPHS", _parse_bool, defaults.cuda_graphs),
             triton_kernels=get("RFCLIP_TRITON_KERNELS", _parse_bool, defaults.triton_kernels),
             batch_size=get("RFCLIP_BATCH_SIZE", _positive(int), None),
+            precision=get("RFCLIP_PRECISION", _choice(("auto",) + PRECISIONS), defaults.precision),
             redis_url=get("REDIS_URL", _parse_redis_url, None),
             queue_name=get("RFCLIP_QUEUE", _parse_queue_name, defaults.queue_name),
             job_timeout_s=get("RFCLIP_JOB_TIMEOUT_S", _positive(int), defaults.job_timeout_s),

@@ -7,7 +7,8 @@ Cases: one 336x448 image (short side 336: 6 crops), one 560x1120 image at short 
 Cityscapes setting: 36 crops), and a batch of 8 336x448 images (48 crops in shared batches), in
 forwards of the backend's batch on the device (8 crops on the CPU, 32 on CUDA).
 Modes: clip, maskclip, kk-proxy, rfclip, rfclip+PAMR, and on CUDA clip, rfclip and rfclip+PAMR with
-each batch's encoder forward replayed from a CUDA graph. Weights are random (time does not depend on
+each batch's encoder forward replayed from a CUDA graph; at fp16 or bf16 also clip, rfclip and
+rfclip+PAMR in fp32. Weights are random (time does not depend on
 them; the distraction dimensions are the OpenAI preset's). Runs are interleaved across modes and
 the best run is reported, with the median and the paired median (of each round's ratio to clip:
 drifts of a shared machine cancel in it). Peak memory comes from one more run of each mode, not
@@ -21,7 +22,8 @@ that do work (views left out) are counted per block: on a GPU each is at least o
 so the count is a proxy for launch overhead that any CPU can measure.
 
 `--batches`: the encoder alone on that many 224x224 crops per forward, clip against rfclip (on CUDA
-also rfclip with its eager steps instead of the Triton kernels, `triton_kernels=False`): crops/s,
+also rfclip with its eager steps instead of the Triton kernels, `triton_kernels=False`; at fp16 or
+bf16 also both in fp32, for what the precision gains): crops/s,
 their ratio, the share of the device's dense peak that the physical floor (35.1 GFLOP per crop for
 ViT-B/16) reaches, peak memory; where the time goes at the largest batch (device time per RF-CLIP
 step, from one profiled eager forward); and how far fp16 / bf16 autocast dense features and label maps stand
@@ -64,6 +66,8 @@ GRAPHED_MODES = {
     "rfclip graphs": dict(mode="rfclip", cuda_graphs=True),
     "rfclip+PAMR graphs": dict(mode="rfclip", pamr=True, cuda_graphs=True),
 }
+# at fp16 or bf16 the cases also run in full precision, for what the precision gains
+FULL_PRECISION_MODES = {f"{name} fp32": dict(MODES[name], precision="fp32") for name in ("clip", "rfclip", "rfclip+PAMR")}
 CASES = {  # name: (image size, number of images, short side)
     "336x448": ((336, 448), 1, 336),
     "560x1120": ((560, 1120), 1, 560),
@@ -88,7 +92,7 @@ def segmenter(model, mode: dict, short_side: int, precision: str) -> Segmenter:
     """At the batch the backend runs on this device (8 crops on the CPU, 32 on CUDA)."""
     config = SegmenterConfig(encoder=RFCLIPConfig(mode=mode["mode"]), short_side=short_side,
                              pamr=mode.get("pamr", False), batch_size=default_batch_size(model.device.type),
-                             precision=precision, cuda_graphs=mode.get("cuda_graphs", False))
+                             precision=mode.get("precision", precision), cuda_graphs=mode.get("cuda_graphs", False))
     return Segmenter(model, config)
 
 
@@ -221,12 +225,14 @@ def bench_batches(model, device: torch.device, precision: str, args: argparse.Na
     dtype = autocast_dtype(precision)
     peak = peak_tflops(device, args.peak_tflops)
     clip, rfclip, eager_steps = RFCLIPConfig(mode="clip"), RFCLIPConfig(), RFCLIPConfig(triton_kernels=False)
-    runs = {"clip": (clip, False), "rfclip": (rfclip, False)}
+    runs = {"clip": (clip, False, dtype), "rfclip": (rfclip, False, dtype)}
     if device.type == "cuda":  # the eager steps against the Triton kernels, plain and graphed
-        runs.update({"rfclip eager steps": (eager_steps, False), "clip graphs": (clip, True),
-                     "rfclip graphs": (rfclip, True), "rfclip eager steps graphs": (eager_steps, True)})
-    encoders = {name: (DenseEncoder(model, dtype, cuda_graphs=graphs), config)
-                for name, (config, graphs) in runs.items()}
+        runs.update({"rfclip eager steps": (eager_steps, False, dtype), "clip graphs": (clip, True, dtype),
+                     "rfclip graphs": (rfclip, True, dtype), "rfclip eager steps graphs": (eager_steps, True, dtype)})
+    if dtype is not None:  # what the autocast precision gains over full precision, in the same run
+        runs.update({"clip fp32": (clip, False, None), "rfclip fp32": (rfclip, False, None)})
+    encoders = {name: (DenseEncoder(model, run_dtype, cuda_graphs=graphs), config)
+                for name, (config, graphs, run_dtype) in runs.items()}
     out = {"precision": precision, "peak_tflops": peak, "rows": {}}
     for batch in args.batches:
         pixels = torch.randn(batch, 3, 224, 224, device=device)
@@ -327,7 +333,8 @@ def bench_cases(model, device: torch.device, precision: str, vocabulary, memory:
                 args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     cases = {"336x448": CASES["336x448"]} if args.quick else CASES
-    modes = {**MODES, **(GRAPHED_MODES if device.type == "cuda" else {})}
+    modes = {**MODES, **(GRAPHED_MODES if device.type == "cuda" else {}),
+             **(FULL_PRECISION_MODES if precision != "fp32" else {})}
     repeats = args.repeats
 
     results = {}

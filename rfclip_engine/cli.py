@@ -30,9 +30,9 @@ from .config import (
     RFCLIPConfig,
     SegmenterConfig,
     default_batch_size,
-    default_precision,
     images_per_batch,
     labelling_settings,
+    resolve_precision,
 )
 from .evaluation import SegmentationDataset, dataset_specs, evaluate, format_table
 from .files import content_digest
@@ -133,7 +133,8 @@ def _add_method_arguments(parser: argparse.ArgumentParser, short_side: Optional[
     parser.add_argument("--images-per-batch", type=positive_int,
                         help="images whose crops share forward passes (default: a quarter of --batch-size, at least 4)")
     parser.add_argument("--precision", choices=("auto",) + PRECISIONS, default="auto",
-                        help="auto: fp16 autocast on CUDA, fp32 on CPU")
+                        help="auto: fp16 autocast on CUDA, fp32 on CPU; bf16 autocast on a CPU with AMX "
+                             "(Intel Xeon of the 4th generation and later) is about 2.8x faster than fp32 there")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="on CUDA, replay the encoder's forward from recorded CUDA graphs, one per batch shape "
                              "(several times faster at small batches; default: on)")
@@ -143,7 +144,6 @@ def _add_method_arguments(parser: argparse.ArgumentParser, short_side: Optional[
 
 
 def segmenter_config(args: argparse.Namespace, device: torch.device) -> SegmenterConfig:
-    precision = args.precision if args.precision != "auto" else default_precision(device.type)
     return SegmenterConfig(
         encoder=RFCLIPConfig(
             mode=args.mode,
@@ -160,7 +160,7 @@ def segmenter_config(args: argparse.Namespace, device: torch.device) -> Segmente
         pamr=args.pamr,
         prob_threshold=args.prob_threshold,
         batch_size=args.batch_size or default_batch_size(device.type),
-        precision=precision,
+        precision=resolve_precision(args.precision, device.type),
         cuda_graphs=args.cuda_graphs,
     )
 

@@ -26,6 +26,11 @@ def default_precision(device_type: str) -> str:
     return "fp16" if device_type == "cuda" else "fp32"
 
 
+def resolve_precision(requested: str, device_type: str) -> str:
+    """`requested` ("auto" or one of PRECISIONS) as the precision to run on this device type."""
+    return default_precision(device_type) if requested == "auto" else requested
+
+
 def default_batch_size(device_type: str) -> int:
     """Crops per encoder forward: 32 on CUDA, where an H200 replayed RF-CLIP's graphed forward at
     2.7 times the crops/s of batches of 8 (benchmarks/RESULTS.md); 8 elsewhere, the batch the

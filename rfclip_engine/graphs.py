@@ -27,6 +27,9 @@ _Key = Tuple[Tuple[int, ...], torch.dtype, RFCLIPConfig]
 # broken kernel lands far outside.
 KERNEL_TOLERANCE = 0.05
 SHAPES_REMEMBERED = 64  # batch shapes whose next use records a graph
+# torch's checks for the CPU's matrix units of each autocast type (private: a torch without them
+# only loses the warning below)
+_CPU_MATRIX_UNITS = {torch.bfloat16: "_is_amx_tile_supported", torch.float16: "_is_amx_fp16_supported"}
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,14 @@ def checks_kernels(device: torch.device, tokens: int, config: RFCLIPConfig) -> b
     """Whether a DenseEncoder's first forward of crops of `tokens` patch tokens on `device`
     compiles the Triton kernels and checks them against the eager steps."""
     return config.triton_kernels and config.sums_key_key and kernels.usable(device, tokens)
+
+
+def emulated_on_this_cpu(dtype: torch.dtype) -> bool:
+    """Whether this CPU lacks the AMX unit that runs `dtype`'s matrix products (bf16 from Intel's
+    4th Xeon generation, fp16 from the 6th), so that oneDNN emulates them: with AVX-512 BF16 but no
+    AMX, bf16 autocast took 1.5x fp32's time, with AVX2 alone 9x (benchmarks/RESULTS.md)."""
+    check = getattr(torch.cpu, _CPU_MATRIX_UNITS.get(dtype, ""), None)
+    return check is not None and not check()
 
 
 def graph_batch(crops: int) -> int:
@@ -67,6 +78,10 @@ class DenseEncoder:
         # the matrix products' weights stored in the autocast dtype: the same result without a
         # cast of every weight in every forward (or in every replay of a graph)
         self.model = model if dtype is None else model.autocast_copy(dtype)
+        if dtype is not None and model.device.type == "cpu" and emulated_on_this_cpu(dtype):
+            log.warning("%s autocast on a CPU without AMX for it: its matrix products are emulated, slower than "
+                        "fp32 (1.5x to 9x in benchmarks/RESULTS.md); fp32 (--precision fp32, RFCLIP_PRECISION=fp32) "
+                        "is faster here", str(dtype).removeprefix("torch."))
         self.dtype = dtype
         self.cuda_graphs = cuda_graphs
         self.max_graphs = max_graphs

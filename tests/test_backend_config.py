@@ -241,3 +241,18 @@ def test_the_batch_size_defaults_by_device_and_does_not_change_the_version():
     for bad in ("0", "-4", "eight"):
         with pytest.raises(SettingsError, match="RFCLIP_BATCH_SIZE"):
             Settings.from_env({"RFCLIP_BATCH_SIZE": bad})
+
+
+def test_the_precision_defaults_by_device_and_does_not_change_the_version():
+    import torch
+
+    from backend.service import model_version, segmenter_config
+
+    default, chosen = Settings.from_env({}), Settings.from_env({"RFCLIP_PRECISION": "bf16"})
+    assert segmenter_config(default, torch.device("cuda")).precision == "fp16"
+    assert segmenter_config(default, torch.device("cpu")).precision == "fp32"
+    assert segmenter_config(chosen, torch.device("cpu")).precision == "bf16"
+    assert segmenter_config(chosen, torch.device("cuda")).precision == "bf16"
+    assert model_version(chosen) == model_version(default)  # it moves labels by rounding only
+    with pytest.raises(SettingsError, match="RFCLIP_PRECISION='half': expected one of auto, fp32, fp16, bf16"):
+        Settings.from_env({"RFCLIP_PRECISION": "half"})

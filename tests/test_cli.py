@@ -54,6 +54,21 @@ def test_segment_one_image(tmp_path, checkpoint, capsys):
     assert "segmented 1 of 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, dtype", [([], None), (["--precision", "bf16"], torch.bfloat16),
+                                          (["--precision", "auto"], None)])
+def test_segment_runs_at_the_precision_asked(tmp_path, checkpoint, flags, dtype, monkeypatch):
+    from rfclip_engine.model import RFCLIPModel
+
+    encoders = []
+    original = RFCLIPModel.autocast_copy
+    monkeypatch.setattr(RFCLIPModel, "autocast_copy", lambda self, d: encoders.append(d) or original(self, d))
+    write_image(tmp_path / "scene.png", (75, 110))
+    assert main(["segment", str(tmp_path / "scene.png"), "--labels", "cat,dog", "--raw", "--checkpoint", checkpoint,
+                 "--distraction-dims", "1,2,3", "--out", str(tmp_path / "out"), *flags, *FAST]) == 0
+    assert encoders == ([dtype] if dtype else [])  # auto is full precision on the CPU
+    assert set(np.unique(np.array(Image.open(tmp_path / "out" / "scene_labelmap.png")))) <= {0, 1}
+
+
 @pytest.mark.parametrize("dims, why", [([], "no distraction dimensions are known for rfclip-tiny-vit"),
                                        (["--distraction-dims", "1,2,999"], "distraction dimensions [999] are outside")])
 def test_weights_without_usable_distraction_dimensions_are_refused_before_the_run(tmp_path, checkpoint, capsys,

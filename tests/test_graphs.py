@@ -2,6 +2,8 @@
 whose replay runs the forward on the graph's own input buffer into its output buffer, as a
 CUDA graph does; what is checked is the rest: batches padded to a few sizes, the padding's
 outputs dropped, graphs kept and evicted."""
+import logging
+
 import pytest
 import torch
 
@@ -117,3 +119,17 @@ def test_an_autocast_encoder_stores_its_matmul_weights_cast_and_computes_what_au
     assert encoder.model.clip.transformer is not tiny_model.clip.transformer
     assert encoder.model.clip.token_embedding.weight is tiny_model.clip.token_embedding.weight
     assert DenseEncoder(tiny_model).model is tiny_model
+
+
+@pytest.mark.parametrize("amx, dtype, warned", [(False, torch.bfloat16, True), (True, torch.bfloat16, False),
+                                                (False, None, False)])
+def test_low_precision_on_a_cpu_that_emulates_it_is_warned_of(tiny_model, caplog, monkeypatch, amx, dtype, warned):
+    caplog.set_level(logging.WARNING, logger="rfclip_engine.graphs")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    DenseEncoder(tiny_model, dtype)
+    assert ("bfloat16 autocast on a CPU without AMX for it" in caplog.text) == warned
+    # a torch that cannot tell says nothing
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    caplog.clear()
+    DenseEncoder(tiny_model, dtype)
+    assert "without AMX" not in caplog.text
