@@ -43,7 +43,8 @@ def checks_kernels(device: torch.device, tokens: int, config: RFCLIPConfig) -> b
 def emulated_on_this_cpu(dtype: torch.dtype) -> bool:
     """Whether this CPU lacks the AMX unit that runs `dtype`'s matrix products (bf16 from Intel's
     4th Xeon generation, fp16 from the 6th), so that oneDNN emulates them: with AVX-512 BF16 but no
-    AMX, bf16 autocast took 1.5x fp32's time, with AVX2 alone 9x (benchmarks/RESULTS.md)."""
+    AMX, bf16 autocast took 1.5x fp32's time, with AVX2 alone 9x; fp16 with AVX-512 FP16 about
+    fp32's (benchmarks/RESULTS.md)."""
     check = getattr(torch.cpu, _CPU_MATRIX_UNITS.get(dtype, ""), None)
     return check is not None and not check()
 
@@ -79,9 +80,9 @@ class DenseEncoder:
         # cast of every weight in every forward (or in every replay of a graph)
         self.model = model if dtype is None else model.autocast_copy(dtype)
         if dtype is not None and model.device.type == "cpu" and emulated_on_this_cpu(dtype):
-            log.warning("%s autocast on a CPU without AMX for it: its matrix products are emulated, slower than "
-                        "fp32 (1.5x to 9x in benchmarks/RESULTS.md); fp32 (--precision fp32, RFCLIP_PRECISION=fp32) "
-                        "is faster here", str(dtype).removeprefix("torch."))
+            log.warning("%s autocast on a CPU without AMX for it: its matrix products are emulated, no faster "
+                        "than fp32 and up to 9x slower (benchmarks/RESULTS.md); use fp32 here (--precision fp32, "
+                        "RFCLIP_PRECISION=fp32)", str(dtype).removeprefix("torch."))
         self.dtype = dtype
         self.cuda_graphs = cuda_graphs
         self.max_graphs = max_graphs

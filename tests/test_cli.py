@@ -55,7 +55,7 @@ def test_segment_one_image(tmp_path, checkpoint, capsys):
 
 
 @pytest.mark.parametrize("flags, dtype", [([], None), (["--precision", "bf16"], torch.bfloat16),
-                                          (["--precision", "auto"], None)])
+                                          (["--precision", "fp16"], torch.float16), (["--precision", "auto"], None)])
 def test_segment_runs_at_the_precision_asked(tmp_path, checkpoint, flags, dtype, monkeypatch):
     from rfclip_engine.model import RFCLIPModel
 
