@@ -26,8 +26,8 @@ from rfclip_engine.config import (
     SegmenterConfig,
     default_batch_size,
     default_precision,
-    resolve_precision,
     labelling_settings,
+    resolve_precision,
 )
 from rfclip_engine.predictor import Segmenter
 from rfclip_engine.prototypes import Example

@@ -1,6 +1,7 @@
 """`rfclip segment` over a folder, against the engine alone on the same images in the same run.
 
-    python benchmarks/bench_segment.py [--images 16] [--rounds 3] [--device cpu] [--labels-file F] [--json ...]
+    python benchmarks/bench_segment.py [--images 16] [--rounds 3] [--device cpu] [--precision auto]
+        [--labels-file F] [--json ...]
 
 Photo-like 1024x768 JPEGs (smooth blobs with a grain of noise, as photos have), 10 classes (or
 one per line of --labels-file, e.g. rfclip_engine/data/classes/ade20k.txt's 150), ViT-B/16 with
@@ -63,6 +64,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=16, help="the short run's images; the long one has twice as many")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto", help="the command's --precision (bf16: a CPU with AMX)")
     parser.add_argument("--labels-file", help="one class per line (default: 10 classes)")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -82,7 +84,7 @@ def main() -> int:
 
     def command(folder: Path, out: Path, text_cache: bool = True) -> list:
         return ["segment", str(folder), "--out", str(out), *labels, "--checkpoint", str(checkpoint),
-                "--weights-tag", "openai", "--device", args.device, "--quiet",
+                "--weights-tag", "openai", "--device", args.device, "--precision", args.precision, "--quiet",
                 *(["--text-cache", str(work / "text")] if text_cache else ["--no-text-cache"])]
 
     # the command's own config and groups, from its own parser: both sides segment alike

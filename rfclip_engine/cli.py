@@ -134,7 +134,8 @@ def _add_method_arguments(parser: argparse.ArgumentParser, short_side: Optional[
                         help="images whose crops share forward passes (default: a quarter of --batch-size, at least 4)")
     parser.add_argument("--precision", choices=("auto",) + PRECISIONS, default="auto",
                         help="auto: fp16 autocast on CUDA, fp32 on CPU; bf16 autocast on a CPU with AMX "
-                             "(Intel Xeon of the 4th generation and later) is about 2.8x faster than fp32 there")
+                             "(Intel Xeon of the 4th generation and later) segments 2.4-2.7x faster than fp32 there, "
+                             "and is slower than fp32 on other CPUs")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="on CUDA, replay the encoder's forward from recorded CUDA graphs, one per batch shape "
                              "(several times faster at small batches; default: on)")
