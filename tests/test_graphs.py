@@ -1,7 +1,8 @@
-"""DenseEncoder's graph cache on the CPU: recording is CUDA's, so a stand-in records a graph
+"""DenseEncoder on the CPU. Its graph cache: recording is CUDA's, so a stand-in records a graph
 whose replay runs the forward on the graph's own input buffer into its output buffer, as a
 CUDA graph does; what is checked is the rest: batches padded to a few sizes, the padding's
-outputs dropped, graphs kept and evicted."""
+outputs dropped, graphs kept and evicted. Its autocast: the weights' copy in the autocast type,
+and the warning where the CPU would emulate that type."""
 import logging
 
 import pytest
