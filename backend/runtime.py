@@ -3,6 +3,7 @@ background), the image fetcher and the prediction service. The Flask app and the
 both start here, so they predict exactly alike."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlparse
@@ -22,6 +23,7 @@ from .settings import Settings
 from .text_cache import RedisEmbeddingCache
 
 SegmenterLoader = Callable[[Settings, EmbeddingCache], Segmenter]
+log = logging.getLogger("rfclip.backend")
 
 
 def load_segmenter(settings: Settings, text_cache: EmbeddingCache) -> Segmenter:
@@ -31,6 +33,9 @@ def load_segmenter(settings: Settings, text_cache: EmbeddingCache) -> Segmenter:
     segmenter = Segmenter(model, segmenter_config(settings, device), text_cache=text_cache,
                           max_pixels=settings.max_image_pixels)
     segmenter.warm_up()  # the model is reported loaded once a first image would not wait on a compile
+    # how it runs, which the settings' "auto" values leave to the machine
+    log.info("the model runs on %s in %s, %d crops per forward", device, segmenter.config.precision,
+             segmenter.config.batch_size)
     return segmenter
 
 

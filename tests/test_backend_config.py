@@ -1,4 +1,5 @@
 """Label config -> vocabulary, and settings from the environment."""
+import dataclasses
 import logging
 
 import pytest
@@ -184,7 +185,7 @@ def test_model_versions_stay_what_they_were(monkeypatch):
         "rfclip-ViT-B-16-openai-kk-proxy-pamr-3de307e1"
 
 
-def test_the_backends_segmenter_is_warmed_up_when_loaded(tmp_path, monkeypatch):
+def test_the_backends_segmenter_is_warmed_up_when_loaded(tmp_path, monkeypatch, caplog):
     """The loader the server and workers use runs the warm-up, so that on a GPU the kernels are
     compiled and checked before the model is reported loaded, not inside a first /predict."""
     import torch
@@ -202,8 +203,14 @@ def test_the_backends_segmenter_is_warmed_up_when_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(Segmenter, "warm_up", lambda self: warmed.append(self))
     settings = Settings(model=TINY_CONFIG, pretrained=str(checkpoint), distraction_dims=(1, 2, 3),
                         cache_dir=tmp_path / "cache")
+    caplog.set_level(logging.INFO, logger="rfclip.backend")
     segmenter = runtime.load_segmenter(settings, MemoryCache())
     assert warmed == [segmenter]
+    # what "auto" came to on this machine
+    assert "the model runs on cpu in fp32, 8 crops per forward" in caplog.text
+    caplog.clear()
+    runtime.load_segmenter(dataclasses.replace(settings, precision="bf16", batch_size=4), MemoryCache())
+    assert "the model runs on cpu in bf16, 4 crops per forward" in caplog.text
 
 
 def test_weights_without_distraction_dimensions_fail_the_load_not_each_task(tmp_path):
