@@ -1,6 +1,7 @@
 """`/predict` of the real backend over HTTP, with the non-model overhead made visible.
 
     python benchmarks/bench_backend.py [--model ViT-B-16] [--pamr] [--polygons] [--tasks 1 8 32]
+        [--precision fp32|bf16]
 
 A local HTTP server serves 1024x768 JPEGs; the backend (the real Flask app on a loopback port,
 ViT-B-16 with random weights: time does not depend on them) predicts 10 classes. For each request
@@ -31,9 +32,11 @@ from werkzeug.serving import make_server
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend.app import create_app  # noqa: E402
 from backend.media import Credentials, ImageFetcher  # noqa: E402
+from backend.runtime import destination_policy  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from benchmarks.common import arguments, machine, markdown_table  # noqa: E402
 from rfclip_engine import RFCLIPConfig, Segmenter, SegmenterConfig, load_model  # noqa: E402
+from rfclip_engine.config import PRECISIONS  # noqa: E402
 from rfclip_engine.presets import find_preset  # noqa: E402
 from tests.fakes import FakeLabelStudio  # noqa: E402
 
@@ -63,17 +66,19 @@ def main() -> int:
     parser.add_argument("--pamr", action="store_true")
     parser.add_argument("--polygons", action="store_true")
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16: a CPU with AMX")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     preset = find_preset(args.model, "openai")
     model = load_model(args.model, pretrained=None, distraction_dims=list(preset.dims))
-    config = SegmenterConfig(encoder=RFCLIPConfig(), pamr=args.pamr)
+    config = SegmenterConfig(encoder=RFCLIPConfig(), pamr=args.pamr, precision=args.precision)
     media = FakeLabelStudio(token="unused")
     for i in range(max(args.tasks)):
         media.public[f"{i}.jpg"] = jpeg(i)
     cache = Path(tempfile.mkdtemp(prefix="rfclip-bench-"))
-    settings = Settings(cache_dir=cache, pamr=args.pamr, predict_budget_s=95)
+    # the images are served on loopback, which the backend refuses unless the operator allows it
+    settings = Settings(cache_dir=cache, pamr=args.pamr, predict_budget_s=95, allow_private_urls=True)
     app = create_app(settings, segmenter_loader=lambda s, text_cache: Segmenter(model, config, text_cache=text_cache))
     server = make_server("127.0.0.1", 0, app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -113,7 +118,8 @@ def main() -> int:
                          "stage_ms_per_task": {k: 1e3 * v / n for k, v in stages.items()}}
 
     # fetching runs in background threads while the model works; here is its cost alone
-    fetcher = ImageFetcher(Path(tempfile.mkdtemp(prefix="rfclip-bench-fetch-")), None, 64 << 20, 20, 50_000_000)
+    fetcher = ImageFetcher(Path(tempfile.mkdtemp(prefix="rfclip-bench-fetch-")), None, 64 << 20, 20, 50_000_000,
+                           policy=destination_policy(settings))
     fetch_s = []
     for i in range(3):
         started = time.perf_counter()
