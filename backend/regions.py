@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import List, Sequence
+from typing import List
 
 import cv2
 import numpy as np
@@ -107,10 +107,3 @@ def polygon_regions(mask: np.ndarray, label: str, from_name: str, to_name: str, 
         regions.append(region)
     return regions
 
-
-def rasterize_polygon(points_percent: Sequence[Sequence[float]], width: int, height: int) -> np.ndarray:
-    """(H, W) bool mask of a polygon given in percent (the inverse of `polygon_regions`)."""
-    pixels = np.asarray(points_percent, dtype=np.float64) / 100.0 * np.array([width, height]) - 0.5
-    canvas = np.zeros((height, width), np.uint8)
-    cv2.fillPoly(canvas, [np.round(pixels).astype(np.int32)], 1)
-    return canvas.astype(bool)

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -26,6 +27,15 @@ def png(height: int, width: int, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
+
+
+def rasterize_polygon(points_percent, width: int, height: int) -> np.ndarray:
+    """(H, W) bool mask of a polygon region's points in percent: the inverse of
+    `backend.regions.polygon_regions`, whose points are pixel centres."""
+    pixels = np.asarray(points_percent, dtype=np.float64) / 100.0 * np.array([width, height]) - 0.5
+    canvas = np.zeros((height, width), np.uint8)
+    cv2.fillPoly(canvas, [np.round(pixels).astype(np.int32)], 1)
+    return canvas.astype(bool)
 
 
 def make_app(tiny_model, tmp_path, **overrides):

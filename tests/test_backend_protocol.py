@@ -8,11 +8,10 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.regions import rasterize_polygon
 from rfclip_engine import Segmenter
 from rfclip_engine.imageio import load_rgb
 
-from .backend_support import BRUSH_CONFIG, SAMPLES, TEST_CONFIG, make_app, png
+from .backend_support import BRUSH_CONFIG, SAMPLES, TEST_CONFIG, make_app, png, rasterize_polygon
 
 TOKEN = "TESTTOKEN-1234567890"
 

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 
-from backend.regions import mask_polygons, mask_to_rle, rasterize_polygon
+from backend.regions import mask_polygons, mask_to_rle
+
+from .backend_support import rasterize_polygon
 
 
 def masks():
