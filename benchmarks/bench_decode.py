@@ -6,7 +6,7 @@ full vs reduced to twice the working size (what the backend's fetcher does). Eac
 the file and prepares the model's input (resize to the working size, normalize), which is all
 the backend holds of an image beyond the model. Prints peak RSS above the start and the ratio.
 
-    python benchmarks/bench_decode.py [--megapixels 50] [--out benchmarks/bench_decode.json]
+    python benchmarks/bench_decode.py [--megapixels 50] [--json benchmarks/bench_decode.json]
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import arguments, run_with_peak_rss  # noqa: E402
 
 
 def make_images(folder: Path, megapixels: float) -> dict:
@@ -38,8 +40,6 @@ def make_images(folder: Path, megapixels: float) -> dict:
 
 def child(case: str, path: str) -> None:
     """One case in this (fresh) process; prints its peak RSS above the start in bytes."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import run_with_peak_rss
     from PIL import Image
 
     from rfclip_engine import RFCLIPConfig, SegmenterConfig
@@ -74,9 +74,8 @@ def child(case: str, path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__file__, __doc__)
     parser.add_argument("--megapixels", type=float, default=50.0)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "bench_decode.json"))
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -98,7 +97,7 @@ def main() -> None:
         print(f"  {case:24s} peak RSS {mb[case]:7.0f} MB  {r['seconds']:6.2f} s")
     print(f"  RGBA: now {mb['rgba-uint16 (now)'] / mb['rgba-float32 (before)']:.2f}x the float32 path; "
           f"JPEG: reduced {mb['jpeg-reduced (now)'] / mb['jpeg-full']:.2f}x the full decode")
-    Path(args.out).write_text(json.dumps({"size": images["size"], "results": results}, indent=2) + "\n")
+    Path(args.json).write_text(json.dumps({"size": images["size"], "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

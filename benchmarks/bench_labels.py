@@ -2,14 +2,13 @@
 the tiled label map with its per-class statistics, against the straightforward computation in the
 same run (full-size softmax, then topk over the classes, then the statistics), paired rounds.
 
-    python benchmarks/bench_labels.py [--classes 10] [--rounds 7] [--out benchmarks/bench_labels.json]
+    python benchmarks/bench_labels.py [--classes 10] [--rounds 7] [--json benchmarks/bench_labels.json]
 
 Logits are random at the working resolution of each image size (short side 336), so every pixel
 is labeled; the time does not depend on their values.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine, markdown_table  # noqa: E402
+from benchmarks.common import arguments, machine, markdown_table  # noqa: E402
 from rfclip_engine.postprocess import label_map_tiled, probabilities  # noqa: E402
 
 SIZES = [(768, 1024), (1080, 1920), (3000, 4000)]
@@ -44,11 +43,10 @@ def seconds(work) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__file__, __doc__)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("bench_labels.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows, raw = [], []
@@ -69,7 +67,7 @@ def main() -> None:
         raw.append({"size": [height, width], "classes": args.classes, "baseline_s": base, "tiled_s": tiled,
                     "ratio": ratio, "agreement": agree})
     print(markdown_table(["image", "softmax + topk ms", "decide ms", "decide / baseline", "same labels"], rows))
-    args.out.write_text(json.dumps({"machine": machine(), "runs": raw}, indent=2) + "\n")
+    Path(args.json).write_text(json.dumps({"machine": machine(), "runs": raw}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ one without, and one learned annotation against one prediction. Writes bench_lea
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -31,7 +30,7 @@ import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine, markdown_table  # noqa: E402
+from benchmarks.common import arguments, machine, markdown_table  # noqa: E402
 from rfclip_engine import Segmenter, SegmenterConfig, Vocabulary, load_model  # noqa: E402
 from rfclip_engine.evaluation import IoUAccumulator  # noqa: E402
 from rfclip_engine.presets import find_preset  # noqa: E402
@@ -154,12 +153,11 @@ def costs(seg: Segmenter, vocabulary: Vocabulary, per_class, tests, repeats: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = arguments(__file__, __doc__)
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--classes", type=int, default=6, choices=range(2, len(NAMES) + 1))
     parser.add_argument("--quick", action="store_true", help="tiny run: 4 corrected and 3 held-out images, 1 seed")
-    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     torch.manual_seed(0)
@@ -200,7 +198,7 @@ def main() -> None:
          f"{cost['with prototypes s'] / cost['prediction s']:.2f}"],
         ["learn one annotation", f"{cost['learn one annotation s']:.3f}",
          f"{cost['learn one annotation s'] / cost['prediction s']:.2f}"]]))
-    Path(args.out).write_text(json.dumps({"machine": machine(), "model": args.model, "classes": args.classes,
+    Path(args.json).write_text(json.dumps({"machine": machine(), "model": args.model, "classes": args.classes,
                                           "seeds": runs, "score_correlation": correlations, "cost": cost},
                                          indent=2))
 
