@@ -228,8 +228,11 @@ class TextEmbedder:
         pixel scores NaN against."""
         width = self.model.visual.output_dim
         found = {q: self.cache.get(self.cache_key(q)) for q in dict.fromkeys(queries)}
-        return {q: v if v is not None and v.shape == (width,) and bool(torch.isfinite(v).all()) else None
-                for q, v in found.items()}
+        shaped = [q for q, v in found.items() if v is not None and v.shape == (width,)]
+        # one check over all of them: a check per vector was 20 ms of each request at 2000 queries
+        finite = torch.isfinite(torch.stack([found[q].float() for q in shaped])).all(dim=1).tolist() if shaped else []
+        good = {q for q, ok in zip(shaped, finite) if ok}
+        return {q: v if q in good else None for q, v in found.items()}
 
     def _compute(self, queries: List[str]) -> List[torch.Tensor]:
         if not queries:

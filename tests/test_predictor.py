@@ -212,15 +212,17 @@ def test_text_embeddings_are_cached_and_normalized(tiny_model, monkeypatch):
 @pytest.mark.parametrize("damaged", ["nan", "inf", "narrow", "matrix"])
 def test_a_damaged_cached_embedding_is_computed_again(tiny_model, damaged):
     """A cache shared through Redis or a folder may hold a foreign or damaged entry: a NaN one
-    would make every pixel score NaN against its class, silently."""
+    would make every pixel score NaN against its class, silently. Only that entry: the good ones
+    beside it are checked in the same pass and kept."""
     width = tiny_model.visual.output_dim
     fresh = TextEmbedder(tiny_model, MemoryCache()).embed_queries(["cat"])[0]
     cache = MemoryCache()
     embedder = TextEmbedder(tiny_model, cache)
+    embedder.embed_queries(["dog", "bird"])
     cache.put(embedder.cache_key("cat"), {"nan": torch.full((width,), float("nan")),
                                           "inf": torch.full((width,), float("inf")),
                                           "narrow": torch.ones(width - 1), "matrix": torch.ones(2, width)}[damaged])
-    assert embedder.missing(["cat"]) == ["cat"]
+    assert embedder.missing(["dog", "cat", "bird"]) == ["cat"]
     torch.testing.assert_close(embedder.embed_queries(["cat"])[0], fresh)
     torch.testing.assert_close(cache.get(embedder.cache_key("cat")), fresh.cpu())  # written again
     assert embedder.missing(["cat"]) == []
