@@ -200,10 +200,12 @@ def _usable_device(name: str) -> torch.device:
 
 def _list_images(target: Path, recursive: bool = False, leave_out: Sequence[Path] = ()) -> List[Path]:
     """The image files of a folder, sorted (with `recursive`, of its subfolders too, but for the
-    folders in `leave_out`, hidden folders and linked ones), or the one file given."""
+    folders in `leave_out`, hidden folders and linked ones), or the one file given. An image's
+    name that links to nothing is listed too: reading it fails, and the run says so, where
+    leaving it out would hide a dataset moved from under its links."""
     if target.is_dir():
         found = _walk(target, {p.resolve() for p in leave_out}) if recursive else target.iterdir()
-        files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or _dangling(p)))
         if not files:
             nested = not recursive and any(p.is_dir() for p in target.iterdir())
             raise UsageError(f"no image files in {target}" + (" (--recursive reads its subfolders)" if nested else ""))
@@ -211,7 +213,14 @@ def _list_images(target: Path, recursive: bool = False, leave_out: Sequence[Path
     if target.is_file():
         return [target]
     # a pipe or a device would be read until it ends, if ever
-    raise UsageError(f"{target} is not a file or a folder" if target.exists() else f"{target} does not exist")
+    raise UsageError(f"{target} is not a file or a folder" if target.exists() else
+                     f"{target} links to {os.readlink(target)}, which does not exist" if _dangling(target) else
+                     f"{target} does not exist")
+
+
+def _dangling(path: Path) -> bool:
+    """A link whose target is missing, or a loop of links."""
+    return path.is_symlink() and not path.exists()
 
 
 def _walk(folder: Path, leave_out: Set[Path]) -> Iterator[Path]:

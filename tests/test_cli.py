@@ -91,12 +91,15 @@ def test_segment_folder_with_a_corrupt_file(tmp_path, checkpoint, capsys):
     write_image(folder / "b.jpg", (50, 40), mode="L")
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
     (folder / "notes.txt").write_text("not an image, not listed")
+    (folder / "moved.jpg").symlink_to(tmp_path / "elsewhere" / "moved.jpg")  # a dataset moved from under its links
+    (folder / "loop.png").symlink_to("loop.png")
     out = tmp_path / "out"
     code = main(["segment", str(folder), "--labels", "sky,tree", "--checkpoint", checkpoint,
                  "--distraction-dims", "1,2,3", "--out", str(out), *FAST])
     assert code == 1
     err = capsys.readouterr().err
-    assert "broken.png" in err and "segmented 2 of 3" in err
+    assert "segmented 2 of 5" in err
+    assert all(f"failed: {folder / name}: cannot read" in err for name in ("broken.png", "moved.jpg", "loop.png"))
     assert Image.open(out / "a_labels.png").size == (90, 64)
     assert Image.open(out / "b_overlay.jpg").height == 50
     assert not list(out.glob("broken*"))
@@ -125,6 +128,12 @@ def test_usage_errors(tmp_path, checkpoint, capsys):
         main(["segment", str(tmp_path / "pipe.png"), "--labels", "a", "--out", str(tmp_path / "o"), *FAST])
     assert info.value.code == 2 and "pipe.png is not a file or a folder" in capsys.readouterr().err
     (tmp_path / "pipe.png").unlink()
+    (tmp_path / "moved.png").symlink_to(tmp_path / "gone" / "moved.png")
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(tmp_path / "moved.png"), "--labels", "a", "--out", str(tmp_path / "o"), *FAST])
+    assert info.value.code == 2 and f"moved.png links to {tmp_path / 'gone' / 'moved.png'}, which does not exist" \
+        in capsys.readouterr().err
+    (tmp_path / "moved.png").unlink()
     with pytest.raises(SystemExit) as info:  # pictures written among the images would be read as images
         main(["segment", str(tmp_path), "--labels", "a", "--out", str(tmp_path / "." / "sub" / ".."), *FAST])
     assert info.value.code == 2 and "is the input folder" in capsys.readouterr().err
