@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 import torch
 
 from rfclip_engine import Segmenter, load_model
+from rfclip_engine.imageio import admit_pixels
 from rfclip_engine.loading import resolve_device
 from rfclip_engine.process import flush_subnormal_floats
 from rfclip_engine.text import EmbeddingCache, FolderCache
@@ -54,6 +55,7 @@ class Runtime:
 
 def build_runtime(settings: Settings, segmenter_loader: SegmenterLoader = load_segmenter) -> Runtime:
     flush_subnormal_floats()  # before the model loader's and torch's threads start: they copy the flag
+    admit_pixels(settings.max_image_pixels)
     # on disk in front of Redis (and alone without it): a restarted process, or one of a project
     # with hundreds of labels, does not spend a minute of CPU on their prompts again
     text_cache = RedisEmbeddingCache(settings.redis_url, front=FolderCache(settings.cache_dir / "text"))

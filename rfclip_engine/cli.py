@@ -37,7 +37,7 @@ from .config import (
 from .evaluation import SegmentationDataset, dataset_specs, evaluate, format_table
 from .files import content_digest
 from .folder import RUN_RECORD, Pictures, segment_files, start_run
-from .imageio import ImageError, load_rgb, read_label_map
+from .imageio import ImageError, admit_pixels, load_rgb, read_label_map
 from .loading import WeightsUnavailableError, load_model, resolve_device
 from .model import RFCLIPModel
 from .predictor import Segmenter
@@ -307,7 +307,7 @@ def _learn_examples(segmenter: Segmenter, pairs: Sequence[Tuple[Path, Path]], vo
     for image_path, map_path in tqdm(pairs, unit="example", desc="examples", disable=quiet):
         try:
             rgb = load_rgb(image_path, max_pixels)
-            labels = read_label_map(map_path)
+            labels = read_label_map(map_path, max_pixels)
         except (ImageError, OSError) as err:
             raise UsageError(f"--examples: {image_path.name} or its label map cannot be read: {err}") from None
         if labels.ndim != 2 or labels.shape != rgb.shape[:2]:
@@ -328,6 +328,7 @@ def _learn_examples(segmenter: Segmenter, pairs: Sequence[Tuple[Path, Path]], vo
 
 
 def segment_command(args: argparse.Namespace) -> int:
+    admit_pixels(args.max_pixels)
     vocabulary = read_vocabulary(args)
     source, out = Path(args.input), Path(args.out)
     pairs_folder = Path(args.examples) if args.examples else None
@@ -411,6 +412,7 @@ def _readable_images(files: Sequence[Path], max_pixels: Optional[int]) -> Iterat
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
+    admit_pixels(args.max_pixels)
     found = _list_images(Path(args.images), args.recursive)
     # spread over the sorted list, so that every subfolder of a big tree takes its share, not the
     # first few; a few hundred images are enough, and a whole dataset would take days

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from contextlib import contextmanager
 from typing import BinaryIO, Iterator, Optional, Tuple, Union
 
@@ -90,6 +91,17 @@ def _pil_to_rgb(image: Image.Image, owned: bool = False) -> np.ndarray:
     return _array_to_rgb(np.array(image))
 
 
+def admit_pixels(max_pixels: int) -> None:
+    """Makes `max_pixels` the limit, process-wide: called by an entry point with its operator's.
+    Pillow refuses any image over twice its own `Image.MAX_IMAGE_PIXELS` (179 MP by default),
+    however high the operator set theirs, and warns over it. `read_rgb` checks `max_pixels` from
+    the header before decoding and says so itself, so Pillow's limit is raised to it (never
+    lowered) and its warning, a line before that message, left out."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 def load_rgb(source: ImageSource, max_pixels: Optional[int] = None) -> np.ndarray:
     """An (H, W, 3) uint8 RGB array. Raises `ImageError` for unreadable or too large input;
     the pixel bound is checked from the header, before decoding."""
@@ -123,10 +135,11 @@ def read_rgb(source: ImageSource, max_pixels: Optional[int] = None,
         return _pil_to_rgb(image, owned=True), (height, width)
 
 
-def read_label_map(path: Union[str, os.PathLike]) -> np.ndarray:
+def read_label_map(path: Union[str, os.PathLike], max_pixels: Optional[int] = None) -> np.ndarray:
     """A label map's values as stored (class indices; a palette image's indices), with no
-    conversion and no orientation applied."""
+    conversion and no orientation applied; its pixel bound checked from the header."""
     with _said_as_image_errors(path, "a label map"), Image.open(path) as image:
+        _check_size(*image.size, max_pixels)
         return np.array(image)
 
 

@@ -445,6 +445,19 @@ def test_a_large_jpeg_is_predicted_at_its_full_size(tiny_model, tmp_path, fake_l
     assert sum(int(m.sum()) for m in masks) == 900 * 1200  # every pixel labeled once, at full size
 
 
+def test_rfclip_max_image_pixels_above_pillow_s_bomb_limit_is_the_limit(tiny_model, tmp_path, fake_ls, monkeypatch):
+    """Pillow refuses images over twice its own limit whatever RFCLIP_MAX_IMAGE_PIXELS says; made
+    small here, so that a small image stands for a 200 MP one."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    fake_ls.public["mosaic.png"] = png(60, 80)  # 4800 pixels: over twice Pillow's 1000
+    client = make_app(tiny_model, tmp_path, max_image_pixels=10_000).test_client()
+    results = predict(client, [{"id": 1, "data": {"image": f"{fake_ls.url}/img/mosaic.png"}}])
+    assert results[0]["result"] and results[0]["result"][0]["original_width"] == 80
+    assert Image.MAX_IMAGE_PIXELS == 10_000
+
+
 def test_a_setup_hostname_on_a_private_address_gets_no_token_exchange(tiny_model, tmp_path, hostile, caplog):
     caplog.set_level(logging.WARNING)
     client = guarded_app(tiny_model, tmp_path).test_client()

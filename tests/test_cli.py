@@ -105,6 +105,31 @@ def test_segment_folder_with_a_corrupt_file(tmp_path, checkpoint, capsys):
     assert not list(out.glob("broken*"))
 
 
+def test_max_pixels_above_pillow_s_bomb_limit_is_the_limit(tmp_path, checkpoint, capsys, monkeypatch, recwarn):
+    """Pillow refuses any image over twice its own limit (179 MP by default), whatever --max-pixels
+    says: an operator who raised --max-pixels for aerial mosaics still got "decompression bomb".
+    Pillow's limit is made small here, so that a small image stands for a big one."""
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
+    write_image(tmp_path / "mosaic.png", (64, 90))  # 5760 pixels: over twice Pillow's 1000
+    run = ["segment", str(tmp_path / "mosaic.png"), "--labels", "sky,tree", "--checkpoint", checkpoint,
+           "--distraction-dims", "1,2,3", *FAST]
+    assert main([*run, "--out", str(tmp_path / "out"), "--max-pixels", "10000"]) == 0
+    assert Image.open(tmp_path / "out" / "mosaic_labels.png").size == (90, 64)
+    capsys.readouterr()
+    # over the operator's limit, their limit refuses it, in our words alone: Pillow's warning
+    # (over its own limit, now theirs) would come a line before
+    write_image(tmp_path / "wider.png", (100, 130))
+    assert main([*run[:1], str(tmp_path / "wider.png"), *run[2:], "--out", str(tmp_path / "out2"),
+                 "--max-pixels", "10000"]) == 1
+    err = capsys.readouterr().err
+    assert "wider.png: image is 130x100 = 13000 pixels, more than the limit of 10000" in err
+    assert not [w for w in recwarn if w.category is PILImage.DecompressionBombWarning]
+    main([*run, "--out", str(tmp_path / "out3"), "--max-pixels", "5000"])
+    assert PILImage.MAX_IMAGE_PIXELS == 10000  # raised to the largest limit asked, never lowered
+
+
 def test_an_output_that_cannot_be_written_is_an_error(tmp_path, checkpoint, capsys):
     write_image(tmp_path / "scene.png", (64, 64))
     out = tmp_path / "out"
@@ -335,7 +360,7 @@ def test_a_device_this_process_cannot_use_is_refused_before_the_weights_load(tmp
     assert info.value.code == 2 and why in capsys.readouterr().err
 
 
-def test_examples_usage_errors(tmp_path, checkpoint, capsys, monkeypatch):
+def test_examples_usage_errors(tmp_path, checkpoint, capsys):
     write_image(tmp_path / "x.png", (64, 64))
     examples = tmp_path / "examples"
     examples.mkdir()
@@ -356,9 +381,8 @@ def test_examples_usage_errors(tmp_path, checkpoint, capsys, monkeypatch):
     Image.fromarray(np.zeros((32, 64), np.uint8)).save(examples / "lone_labelmap.png")
     refused("image's size 64x64")
     Image.fromarray(np.zeros((200, 200), np.uint8)).save(examples / "lone_labelmap.png")
-    with monkeypatch.context() as patch:  # the label map, not its 64x64 image, is over Pillow's bomb limit
-        patch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
-        refused("lone_labelmap.png has more pixels than Pillow's decompression-bomb limit")
+    args += ["--max-pixels", "10000"]  # the label map, not its 64x64 image, is over the limit: refused undecoded
+    refused("lone.png or its label map cannot be read: image is 200x200 = 40000 pixels, more than the limit of 10000")
 
 
 def test_cuda_graphs_and_triton_kernels_are_on_unless_turned_off():
