@@ -27,6 +27,12 @@ from urllib3.util import Retry, connection
 
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 ALLOW_PRIVATE_SETTING = "RFCLIP_ALLOW_PRIVATE_URLS"
+# IPv6 prefixes that carry an IPv4 address a translator reaches (an IPv6-only cloud subnet's NAT64
+# gateway reaches the private IPv4 addresses of its network): the well-known prefix holds it in
+# its last 32 bits (RFC 6052); the local-use one is private in itself (RFC 8215), which Python's
+# ipaddress says only from 3.12.4 / 3.11.10 on
+NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")
 # A busy host (Label Studio's own server on a loaded machine) now and then drops a connection or
 # answers 502-504; a GET is tried again, twice at most, inside the same wall-clock deadline.
 TRANSIENT_RETRIES = Retry(total=2, connect=2, read=2, status=2, other=0, redirect=False,
@@ -68,16 +74,16 @@ class DestinationPolicy:
     trusted_hosts: FrozenSet[str] = frozenset()
 
     def check(self, host: str, address: Address) -> None:
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        if address.is_link_local:
-            raise DestinationRefused(f"{host} resolves to the link-local address {address}, which is never "
-                                     "fetched (cloud metadata lives there)")
-        if address.is_global and not address.is_multicast:
+        reached = reached_ipv4(address)
+        resolves = f"{host} resolves to " + ("" if reached == address else f"{address}, which reaches ")
+        if reached.is_link_local:
+            raise DestinationRefused(f"{resolves}the link-local address {reached}, which is never fetched (cloud "
+                                     "metadata lives there)")
+        if reached.is_global and not reached.is_multicast and reached not in NAT64_LOCAL_USE:
             return
         if self.allow_private or host.lower().strip("[]") in self.trusted_hosts:
             return
-        raise DestinationRefused(f"{host} resolves to the private or loopback address {address}; set "
+        raise DestinationRefused(f"{resolves}the private or loopback address {reached}; set "
                                  f"{ALLOW_PRIVATE_SETTING}=true to fetch images from private networks")
 
     def addresses(self, host: str, port: int) -> List[str]:
@@ -97,6 +103,19 @@ class DestinationPolicy:
         if not allowed:
             raise refusal or DestinationRefused(f"{host} resolves to no address")
         return allowed
+
+
+def reached_ipv4(address: Address) -> Address:
+    """The IPv4 address that an IPv4-mapped, NAT64 (well-known prefix) or 6to4 IPv6 address
+    reaches, which is the one to judge; any other address as it is."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address in NAT64_PREFIX:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if address.sixtofour is not None:
+            return address.sixtofour
+    return address
 
 
 class Deadline:

@@ -1,6 +1,7 @@
 """Hostile and careless input, against the real Flask app and a hostile host on loopback:
 liveness, where downloads may go, what reaches the logs, and bad requests."""
 import io
+import ipaddress
 import logging
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from backend.media import Credentials, ImageFetcher, MediaError
-from backend.netguard import DestinationPolicy, DestinationRefused
+from backend.netguard import DestinationPolicy, DestinationRefused, reached_ipv4
 from backend.redaction import SafeFormatter
 from backend.settings import Settings, SettingsError
 from rfclip_engine import predictor
@@ -146,16 +147,33 @@ def test_private_and_link_local_destinations_are_refused(tiny_model, tmp_path, h
              {"id": 2, "data": {"image": "http://169.254.169.254/latest/meta-data/"}},
              {"id": 3, "data": {"image": "http://[fe80::1]/x.png"}},
              {"id": 4, "data": {"image": f"http://localhost:{hostile.port}/ok.png"}},
-             {"id": 5, "data": {"image": "http://[::ffff:169.254.169.254]/x.png"}}]
-    assert predict(client, tasks) == [[]] * 5
+             {"id": 5, "data": {"image": "http://[::ffff:169.254.169.254]/x.png"}},
+             # IPv4 addresses inside IPv6 ones: what an IPv6-only subnet's NAT64 gateway (the
+             # well-known prefix), a 6to4 relay or a local-use translator reaches
+             {"id": 6, "data": {"image": "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/"}},
+             {"id": 7, "data": {"image": "http://[64:ff9b::a00:1]/x.png"}},
+             {"id": 8, "data": {"image": "http://[2002:a00:1::1]/x.png"}},
+             {"id": 9, "data": {"image": "http://[64:ff9b:1::808:808]/x.png"}}]
+    assert predict(client, tasks) == [[]] * 9
     assert hostile.requests == []
     lines = messages(caplog)
-    for task_id in (1, 4):
+    for task_id in (1, 4, 7, 8, 9):
         (line,) = [m for m in lines if m.startswith(f"task {task_id}:")]
         assert "RFCLIP_ALLOW_PRIVATE_URLS=true" in line
-    for task_id in (2, 3, 5):
+    for task_id in (2, 3, 5, 6):
         (line,) = [m for m in lines if m.startswith(f"task {task_id}:")]
         assert "link-local" in line
+    assert any(m.startswith("task 7:") and "64:ff9b::a00:1, which reaches the private or loopback address 10.0.0.1"
+               in m for m in lines)
+
+
+@pytest.mark.parametrize("address, reached", [
+    ("64:ff9b::808:808", "8.8.8.8"), ("2002:808:808::1", "8.8.8.8"), ("::ffff:8.8.8.8", "8.8.8.8"),
+    ("2606:4700::1111", "2606:4700::1111"), ("8.8.8.8", "8.8.8.8"),
+])
+def test_public_addresses_stay_reachable_through_translators(address, reached):
+    assert str(reached_ipv4(ipaddress.ip_address(address))) == reached
+    DestinationPolicy().check("public.example", ipaddress.ip_address(address))  # not refused
 
 
 def test_every_redirect_hop_is_checked(tiny_model, tmp_path, hostile, caplog):
