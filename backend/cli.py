@@ -9,6 +9,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -140,8 +141,12 @@ def _stopped(command: str, err: Exception) -> int:
 
 
 def _error(err: Exception) -> str:
-    """One line about an error; for an HTTP error of the SDK, its status and body (not its headers)."""
+    """One line about an error; for an HTTP error of the SDK, its status and body (not its headers),
+    an HTML page's by its title: a proxy's or another server's error page, not Label Studio's API."""
     status, body = getattr(err, "status_code", None), getattr(err, "body", None)
+    if isinstance(body, str) and body.lstrip()[:1] == "<":
+        title = re.search(r"<title>([^<]{0,200})</title>", body, re.IGNORECASE)
+        body = f"an HTML page{f' ({title[1].strip()})' if title else ''}, not an answer of Label Studio's API"
     text = f"HTTP {status}: {body}" if status is not None else str(err)
     return f"{type(err).__name__}: {redaction.one_line(redaction.redact(text))[:500]}"
 
@@ -263,7 +268,7 @@ def worker_command(settings: Settings, args: argparse.Namespace) -> int:
 def learn_command(settings: Settings, args: argparse.Namespace) -> int:
     """Exit status 0 when every annotation was read, 1 when some failed or the run stopped, 2 on
     bad usage or a project the backend cannot predict."""
-    from .jobs.studio import Studio
+    from .jobs.studio import SelectionError, Studio
     from .label_config import LabelConfigError
     from .learning.learner import Learner
     from .learning.project import learn_project
@@ -285,7 +290,7 @@ def learn_command(settings: Settings, args: argparse.Namespace) -> int:
         report = learn_project(learner, Studio(settings.label_studio_url, settings.label_studio_api_key),
                                args.project, progress=not args.no_progress)
         counts = runtime.service.bank.counts(args.project)
-    except LabelConfigError as err:
+    except (LabelConfigError, SelectionError) as err:
         return _fail("learn", f"project {args.project}: {err}")
     except Exception as err:  # Label Studio or Redis down after the retries, a refused token, ...
         return _fail("learn", f"stopped: {_error(err)}; a rerun learns everything again", 1)

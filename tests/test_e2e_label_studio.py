@@ -177,6 +177,8 @@ def test_preannotate_a_whole_project_resumes_and_never_predicts_twice(stack):
     assert [len(api(stack, "GET", f"/api/predictions?task={task}")) for task in good[:4]] == [1, 1, 1, 0]
     code, out = preannotate(stack, pid, "--view", str(view["id"] + 1000))
     assert code == 2 and f"view {view['id'] + 1000} does not exist" in out, out
+    code, out = preannotate(stack, pid + 1000)
+    assert code == 2 and f"project {pid + 1000}: Label Studio at {stack['ls']} has no such project" in out, out
     code, out = preannotate(stack, pid, "--tasks", str(good[3]))
     assert code == 0 and "1 predicted, 0 skipped" in out, out
     # the rerun resumes: the rest, the broken image reported with its reason

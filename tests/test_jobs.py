@@ -228,6 +228,36 @@ def test_a_view_the_project_does_not_have_is_refused_before_any_listing(view, me
         studio.tasks(1, view)
 
 
+def test_a_project_label_studio_does_not_have_is_said_as_such():
+    from types import SimpleNamespace
+
+    from label_studio_sdk.core.api_error import ApiError
+
+    from backend.jobs.studio import SelectionError, Studio
+
+    def get(id, **kwargs):
+        raise ApiError(status_code=404, body={"detail": "Not found."})
+
+    studio = Studio("http://ls.example", "token")
+    studio.client = SimpleNamespace(projects=SimpleNamespace(get=get))
+    with pytest.raises(SelectionError, match="Label Studio at http://ls.example has no such project"):
+        studio.label_config(7)
+
+
+@pytest.mark.parametrize("body, said", [
+    ("<!DOCTYPE HTML>\n<html><head><title>502 Bad Gateway</title></head><body>" + "x" * 2000 + "</body></html>",
+     "HTTP 502: an HTML page (502 Bad Gateway), not an answer of Label Studio's API"),
+    ("<html><body>no title</body></html>", "HTTP 502: an HTML page, not an answer of Label Studio's API"),
+    ({"detail": "Invalid token."}, "HTTP 502: {'detail': 'Invalid token.'}"),
+])
+def test_an_error_page_is_said_by_its_title_not_its_markup(body, said):
+    from label_studio_sdk.core.api_error import ApiError
+
+    from backend.cli import _error
+
+    assert _error(ApiError(status_code=502, body=body)) == f"ApiError: {said}"
+
+
 def make_studio(service, hostile, race=None):
     from .backend_support import BRUSH_CONFIG
 

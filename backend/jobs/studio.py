@@ -54,10 +54,20 @@ class StudioTask:
 
 class Studio:
     def __init__(self, url: str, token: str, timeout_s: float = 60.0) -> None:
+        self.url = url
         self.client = LabelStudio(base_url=url, api_key=token, timeout=timeout_s)
 
     def label_config(self, project: int) -> str:
-        return self.client.projects.get(id=project, request_options=RETRIES).label_config or ""
+        """The project's label config: the first request of every command, so a project that is
+        not there is said as such, before anything else is done."""
+        try:
+            found = self.client.projects.get(id=project, request_options=RETRIES)
+        except ApiError as err:
+            if err.status_code == 404:
+                raise SelectionError(f"Label Studio at {self.url} has no such project (HTTP 404; or that address "
+                                     "is not Label Studio's: LABEL_STUDIO_URL)") from None
+            raise
+        return found.label_config or ""
 
     def tasks(self, project: int, view: Optional[int] = None, full: bool = False) -> "Listing":
         """Every task of the project (or those a Data Manager view's filters keep), page by page, in
