@@ -242,6 +242,10 @@ def test_a_project_label_studio_does_not_have_is_said_as_such():
     studio.client = SimpleNamespace(projects=SimpleNamespace(get=get))
     with pytest.raises(SelectionError, match="Label Studio at http://ls.example has no such project"):
         studio.label_config(7)
+    studio.url = "http://admin:s3cret@ls.example"  # a password inside the URL is never said
+    with pytest.raises(SelectionError) as info:
+        studio.label_config(7)
+    assert "s3cret" not in str(info.value) and "ls.example" in str(info.value)
 
 
 @pytest.mark.parametrize("body, said", [

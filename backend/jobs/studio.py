@@ -12,6 +12,8 @@ from label_studio_sdk.core.api_error import ApiError
 from label_studio_sdk.core.pagination import SyncPager
 from more_itertools import chunked
 
+from ..redaction import redact
+
 log = logging.getLogger("rfclip.backend.jobs")
 
 PAGE_SIZE = 100
@@ -64,8 +66,8 @@ class Studio:
             found = self.client.projects.get(id=project, request_options=RETRIES)
         except ApiError as err:
             if err.status_code == 404:
-                raise SelectionError(f"Label Studio at {self.url} has no such project (HTTP 404; or that address "
-                                     "is not Label Studio's: LABEL_STUDIO_URL)") from None
+                raise SelectionError(f"Label Studio at {redact(self.url)} has no such project (HTTP 404; or that "
+                                     "address is not Label Studio's: LABEL_STUDIO_URL)") from None
             raise
         return found.label_config or ""
 
