@@ -1,8 +1,10 @@
 """Label Studio labeling config -> what the backend predicts, per control.
 
 Every BrushLabels / PolygonLabels control tied to an Image is predicted. Each of its labels
-(named by alias-or-value, as LabelInterface lists them) is a class; `predicted_values="cat,
-kitten"` gives the text queries (synonyms); `model_skip="true"` leaves a label out. Control
+(named by alias-or-value, as LabelInterface lists them and Label Studio stores them in results)
+is a class, whose text query is its `value`, the name annotators read (an alias is often a code
+for export: "A" for "Airplane"); `predicted_values="cat, kitten"` gives the text queries
+(synonyms) instead; `model_skip="true"` leaves a label out. Control
 attributes: `model_score_threshold` (pixels below stay unlabeled) and `model_background="sky,
 wall"` (extra queries whose pixels stay unlabeled). A label with an empty name is skipped
 with a warning.
@@ -117,7 +119,8 @@ def read_label_config(config: str) -> Tuple[List[ControlTarget], LabelInterface]
                     log.warning('control "%s": a <Label> with an empty value is skipped', control.name)
                     continue
                 labels.append(label)
-                queries.append(_split(tag.attr.get("predicted_values", "")) or (label,))
+                name = str(tag.attr.get("value") or label).strip()
+                queries.append(_split(tag.attr.get("predicted_values", "")) or (name,))
             if not labels:
                 continue
             attrs = control.attr

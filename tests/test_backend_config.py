@@ -14,17 +14,19 @@ def test_labels_synonyms_aliases_skip_threshold_background():
       <BrushLabels name="tag" toName="image" model_score_threshold="0.3" model_background="sky, wall , floor">
         <Label value="cat" predicted_values="cat, kitten"/>
         <Label value="Dog" alias="dog"/>
+        <Label value="Airplane" alias="A"/>
         <Label value="unsure" model_skip="true"/>
       </BrushLabels>
     </View>"""
     (target,) = parse_label_config(config)
     assert target.from_name == "tag" and target.to_name == "image" and target.data_key == "image"
     assert target.region_type == "brushlabels"
-    assert target.labels == ("cat", "dog")
-    assert target.queries == (("cat", "kitten"), ("dog",))
+    # regions name a label as Label Studio stores it (its alias); the text encoder reads its name
+    assert target.labels == ("cat", "dog", "A")
+    assert target.queries == (("cat", "kitten"), ("Dog",), ("Airplane",))
     assert target.background == ("sky", "wall", "floor") and target.score_threshold == 0.3
     vocab = target.vocabulary
-    assert vocab.classes == (("cat", "kitten"), ("dog",), ("sky", "wall", "floor"))
+    assert vocab.classes == (("cat", "kitten"), ("Dog",), ("Airplane",), ("sky", "wall", "floor"))
 
 
 def test_several_controls_and_images():
