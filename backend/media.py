@@ -28,6 +28,7 @@ from rfclip_engine.files import prune_cache
 from rfclip_engine.imageio import ImageError, read_rgb
 
 from .netguard import DestinationPolicy, DownloadRefused, GuardedSession
+from .redaction import bounded
 
 log = logging.getLogger("rfclip.backend.media")
 _LS_PATH_PREFIXES = ("/data/upload", "upload/", "/upload/", "/storage-data/", "data/upload")
@@ -90,8 +91,9 @@ def access_token(credentials: Credentials) -> str:
 
 
 def _without_query(url: str) -> str:
-    """A URL fit for logs: presigned query strings carry credentials."""
-    return url.split("?", 1)[0] if "://" in url else url.split("&", 1)[0]
+    """A URL fit for logs: presigned query strings carry credentials, and a task can hold a
+    megabyte of URL."""
+    return bounded(url.split("?", 1)[0] if "://" in url else url.split("&", 1)[0], 300)
 
 
 class ImageFetcher:
@@ -151,7 +153,10 @@ class ImageFetcher:
                 raise MediaError(str(err)) from None
 
     def _local_file(self, reference: str, task_id: object, credentials: Credentials, key: str) -> str:
-        parsed = urlparse(reference)
+        try:
+            parsed = urlparse(reference)
+        except ValueError as err:  # "http://[::1", say
+            raise MediaError(f"{_without_query(reference)} is not a valid URL ({err})") from None
         if parsed.scheme == "file" or (not parsed.scheme and not reference.startswith(_LS_PATH_PREFIXES)
                                        and not reference.startswith("/data/local-files")):
             return self._allowed_path(unquote(parsed.path) if parsed.scheme == "file" else reference)

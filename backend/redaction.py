@@ -17,6 +17,9 @@ _QUERY = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s?'\"]*)\?[^\s'\"]*")
 _AUTH = re.compile(r"(?i)\b(token|bearer|basic)(\s+|=)[A-Za-z0-9._~+/=-]{8,}")
 _KEY_VALUE = re.compile(r"(?i)\b(access_token|api_key|refresh|password|secret)(['\"]?\s*[:=]\s*['\"]?)[^\s'\",&}]+")
 REDACTED = "***"
+# characters of one log message: a task's image URL of a megabyte made lines of a megabyte, three
+# per download tried (urllib3's retries name the URL too)
+MAX_MESSAGE = 4000
 
 
 def redact(text: str) -> str:
@@ -31,13 +34,19 @@ def one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
+def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text`, cut to `limit` characters and saying how many were left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 class SafeFormatter(logging.Formatter):
-    """A Formatter whose message is one line (a traceback still follows it) and whose whole
-    output, traceback included, is redacted."""
+    """A Formatter whose message is one line of at most MAX_MESSAGE characters (a traceback
+    still follows it) and whose whole output, traceback included, is redacted."""
 
     def format(self, record: logging.LogRecord) -> str:
         copy = logging.makeLogRecord(record.__dict__)
-        copy.msg, copy.args = one_line(record.getMessage()), None
+        # redacted before it is cut, so that a cut never leaves part of a secret behind
+        copy.msg, copy.args = bounded(redact(one_line(record.getMessage()))), None
         return redact(super().format(copy))
 
 

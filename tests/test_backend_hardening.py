@@ -253,6 +253,19 @@ def test_no_secret_and_no_forged_line_reaches_the_log():
     assert "7\\nINFO rfclip.backend: forged line" in out
 
 
+def test_a_log_line_is_bounded_and_cut_only_after_its_secrets_are_out():
+    """A task's image URL can be a megabyte long, and urllib3's retry warnings name it."""
+    from backend.redaction import MAX_MESSAGE
+
+    url = "http://user:hunter2pass@host/" + "a" * 1_000_000
+    cut_inside = "x" * (MAX_MESSAGE - 20) + url  # the cut would fall inside the password, unredacted
+    out = safe_lines([logging.LogRecord("urllib3", logging.WARNING, __file__, 1, text, None, None)
+                      for text in (url, cut_inside)])
+    assert "hunter2" not in out and "hunt" not in out
+    assert all(len(line) < MAX_MESSAGE + 100 for line in out.splitlines())
+    assert "more characters)" in out
+
+
 def test_the_start_up_settings_line_masks_the_redis_password():
     settings = Settings.from_env({"REDIS_URL": "redis://:hunter2pass@cache:6379/0",
                                   "LABEL_STUDIO_URL": "https://admin:hunter2pass@ls.example", "LABEL_STUDIO_API_KEY": TOKEN})

@@ -43,6 +43,8 @@ def test_bad_tasks_get_empty_entries_and_one_log_line_each(tiny_model, tmp_path,
         {"id": 10, "data": {"image": "/data/upload/1/nothing.png"}},
         {"id": 11, "data": {"image": "ftp://example.org/x.png"}},
         {"id": 12, "data": {"image": f"{fake_ls.url}/img/good.png"}},
+        {"id": 13, "data": {"image": "http://[::1"}},  # urlparse raises on it
+        {"id": 14, "data": {"image": f"{fake_ls.url}/img/{'a' * 1_000_000}.png"}},  # a megabyte of URL
     ]
     caplog.set_level(logging.INFO)
     results = predict(client, tasks)
@@ -56,12 +58,14 @@ def test_bad_tasks_get_empty_entries_and_one_log_line_each(tiny_model, tmp_path,
     reasons = {
         2: "cannot read", 3: "HTTP 404", 4: "outside the allowed folder", 5: "pixels, more than the limit",
         6: "bytes, more than the limit of 1000000", 7: "no 'image' field", 8: "outside the allowed folder", 10: "HTTP 404",
-        11: "unsupported image reference scheme",
+        11: "unsupported image reference scheme", 13: "http://[::1 is not a valid URL", 14: "aaa... (",
     }
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("rfclip")]
     for task_id, reason in reasons.items():
         matching = [line for line in lines if line.startswith(f"task {task_id}:")]
         assert len(matching) == 1 and reason in matching[0], (task_id, matching)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback for a bad URL
+    assert max(len(line) for line in lines) < 1000
 
 
 def test_a_task_that_breaks_the_model_does_not_take_its_batch_down(tiny_model, tmp_path, fake_ls, monkeypatch, caplog):
