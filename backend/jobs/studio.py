@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from label_studio_sdk.client import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
@@ -15,6 +15,7 @@ from more_itertools import chunked
 from ..redaction import redact
 
 log = logging.getLogger("rfclip.backend.jobs")
+T = TypeVar("T")
 
 PAGE_SIZE = 100
 IDS_PER_QUERY = 200  # about 2 KB of URL: well under the request-line limits of the usual servers
@@ -54,6 +55,16 @@ class StudioTask:
         return sorted(pid for pid, v in self.predictions if v == version)
 
 
+def _found(get: Callable[[], T], missing: str) -> T:
+    """`get()`, with Label Studio's 404 said as `missing`, a SelectionError."""
+    try:
+        return get()
+    except ApiError as err:
+        if err.status_code == 404:
+            raise SelectionError(missing) from None
+        raise
+
+
 class Studio:
     def __init__(self, url: str, token: str, timeout_s: float = 60.0) -> None:
         self.url = url
@@ -62,13 +73,9 @@ class Studio:
     def label_config(self, project: int) -> str:
         """The project's label config: the first request of every command, so a project that is
         not there is said as such, before anything else is done."""
-        try:
-            found = self.client.projects.get(id=project, request_options=RETRIES)
-        except ApiError as err:
-            if err.status_code == 404:
-                raise SelectionError(f"Label Studio at {redact(self.url)} has no such project (HTTP 404; or that "
-                                     "address is not Label Studio's: LABEL_STUDIO_URL)") from None
-            raise
+        found = _found(lambda: self.client.projects.get(id=project, request_options=RETRIES),
+                       f"Label Studio at {redact(self.url)} has no such project (HTTP 404; or that address is not "
+                       "Label Studio's: LABEL_STUDIO_URL)")
         return found.label_config or ""
 
     def tasks(self, project: int, view: Optional[int] = None, full: bool = False) -> "Listing":
@@ -89,12 +96,8 @@ class Studio:
                                               page_size=PAGE_SIZE, request_options=RETRIES), full)
 
     def _view_filters(self, project: int, view: int) -> Optional[dict]:
-        try:
-            found = self.client.views.get(id=str(view), request_options=RETRIES)
-        except ApiError as err:
-            if err.status_code == 404:
-                raise SelectionError(f"view {view} does not exist") from None
-            raise
+        found = _found(lambda: self.client.views.get(id=str(view), request_options=RETRIES),
+                       f"view {view} does not exist")
         if found.project != project:
             raise SelectionError(f"view {view} belongs to project {found.project}, not to project {project}")
         return (found.data or {}).get("filters")
